@@ -1,0 +1,355 @@
+"""The public API: :func:`compile`, :func:`einsum`, :class:`Expression`.
+
+An :class:`Expression` parses its pattern once.  Per input signature (shapes and
+dtypes) it plans, generates and compiles once, then reuses the compiled function;
+both caches are bounded LRU caches.  Errors raised below are re-raised here with the
+pattern and the shapes, ``from None``, so users see one clear :class:`EincError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from . import ir
+from .codegen import FUNCTION_NAME, Generated, generate
+from .errors import EincError
+from .parser import Notation, parse
+from .planner import Optimize, Plan, PlanStep, Program, plan
+
+__all__ = ["Backend", "Expression", "compile", "einsum"]
+
+Backend = Literal["torchscript", "eager", "compile"]
+_BACKENDS = ("torchscript", "eager", "compile")
+
+PLAN_CACHE_SIZE = 256
+"""Distinct input signatures an :class:`Expression` keeps compiled (LRU)."""
+EXPRESSION_CACHE_SIZE = 512
+"""Distinct ``(pattern, options)`` that :func:`compile` and :func:`einsum` keep (LRU)."""
+
+
+def _compile_torchscript(code: Generated) -> Callable[..., torch.Tensor]:
+    # TorchScript cannot script exec-made functions (no source file); a
+    # CompilationUnit compiles the source text itself.  Its deprecation notice is
+    # about TorchScript in general and would repeat on every compile.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        unit = torch.jit.CompilationUnit(code.source)
+    return getattr(unit, FUNCTION_NAME)
+
+
+def _compile_torch_compile(code: Generated) -> Callable[..., torch.Tensor]:
+    # Shapes are baked into the source, so a dynamic-shape graph would buy nothing.
+    return torch.compile(code.eager(), dynamic=False, fullgraph=True)
+
+
+_COMPILERS: dict[str, Callable[[Generated], Callable[..., torch.Tensor]]] = {
+    "torchscript": _compile_torchscript,
+    "eager": Generated.eager,
+    "compile": _compile_torch_compile,
+}
+
+
+class _Compiled:
+    """One input signature's program, generated code and compiled function."""
+
+    __slots__ = ("program", "code", "fn")
+
+    def __init__(self, program: Program, code: Generated, fn: Callable[..., torch.Tensor]) -> None:
+        self.program = program
+        self.code = code
+        self.fn = fn
+
+
+def _shape_of(value: Any, index: int) -> tuple[int, ...]:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    try:
+        shape = tuple(value)
+    except TypeError:
+        raise EincError(f"operand {index}: expected a tensor or a shape, got {type(value).__name__}") from None
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise EincError(f"operand {index}: a shape must hold non-negative ints, got {value!r}")
+    return shape
+
+
+def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
+    return ", ".join("x".join(map(str, s)) if s else "()" for s in shapes)
+
+
+class Expression:
+    """A compiled einc pattern; call it with tensors.
+
+    >>> import torch, einc
+    >>> scores = einc.compile("b h q d, b h k d -> b h q k")
+    >>> q, k = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16)
+    >>> torch.allclose(scores(q, k), torch.einsum("bhqd,bhkd->bhqk", q, k), atol=1e-5)
+    True
+    >>> scores.validate(q, k) < 1e-4
+    True
+    """
+
+    def __init__(
+        self,
+        pattern: str,
+        *,
+        backend: Backend = "torchscript",
+        optimize: Optimize = "auto",
+        notation: Notation = "auto",
+        cache_size: int = PLAN_CACHE_SIZE,
+        **sizes: int,
+    ) -> None:
+        if backend not in _BACKENDS:
+            raise EincError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, not {backend!r}")
+        self.pattern = pattern
+        self.ir: ir.Pattern = parse(pattern, notation)
+        self.backend = backend
+        self.optimize = optimize
+        self.sizes = dict(sizes)
+        self._compile_fn = _COMPILERS[backend]
+        self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
+        self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
+        # Validate keyword sizes now, so a typo surfaces at compile time.
+        for name in sizes:
+            if name not in self.ir.input_axes and name not in self.ir.output.axes:
+                raise EincError(f"size given for axis {name!r}, which is not in the pattern {pattern!r}")
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.sizes.items())
+        return f"einc.Expression({self.pattern!r}, backend={self.backend!r}{extra})"
+
+    # --------------------------------------------------------------- building
+
+    def _context(self, shapes: Sequence[Sequence[int]], err: EincError) -> EincError:
+        return EincError(f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}: {err}")
+
+    def _plan(self, shapes: tuple[tuple[int, ...], ...]) -> Program:
+        try:
+            return plan(self.ir, shapes, self.sizes, self.optimize)
+        except EincError as err:
+            raise self._context(shapes, err) from None
+
+    def _build(self, signature: tuple[tuple[torch.Size, torch.dtype], ...]) -> _Compiled:
+        shapes = tuple(tuple(shape) for shape, _ in signature)
+        dtypes = {dtype for _, dtype in signature}
+        if len(dtypes) > 1:
+            listed = ", ".join(f"operand {i}: {dtype}" for i, (_, dtype) in enumerate(signature))
+            raise self._context(shapes, EincError(f"operands must share one dtype ({listed})"))
+        program = self._plan_lookup(shapes)
+        code = generate(program)
+        return _Compiled(program, code, self._compile_fn(code))
+
+    def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:
+        try:
+            signature = tuple([(t.shape, t.dtype) for t in tensors])
+        except AttributeError:
+            bad = next(i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor))
+            raise EincError(
+                f"pattern {self.pattern!r}: operand {bad} is a {type(tensors[bad]).__name__}, not a torch.Tensor"
+            ) from None
+        return self._lookup(signature)
+
+    # ------------------------------------------------------------------ calls
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self._entry(tensors).fn(*tensors)
+
+    def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int]) -> Plan:
+        """The contraction plan for these tensors (or shapes): path, steps, FLOPs, source.
+
+        >>> import einc
+        >>> plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
+        >>> plan.path
+        [(0, 1), (0, 1)]
+        >>> [step.kernel for step in plan.steps]
+        ['mm', 'mm']
+        """
+        shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
+        program = self._plan_lookup(shapes)
+        code = generate(program)
+        steps = tuple(
+            PlanStep(
+                operands=step.operands,
+                equation=_step_equation(self.ir, step.inputs, step.output),
+                shapes=tuple(program.shape_of(axes) for axes in step.inputs),
+                output_shape=program.shape_of(step.output),
+                flops=step.flops,
+                kernel=kernel,
+            )
+            for step, kernel in zip(program.steps, code.kernels)
+        )
+        return Plan(
+            pattern=self.pattern,
+            shapes=shapes,
+            path=[tuple(p) for p in program.path],
+            steps=steps,
+            flops=program.flops,
+            naive_flops=program.naive_flops,
+            largest_intermediate=program.largest_intermediate,
+            source=code.source,
+            output_shape=program.output_shape,
+        )
+
+    def validate(
+        self, *tensors: torch.Tensor, rtol: float | None = None, atol: float | None = None
+    ) -> float:
+        """Compare with torch.einsum in float64; return the max abs error, raise on mismatch.
+
+        The tolerance is per element: ``atol + rtol * |A| ⋆ |B| ⋆ ...`` (the contraction of
+        absolute values), so cancellation in the reference does not cause false alarms.
+        Defaults follow the inputs' dtype.
+
+        >>> import torch, einc
+        >>> einc.compile("ij,jk->ik").validate(torch.randn(3, 4), torch.randn(4, 5)) < 1e-5
+        True
+        """
+        entry = self._entry(tensors)
+        result = entry.fn(*tensors)
+        wide = [_widen(t) for t in tensors]
+        reference = _reference(entry.program, wide)
+        bound = _reference(entry.program, [t.abs() for t in wide])
+        dtype = tensors[0].dtype if tensors else torch.float64
+        default_rtol, default_atol = _tolerance(dtype)
+        rtol = default_rtol if rtol is None else rtol
+        atol = default_atol if atol is None else atol
+        if result.shape != reference.shape:
+            raise EincError(
+                f"pattern {self.pattern!r}: result shape {list(result.shape)} differs from the "
+                f"reference's {list(reference.shape)}"
+            )
+        if result.numel() == 0:
+            return 0.0
+        result = result.to(reference.dtype)
+        finite = torch.isfinite(reference)
+        # inf and NaN entries must agree exactly; finite ones within the bound.
+        if not bool((torch.isnan(result) == torch.isnan(reference)).all()) or not bool(
+            (result[torch.isinf(reference)] == reference[torch.isinf(reference)]).all()
+        ):
+            raise EincError(f"pattern {self.pattern!r}: result and reference disagree on inf/NaN entries")
+        error = (result - reference).abs()[finite]
+        worst = float(error.max()) if error.numel() else 0.0
+        if bool((error > atol + rtol * bound.abs()[finite]).any()):
+            raise EincError(
+                f"pattern {self.pattern!r}: result differs from the float64 torch.einsum reference "
+                f"by up to {worst:.3g} (rtol={rtol}, atol={atol})"
+            )
+        return worst
+
+
+def _step_equation(pattern: ir.Pattern, inputs: Sequence[tuple[str, ...]], output: tuple[str, ...]) -> str:
+    sep = "" if pattern.compact else " "
+    join = "," if pattern.compact else ", "
+    arrow = "->" if pattern.compact else " -> "
+    return join.join(sep.join(axes) for axes in inputs) + arrow + sep.join(output)
+
+
+def _widen(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    if dtype in (torch.float16,):
+        return 1e-2, 1e-3
+    if dtype in (torch.bfloat16,):
+        return 4e-2, 1e-2
+    if dtype in (torch.float32, torch.complex64):
+        return 1e-5, 1e-6
+    return 1e-10, 1e-12
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _reference(program: Program, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The pattern evaluated by torch.einsum (which broadcasts the ellipsis itself)."""
+    pattern = program.pattern
+    if pattern.op not in (None, "sum", "mean"):
+        raise EincError(f"validate has no reference for {pattern.op}(...) yet")
+    sizes = dict(program.sizes)
+    names = list(dict.fromkeys(a for operand in pattern.inputs for a in operand.axes))
+    if len(names) > len(_LETTERS):
+        raise EincError(f"validate supports at most {len(_LETTERS)} distinct axes (torch.einsum's limit)")
+    letter = dict(zip(names, _LETTERS))
+    terms: list[str] = []
+    operands: list[torch.Tensor] = []
+    for operand, tensor in zip(pattern.inputs, tensors):
+        shape: list[int] = []
+        term = ""
+        position = 0
+        ellipsis_rank = tensor.dim() - (len(operand.dims) - operand.has_ellipsis)
+        for dim in operand.dims:
+            if dim == (ir.ELLIPSIS,):
+                shape.extend(tensor.shape[position:position + ellipsis_rank])
+                position += ellipsis_rank
+                term += "..."
+            else:
+                shape.extend(sizes[a] for a in dim)
+                term += "".join(letter[a] for a in dim)
+                position += 1
+        operands.append(tensor.reshape(shape))
+        terms.append(term)
+    out_term = ""
+    for dim in pattern.output.dims:
+        out_term += "..." if dim == (ir.ELLIPSIS,) else "".join(letter.get(a, "") for a in dim)
+    result = torch.einsum(",".join(terms) + "->" + out_term, *operands)
+    present = [a for a in program.output_axes if a.startswith(ir.ELLIPSIS) or a in letter]
+    if len(present) != len(program.output_axes):
+        result = result.reshape([sizes[a] if a in present else 1 for a in program.output_axes])
+        result = result.expand([sizes[a] for a in program.output_axes])
+    result = result.reshape(program.output_shape)
+    if pattern.op == "mean":
+        result = result / program.reduced_count
+    return result
+
+
+# ------------------------------------------------------------ module functions
+
+
+@functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)
+def _cached(pattern: str, backend: str, optimize: Any, notation: str, sizes: tuple[tuple[str, int], ...]) -> Expression:
+    return Expression(pattern, backend=backend, optimize=optimize, notation=notation, **dict(sizes))  # type: ignore[arg-type]
+
+
+
+def compile(  # noqa: A001 - the name is the API
+    pattern: str,
+    *,
+    backend: Backend = "torchscript",
+    optimize: Optimize = "auto",
+    notation: Notation = "auto",
+    **sizes: int,
+) -> Expression:
+    """Compile ``pattern`` into a callable :class:`Expression` (cached by pattern and options).
+
+    >>> import torch, einc
+    >>> f = einc.compile("b q (h d), b k (h d) -> b h q k", h=4)
+    >>> f(torch.randn(2, 8, 64), torch.randn(2, 6, 64)).shape
+    torch.Size([2, 4, 8, 6])
+    """
+    key_sizes = tuple(sorted(sizes.items()))
+    try:
+        hash(optimize)
+    except TypeError:
+        # Explicit paths are lists: freeze them so the expression cache can key them.
+        if isinstance(optimize, list):
+            optimize = tuple(tuple(step) for step in optimize)
+        else:
+            return Expression(pattern, backend=backend, optimize=optimize, notation=notation, **sizes)
+    return _cached(pattern, backend, optimize, notation, key_sizes)
+
+
+def einsum(pattern: str, *tensors: torch.Tensor, **sizes: int) -> torch.Tensor:
+    """Evaluate ``pattern`` on ``tensors``; the compiled expression is cached.
+
+    >>> import torch, einc
+    >>> einc.einsum("ij,jk->ik", torch.ones(2, 3), torch.ones(3, 4))[0, 0].item()
+    3.0
+    """
+    return compile(pattern, **sizes)(*tensors)

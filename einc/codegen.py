@@ -1,0 +1,202 @@
+"""Program -> Python source that is valid TorchScript, made of direct torch calls.
+
+Each pairwise step becomes permute/reshape (views where the strides allow) around
+one ``torch.mm``/``torch.bmm``, or a broadcast ``torch.mul`` when nothing is
+contracted.  Only generated identifiers and integer literals appear in the source:
+axis names from the pattern are used for bookkeeping, never emitted.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import keyword
+import linecache
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, List
+
+import torch
+
+from .planner import Program, Step
+
+__all__ = ["Generated", "generate", "FUNCTION_NAME"]
+
+FUNCTION_NAME = "einc_fn"
+
+
+@dataclass(frozen=True)
+class Generated:
+    """Generated source with what it needs to run: a value object, like torch.fx's PythonCode."""
+
+    source: str
+    globals: dict[str, Any] = field(compare=False)
+    kernels: tuple[str, ...]
+    """The torch kernel each step of the program was lowered to, in step order."""
+    filename: str = ""
+
+    def eager(self) -> Callable[..., torch.Tensor]:
+        """The function as plain Python, its source registered in ``linecache``."""
+        namespace = dict(self.globals)
+        exec(compile(self.source, self.filename, "exec"), namespace)  # noqa: S102 - generated, validated
+        return namespace[FUNCTION_NAME]
+
+
+class _Namespace:
+    """Fresh identifiers that shadow no keyword, builtin or global of the generated module."""
+
+    _reserved = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"torch", "List", FUNCTION_NAME}
+
+    def __init__(self) -> None:
+        self._used: set[str] = set()
+        self._counts: dict[str, int] = {}
+
+    def create(self, base: str) -> str:
+        while True:
+            n = self._counts.get(base, 0)
+            self._counts[base] = n + 1
+            name = f"{base}{n}"
+            if name not in self._reserved and name not in self._used:
+                self._used.add(name)
+                return name
+
+
+def _ints(values: Sequence[int]) -> str:
+    if not values:
+        return "torch.jit.annotate(List[int], [])"
+    return "[" + ", ".join(str(int(v)) for v in values) + "]"
+
+
+class _Emitter:
+    def __init__(self, program: Program) -> None:
+        self.program = program
+        self.sizes = dict(program.sizes)
+        self.names = _Namespace()
+        self.lines: list[str] = []
+
+    def shape(self, axes: Sequence[str]) -> tuple[int, ...]:
+        return tuple(self.sizes[a] for a in axes)
+
+    def assign(self, expr: str) -> str:
+        name = self.names.create("t")
+        self.lines.append(f"    {name} = {expr}")
+        return name
+
+    def permute(self, value: str, axes: Sequence[str], order: Sequence[str]) -> str:
+        if tuple(axes) == tuple(order):
+            return value
+        return self.assign(f"{value}.permute({_ints([list(axes).index(a) for a in order])})")
+
+    def reshape(self, value: str, current: Sequence[int], target: Sequence[int]) -> str:
+        if tuple(current) == tuple(target):
+            return value
+        return self.assign(f"{value}.reshape({_ints(target)})")
+
+    def reduce_sum(self, value: str, axes: Sequence[str], drop: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+        if not drop:
+            return value, tuple(axes)
+        dims = [list(axes).index(a) for a in drop]
+        return self.assign(f"{value}.sum({_ints(dims)})"), tuple(a for a in axes if a not in drop)
+
+    # ------------------------------------------------------------------ stages
+
+    def prep(self, value: str, shape: Sequence[int], reshape: Sequence[int] | None,
+             diagonals: Sequence[tuple[int, int]]) -> str:
+        if reshape is not None:
+            value = self.reshape(value, shape, reshape)
+        for d1, d2 in diagonals:
+            value = self.assign(f"torch.diagonal({value}, 0, {int(d1)}, {int(d2)})")
+        return value
+
+    def unary(self, step: Step, value: str) -> tuple[str, str]:
+        (axes,) = step.inputs
+        value, _ = self.reduce_sum(value, axes, step.a_reduce)
+        return value, "sum" if step.a_reduce else "none"
+
+    def binary(self, step: Step, a: str, b: str) -> tuple[str, str]:
+        a_axes, b_axes = step.inputs
+        a, a_axes = self.reduce_sum(a, a_axes, step.a_reduce)
+        b, b_axes = self.reduce_sum(b, b_axes, step.b_reduce)
+        batch, left, right, con = step.batch, step.left, step.right, step.contracted
+        if not con:
+            # Nothing summed: a broadcast product lands directly in batch+left+right order.
+            a = self.permute(a, a_axes, batch + left)
+            a = self.reshape(a, self.shape(batch + left), self.shape(batch + left) + (1,) * len(right))
+            b = self.permute(b, b_axes, batch + right)
+            b = self.reshape(b, self.shape(batch + right),
+                             self.shape(batch) + (1,) * len(left) + self.shape(right))
+            return self.assign(f"torch.mul({a}, {b})"), "mul"
+        m = _prod(self.shape(left))
+        n = _prod(self.shape(right))
+        k = _prod(self.shape(con))
+        a = self.permute(a, a_axes, batch + left + con)
+        b = self.permute(b, b_axes, batch + con + right)
+        if batch:
+            z = _prod(self.shape(batch))
+            a = self.reshape(a, self.shape(batch + left + con), (z, m, k))
+            b = self.reshape(b, self.shape(batch + con + right), (z, k, n))
+            out, kernel = self.assign(f"torch.bmm({a}, {b})"), "bmm"
+            flat = (z, m, n)
+        else:
+            a = self.reshape(a, self.shape(left + con), (m, k))
+            b = self.reshape(b, self.shape(con + right), (k, n))
+            out, kernel = self.assign(f"torch.mm({a}, {b})"), "mm"
+            flat = (m, n)
+        return self.reshape(out, flat, self.shape(batch + left + right)), kernel
+
+    def finish(self, value: str, axes: tuple[str, ...]) -> str:
+        program = self.program
+        target = program.output_axes
+        present = tuple(a for a in target if a in axes)
+        value = self.permute(value, axes, present)
+        if present != target:
+            with_new = tuple(self.sizes[a] if a in axes else 1 for a in target)
+            value = self.reshape(value, self.shape(present), with_new)
+            value = self.assign(f"{value}.expand({_ints(self.shape(target))})")
+        value = self.reshape(value, self.shape(target), program.output_shape)
+        if program.pattern.op == "mean" and program.reduced_count != 1:
+            value = self.assign(f"{value} / {int(program.reduced_count)}")
+        return value
+
+
+def _prod(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+def generate(program: Program) -> Generated:
+    """Emit the function ``einc_fn(x0, x1, ...)`` that evaluates ``program``.
+
+    >>> from einc.parser import parse
+    >>> from einc.planner import plan
+    >>> code = generate(plan(parse("ij,jk->ik"), [(2, 3), (3, 4)], {}))
+    >>> print(code.source.splitlines()[1].strip())
+    t0 = torch.mm(x0, x1)
+    """
+    emit = _Emitter(program)
+    params = [emit.names.create("x") for _ in program.preps]
+    values: dict[int, str] = {}
+    for index, (param, shape, prep) in enumerate(zip(params, program.shapes, program.preps)):
+        values[index] = emit.prep(param, shape, prep.reshape, prep.diagonals)
+    kernels: list[str] = []
+    value, axes = values[0], program.preps[0].axes
+    for step in program.steps:
+        args = [values.pop(i) for i in step.args]
+        if len(args) == 1:
+            value, kernel = emit.unary(step, args[0])
+        else:
+            value, kernel = emit.binary(step, args[0], args[1])
+        kernels.append(kernel)
+        values[step.value] = value
+        axes = step.output
+    result = emit.finish(value, axes)
+    signature = ", ".join(f"{p}: torch.Tensor" for p in params)
+    source = "\n".join(
+        [f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *emit.lines, f"    return {result}", ""]
+    )
+    digest = hashlib.sha1(source.encode()).hexdigest()[:12]
+    filename = f"<einc-generated-{digest}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    return Generated(source, {"torch": torch, "List": List}, tuple(kernels), filename)

@@ -1,0 +1,31 @@
+"""The one exception type of einc, and helpers that format its messages."""
+
+from __future__ import annotations
+
+__all__ = ["EincError"]
+
+
+class EincError(ValueError):
+    """Raised for every user error: a malformed pattern, mismatched shapes, bad options.
+
+    It subclasses :class:`ValueError`, so ``except ValueError`` keeps working.
+
+    >>> import einc
+    >>> try:
+    ...     einc.compile("ij,jk->ik)")
+    ... except einc.EincError as err:
+    ...     print(str(err).splitlines()[0])
+    unexpected ')' (expected the end of the pattern):
+    """
+
+
+def caret(pattern: str, start: int, end: int | None = None) -> str:
+    """The pattern on one line and ``^`` marks under ``pattern[start:end]`` on the next."""
+    start = max(0, min(start, len(pattern)))
+    width = 1 if end is None else max(1, end - start)
+    return f"    {pattern}\n    {' ' * start}{'^' * width}"
+
+
+def at(pattern: str, start: int, end: int | None, message: str) -> EincError:
+    """An :class:`EincError` with ``message`` followed by the pattern and a caret."""
+    return EincError(f"{message}:\n{caret(pattern, start, end)}")

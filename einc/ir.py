@@ -1,0 +1,160 @@
+"""The intermediate representation of a parsed pattern.
+
+Small frozen, slotted dataclasses holding tuples, so a parsed pattern is hashable and
+can key caches.  Construction validates everything codegen will later rely on: axis
+names are identifiers (or einc's own ellipsis axes), operations are known, the output
+names each axis once.  Nothing else from a pattern string ever reaches generated code.
+"""
+
+from __future__ import annotations
+
+import keyword
+import re
+from dataclasses import dataclass
+
+from .errors import EincError
+
+__all__ = [
+    "ELLIPSIS",
+    "NORMALIZERS",
+    "REDUCERS",
+    "OPS",
+    "AxisList",
+    "Pattern",
+    "ellipsis_axis",
+]
+
+ELLIPSIS = "..."
+"""Marks the ellipsis dimension in an :class:`AxisList` (``dims`` entry ``("...",)``)."""
+
+REDUCERS = ("sum", "mean", "max", "min", "prod", "logsumexp")
+NORMALIZERS = ("softmax", "log_softmax")
+OPS = REDUCERS + NORMALIZERS
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ELLIPSIS_AXIS = re.compile(r"\.\.\.[0-9]+\Z")
+
+
+def ellipsis_axis(position: int) -> str:
+    """Name of the axis at ``position`` (0 = leftmost) of the broadcast ellipsis.
+
+    The dots make it impossible to spell in a pattern, so it never collides with a
+    user's axis.
+    """
+    return f"{ELLIPSIS}{position}"
+
+
+def _check_axis(name: str) -> None:
+    if not isinstance(name, str) or not (_NAME.match(name) or _ELLIPSIS_AXIS.match(name)):
+        raise EincError(f"invalid axis name {name!r}")
+    if keyword.iskeyword(name):
+        # Keywords are harmless (names never reach generated code) but almost surely
+        # a mistake in a pattern; einops rejects them too.
+        raise EincError(f"axis name {name!r} is a Python keyword")
+
+
+@dataclass(frozen=True, slots=True)
+class AxisList:
+    """The axes of one operand (or of the output), one entry per tensor dimension.
+
+    Each entry of ``dims`` lists the axes composed into that dimension, row-major as
+    in einops: ``("h", "d")`` is ``(h d)``, ``("i",)`` a plain axis, ``()`` a unit
+    dimension (``1`` or ``()``), and ``(ELLIPSIS,)`` the ellipsis.
+    """
+
+    dims: tuple[tuple[str, ...], ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dims, tuple) or not all(isinstance(d, tuple) for d in self.dims):
+            raise EincError("AxisList.dims must be a tuple of tuples")
+        ellipses = 0
+        for dim in self.dims:
+            if dim == (ELLIPSIS,):
+                ellipses += 1
+                continue
+            for name in dim:
+                _check_axis(name)
+            if len(set(dim)) != len(dim):
+                raise EincError(f"axis repeated inside one composition {dim!r}")
+        if ellipses > 1:
+            raise EincError("an axis list may hold at most one ellipsis")
+
+    @property
+    def has_ellipsis(self) -> bool:
+        return (ELLIPSIS,) in self.dims
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Named axes in order of appearance, repeats included, ellipsis excluded."""
+        return tuple(a for dim in self.dims if dim != (ELLIPSIS,) for a in dim)
+
+    def render(self, compact: bool, bracketed: frozenset[str] = frozenset()) -> str:
+        """Spell the axis list; dimensions made of ``bracketed`` axes get ``[...]``."""
+        parts = []
+        for dim in self.dims:
+            if dim == (ELLIPSIS,):
+                text = ELLIPSIS
+            elif len(dim) == 1:
+                text = dim[0]
+            elif not dim:
+                text = "1"
+            else:
+                text = "(" + " ".join(dim) + ")"
+            if dim and set(dim) <= bracketed:
+                text = f"[{text}]"
+            parts.append(text)
+        return ("" if compact else " ").join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Pattern:
+    """A whole parsed pattern: ``op(inputs -> output)``.
+
+    ``op`` is ``None`` for a plain contraction (sum of products), else one of
+    :data:`OPS`.  ``normalized`` lists the bracketed output axes of a normalizer.
+    """
+
+    inputs: tuple[AxisList, ...]
+    output: AxisList
+    op: str | None = None
+    normalized: tuple[str, ...] = ()
+    compact: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise EincError("a pattern needs at least one operand")
+        if self.op is not None and self.op not in OPS:
+            raise EincError(f"unknown operation {self.op!r}; expected one of {', '.join(OPS)}")
+        out = self.output.axes
+        if len(set(out)) != len(out):
+            raise EincError("an axis is repeated in the output")
+        if self.output.has_ellipsis and not any(a.has_ellipsis for a in self.inputs):
+            raise EincError("the output has '...' but no input has")
+        for name in self.normalized:
+            _check_axis(name)
+            if name not in out:
+                raise EincError(f"normalized axis {name!r} is not in the output")
+        if (self.op in NORMALIZERS) != bool(self.normalized):
+            raise EincError(
+                "softmax/log_softmax need bracketed output axes, and only they take them"
+            )
+        if self.op == "prod" and len(self.inputs) > 1:
+            raise EincError("prod takes one operand only")
+
+    @property
+    def input_axes(self) -> frozenset[str]:
+        return frozenset(a for operand in self.inputs for a in operand.axes)
+
+    @property
+    def new_axes(self) -> tuple[str, ...]:
+        """Output axes that no input has: broadcast, their sizes come by keyword."""
+        have = self.input_axes
+        return tuple(a for a in self.output.axes if a not in have)
+
+    def render(self) -> str:
+        """The canonical spelling of this pattern (spaces normalised, brackets kept)."""
+        sep = "," if self.compact else ", "
+        arrow = "->" if self.compact else " -> "
+        out = self.output.render(self.compact, frozenset(self.normalized))
+        body = sep.join(a.render(self.compact) for a in self.inputs) + arrow + out
+        return body if self.op is None else f"{self.op}({body})"

@@ -1,0 +1,453 @@
+"""IR + concrete shapes -> a contraction program, with opt_einsum choosing the path.
+
+The planner resolves every axis size (tensor shapes, keyword sizes, compositions,
+the broadcast ellipsis), reduces each operand to distinct "atomic" axes (splitting
+compositions, dropping unit dimensions, taking diagonals), asks opt_einsum for a
+contraction path in its own terms (``inputs, output, size_dict``), and records each
+step with its axis bookkeeping.  Codegen turns a :class:`Program` into torch calls.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import opt_einsum as oe
+
+from . import ir
+from .errors import EincError
+
+__all__ = ["Prep", "Step", "Program", "Plan", "PlanStep", "plan", "Optimize"]
+
+Optimize = Any
+"""An opt_einsum strategy name, a ``PathOptimizer`` instance, or an explicit path."""
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Prep:
+    """How one input tensor becomes a tensor with one dimension per distinct axis."""
+
+    reshape: Shape | None
+    """Target of a split/squeeze reshape, or ``None`` when the shape already fits."""
+    diagonals: tuple[tuple[int, int], ...]
+    """``torch.diagonal(x, 0, d1, d2)`` calls, applied in order (the diagonal goes last)."""
+    axes: tuple[str, ...]
+    """The distinct axes of the prepared tensor, in dimension order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One contraction of the path: one or two operands -> one result.
+
+    For two operands the result's axes are ``batch + left + right``; ``contracted``
+    axes are summed over by the product, ``a_reduce``/``b_reduce`` are axes of only one
+    side that nothing later needs, summed before the product.
+    """
+
+    operands: tuple[int, ...]
+    """Positions in the list of live operands, as opt_einsum's linear path gives them
+    (empty for the continuation of a step of more than two operands)."""
+    args: tuple[int, ...]
+    """Values consumed: inputs are numbered 0..n-1, step ``i`` produces value ``n + i``."""
+    value: int
+    inputs: tuple[tuple[str, ...], ...]
+    output: tuple[str, ...]
+    flops: int
+    batch: tuple[str, ...] = ()
+    left: tuple[str, ...] = ()
+    right: tuple[str, ...] = ()
+    contracted: tuple[str, ...] = ()
+    a_reduce: tuple[str, ...] = ()
+    b_reduce: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """Everything codegen needs for one input signature."""
+
+    pattern: ir.Pattern
+    shapes: tuple[Shape, ...]
+    sizes: tuple[tuple[str, int], ...]
+    preps: tuple[Prep, ...]
+    steps: tuple[Step, ...]
+    output_axes: tuple[str, ...]
+    """Atomic output axes in output order (new axes included, units excluded)."""
+    output_shape: Shape
+    path: tuple[tuple[int, ...], ...]
+    flops: int
+    naive_flops: int
+    largest_intermediate: int
+    reduced_count: int
+    """Number of elements summed into each output element (``mean`` divides by it)."""
+
+    def size(self, axis: str) -> int:
+        return dict(self.sizes)[axis]
+
+    def shape_of(self, axes: Sequence[str]) -> Shape:
+        sizes = dict(self.sizes)
+        return tuple(sizes[a] for a in axes)
+
+
+@dataclass(frozen=True, slots=True)
+class PlanStep:
+    """One step of a :class:`Plan`, in the user's axis names."""
+
+    operands: tuple[int, ...]
+    equation: str
+    shapes: tuple[Shape, ...]
+    output_shape: Shape
+    flops: int
+    kernel: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a compiled expression does for one input signature (``Expression.explain``).
+
+    FLOP counts are opt_einsum's; ``speedup`` is ``naive_flops / flops``.
+    """
+
+    pattern: str
+    shapes: tuple[Shape, ...]
+    path: list[tuple[int, ...]]
+    steps: tuple[PlanStep, ...]
+    flops: int
+    naive_flops: int
+    largest_intermediate: int
+    source: str
+    output_shape: Shape = field(default=())
+
+    @property
+    def speedup(self) -> float:
+        return self.naive_flops / max(self.flops, 1)
+
+    def __str__(self) -> str:
+        shapes = ", ".join("x".join(map(str, s)) or "()" for s in self.shapes)
+        lines = [
+            f"einc plan for {self.pattern!r}",
+            f"  input shapes:          {shapes}",
+            f"  output shape:          {'x'.join(map(str, self.output_shape)) or '()'}",
+            f"  path:                  {self.path}",
+            f"  flops:                 {self.flops:,} (naive {self.naive_flops:,}, speedup {self.speedup:.3g}x)",
+            f"  largest intermediate:  {self.largest_intermediate:,} elements",
+            "",
+        ]
+        rows = [("step", "operands", "equation", "flops", "kernel")]
+        for i, step in enumerate(self.steps):
+            rows.append((str(i), str(step.operands), step.equation, f"{step.flops:,}", step.kernel))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        for r in rows:
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        lines += ["", "generated code:", self.source.rstrip()]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def _operand_name(index: int) -> str:
+    return f"operand {index}"
+
+
+class _Sizes:
+    """Axis sizes with where each was learned, so conflicts can name both places."""
+
+    def __init__(self, keyword: Mapping[str, int]) -> None:
+        self.size: dict[str, int] = {}
+        self.source: dict[str, str] = {}
+        for name, value in keyword.items():
+            self.learn(name, value, f"keyword {name}={value}")
+
+    def learn(self, axis: str, value: int, where: str) -> None:
+        known = self.size.get(axis)
+        if known is None:
+            self.size[axis] = value
+            self.source[axis] = where
+        elif known != value:
+            raise EincError(
+                f"axis {_show(axis)} has size {value} in {where} but {known} in {self.source[axis]}"
+            )
+
+
+def _show(axis: str) -> str:
+    if axis.startswith(ir.ELLIPSIS):
+        return f"'...' (dimension {axis[3:]} of the broadcast ellipsis)"
+    return repr(axis)
+
+
+def _expand_ellipsis(
+    pattern: ir.Pattern, shapes: Sequence[Shape]
+) -> tuple[list[list[tuple[str, ...]]], list[tuple[str, ...]], dict[str, int], set[tuple[int, int]]]:
+    """Replace ``...`` by named ellipsis axes; returns (input dims, output dims, sizes, dropped).
+
+    ``dropped`` holds (operand, dim) of size-1 ellipsis dimensions broadcast against a
+    larger size: they leave the operand like a unit dimension.
+    """
+    ranks: list[int] = []
+    for index, (operand, shape) in enumerate(zip(pattern.inputs, shapes)):
+        named = len(operand.dims) - operand.has_ellipsis
+        if len(shape) < named or (not operand.has_ellipsis and len(shape) != named):
+            spelled = operand.render(pattern.compact) or "(scalar)"
+            raise EincError(
+                f"{_operand_name(index)} has {len(shape)} dimensions (shape {list(shape)}) "
+                f"but its axis list '{spelled}' has {named}"
+            )
+        ranks.append(len(shape) - named if operand.has_ellipsis else 0)
+    rank = max(ranks, default=0)
+    names = [ir.ellipsis_axis(i) for i in range(rank)]
+
+    sizes: dict[str, int] = {}
+    origin: dict[str, int] = {}
+    inputs: list[list[tuple[str, ...]]] = []
+    per_operand: list[list[tuple[int, str]]] = []
+    for index, (operand, shape) in enumerate(zip(pattern.inputs, shapes)):
+        dims: list[tuple[str, ...]] = []
+        mine: list[tuple[int, str]] = []
+        position = 0
+        for dim in operand.dims:
+            if dim == (ir.ELLIPSIS,):
+                own = names[rank - ranks[index]:]
+                for name in own:
+                    mine.append((position, name))
+                    size = shape[position]
+                    if size != 1:
+                        if sizes.get(name, 1) not in (1, size):
+                            raise EincError(
+                                f"axis {_show(name)} has size {size} in {_operand_name(index)} "
+                                f"but {sizes[name]} in {_operand_name(origin[name])}, and they do not broadcast"
+                            )
+                        sizes[name] = size
+                        origin[name] = index
+                    else:
+                        sizes.setdefault(name, 1)
+                    dims.append((name,))
+                    position += 1
+            else:
+                dims.append(dim)
+                position += 1
+        inputs.append(dims)
+        per_operand.append(mine)
+
+    dropped = {
+        (index, position)
+        for index, mine in enumerate(per_operand)
+        for position, name in mine
+        if shapes[index][position] == 1 and sizes[name] != 1
+    }
+    output: list[tuple[str, ...]] = []
+    for dim in pattern.output.dims:
+        output.extend([(n,) for n in names] if dim == (ir.ELLIPSIS,) else [dim])
+    return inputs, output, sizes, dropped
+
+
+def _resolve(
+    pattern: ir.Pattern,
+    inputs: list[list[tuple[str, ...]]],
+    shapes: Sequence[Shape],
+    ellipsis_sizes: Mapping[str, int],
+    keyword: Mapping[str, int],
+) -> dict[str, int]:
+    known_axes = pattern.input_axes | set(pattern.output.axes)
+    for name, value in keyword.items():
+        if name not in known_axes:
+            raise EincError(f"size given for axis {name!r}, which is not in the pattern")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EincError(f"size of axis {name!r} must be a non-negative int, not {value!r}")
+    sizes = _Sizes(keyword)
+    for name, value in ellipsis_sizes.items():
+        sizes.learn(name, value, "the broadcast ellipsis")
+
+    pending: list[tuple[tuple[str, ...], int, str]] = []
+    for index, (dims, shape) in enumerate(zip(inputs, shapes)):
+        for position, (dim, extent) in enumerate(zip(dims, shape)):
+            where = f"{_operand_name(index)} (dimension {position})"
+            if not dim:
+                if extent != 1:
+                    raise EincError(f"{where} is the unit axis '1' but has size {extent}")
+            elif len(dim) == 1:
+                if not dim[0].startswith(ir.ELLIPSIS):
+                    sizes.learn(dim[0], extent, where)
+            else:
+                pending.append((dim, extent, where))
+
+    # Compositions resolve in any order: one group's inferred size may unlock another's.
+    while pending:
+        still: list[tuple[tuple[str, ...], int, str]] = []
+        for dim, extent, where in pending:
+            unknown = [a for a in dim if a not in sizes.size]
+            known = math.prod(sizes.size[a] for a in dim if a in sizes.size)
+            group = "(" + " ".join(dim) + ")"
+            if not unknown:
+                if known != extent:
+                    detail = " * ".join(f"{a}={sizes.size[a]}" for a in dim)
+                    raise EincError(f"composition {group} in {where} has size {extent}, but {detail} = {known}")
+            elif len(unknown) == 1:
+                if known == 0 or extent % known:
+                    raise EincError(
+                        f"composition {group} in {where} has size {extent}, which the known sizes "
+                        f"(product {known}) do not divide, so axis {unknown[0]!r} has no integer size"
+                    )
+                sizes.learn(unknown[0], extent // known, where)
+            else:
+                still.append((dim, extent, where))
+        if len(still) == len(pending):
+            dim, extent, where = still[0]
+            missing = ", ".join(repr(a) for a in dim if a not in sizes.size)
+            raise EincError(
+                f"cannot infer the sizes of {missing} in composition ({' '.join(dim)}) of {where} "
+                f"(size {extent}): give all but one by keyword, e.g. {dim[0]}=..."
+            )
+        pending = still
+
+    for axis in pattern.new_axes:
+        if axis not in sizes.size:
+            raise EincError(
+                f"output axis {axis!r} is in no input, so its size must be given by keyword, e.g. {axis}=4"
+            )
+    return sizes.size
+
+
+def _prep(dims: list[tuple[str, ...]], shape: Shape, dropped: set[int], sizes: Mapping[str, int]) -> Prep:
+    atoms: list[str] = []
+    for position, dim in enumerate(dims):
+        if position not in dropped:
+            atoms.extend(dim)
+    split = tuple(sizes[a] for a in atoms)
+    diagonals: list[tuple[int, int]] = []
+    while len(set(atoms)) != len(atoms):
+        first = next(i for i, a in enumerate(atoms) if atoms.index(a) != i)
+        original = atoms.index(atoms[first])
+        diagonals.append((original, first))
+        name = atoms[first]
+        atoms = [a for i, a in enumerate(atoms) if i not in (original, first)] + [name]
+    return Prep(
+        reshape=None if split == tuple(shape) else split,
+        diagonals=tuple(diagonals),
+        axes=tuple(atoms),
+    )
+
+
+# --------------------------------------------------------------------------- path
+
+
+def _opt_einsum_path(
+    operands: Sequence[tuple[str, ...]],
+    output: tuple[str, ...],
+    sizes: Mapping[str, int],
+    optimize: Optimize,
+) -> tuple[list[tuple[int, ...]], Any]:
+    symbols = {a: oe.get_symbol(i) for i, a in enumerate(dict.fromkeys(a for op in operands for a in op))}
+    equation = ",".join("".join(symbols[a] for a in op) for op in operands)
+    equation += "->" + "".join(symbols[a] for a in output)
+    shapes = [tuple(sizes[a] for a in op) for op in operands]
+    if isinstance(optimize, (list, tuple)):
+        optimize = [tuple(int(i) for i in step) for step in optimize]
+    try:
+        path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=optimize)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
+    return [tuple(step) for step in path], info
+
+
+def _pairwise(a: tuple[str, ...], b: tuple[str, ...], keep: set[str]) -> dict[str, tuple[str, ...]]:
+    b_set, a_set = set(b), set(a)
+    return {
+        "a_reduce": tuple(x for x in a if x not in b_set and x not in keep),
+        "b_reduce": tuple(x for x in b if x not in a_set and x not in keep),
+        "batch": tuple(x for x in a if x in b_set and x in keep),
+        "contracted": tuple(x for x in a if x in b_set and x not in keep),
+        "left": tuple(x for x in a if x not in b_set and x in keep),
+        "right": tuple(x for x in b if x not in a_set and x in keep),
+    }
+
+
+def _steps(
+    prepared: list[tuple[str, ...]],
+    path: list[tuple[int, ...]],
+    output: tuple[str, ...],
+    sizes: Mapping[str, int],
+) -> list[Step]:
+    # Values are numbered SSA-style: inputs 0..n-1, then one per step, so codegen
+    # need not replay opt_einsum's list surgery.
+    live = list(enumerate(prepared))
+    steps: list[Step] = []
+    for contraction in path:
+        if not contraction or len(set(contraction)) != len(contraction) or not all(
+            0 <= i < len(live) for i in contraction
+        ):
+            raise EincError(f"invalid contraction {contraction} in path {path} for {len(prepared)} operands")
+        # opt_einsum pops in descending order and appends the result; so do we, but
+        # the operands of a step are taken in ascending order (A is the lower index).
+        picked = [live.pop(i) for i in sorted(contraction, reverse=True)][::-1]
+        needed = set(output).union(*(set(axes) for _, axes in live))
+        involved = [a for _, axes in picked for a in axes]
+        keep = {a for a in involved if a in needed}
+        flops = oe.helpers.flop_count(
+            set(involved), len(set(involved)) != len(keep), len(picked), sizes
+        )
+        value = len(prepared) + len(steps)
+        if len(picked) == 1:
+            ((arg, only),) = picked
+            result = tuple(a for a in only if a in keep)
+            steps.append(Step(tuple(contraction), (arg,), value, (only,), result, flops, left=result,
+                              a_reduce=tuple(a for a in only if a not in keep)))
+        else:
+            # A step of more than two operands (explicit paths) folds left to right.
+            arg, acc = picked[0]
+            for position, (other_arg, other) in enumerate(picked[1:], start=1):
+                later = set().union(*(set(axes) for _, axes in picked[position + 1:]))
+                parts = _pairwise(acc, other, keep | later)
+                result = parts["batch"] + parts["left"] + parts["right"]
+                first = position == 1
+                value = len(prepared) + len(steps)
+                steps.append(Step(tuple(contraction) if first else (), (arg, other_arg), value,
+                                  (acc, other), result, flops if first else 0, **parts))
+                arg, acc = value, result
+        live.append((steps[-1].value, steps[-1].output))
+    if len(live) != 1:
+        raise EincError(f"path {path} leaves {len(live)} operands uncontracted; it must end with one")
+    return steps
+
+
+def plan(
+    pattern: ir.Pattern,
+    shapes: Sequence[Shape],
+    sizes: Mapping[str, int],
+    optimize: Optimize = "auto",
+) -> Program:
+    """Plan ``pattern`` for tensors of ``shapes`` (with keyword ``sizes``)."""
+    shapes = tuple(tuple(int(n) for n in s) for s in shapes)
+    if len(shapes) != len(pattern.inputs):
+        raise EincError(f"the pattern has {len(pattern.inputs)} operands but {len(shapes)} tensors were given")
+    inputs, output_dims, ellipsis_sizes, dropped = _expand_ellipsis(pattern, shapes)
+    size = _resolve(pattern, inputs, shapes, ellipsis_sizes, sizes)
+    preps = tuple(
+        _prep(dims, shape, {d for op, d in dropped if op == index}, size)
+        for index, (dims, shape) in enumerate(zip(inputs, shapes))
+    )
+    output_axes = tuple(a for dim in output_dims for a in dim)
+    present = set().union(*(set(p.axes) for p in preps))
+    contracted_output = tuple(a for a in output_axes if a in present)
+    operand_axes = [p.axes for p in preps]
+    path, info = _opt_einsum_path(operand_axes, contracted_output, size, optimize)
+    steps = _steps(operand_axes, path, contracted_output, size)
+    reduced = present - set(output_axes)
+    used = set(output_axes) | present
+    return Program(
+        pattern=pattern,
+        shapes=shapes,
+        sizes=tuple(sorted((a, n) for a, n in size.items() if a in used)),
+        preps=preps,
+        steps=tuple(steps),
+        output_axes=output_axes,
+        output_shape=tuple(math.prod(size[a] for a in dim) for dim in output_dims),
+        path=tuple(path),
+        flops=int(info.opt_cost),
+        naive_flops=int(info.naive_cost),
+        largest_intermediate=int(info.largest_intermediate),
+        reduced_count=math.prod(size[a] for a in reduced),
+    )
