@@ -1,0 +1,7 @@
+"""``python -m einc``: the einc command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
