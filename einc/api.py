@@ -45,7 +45,8 @@ def _compile_torchscript(code: Generated) -> Callable[..., torch.Tensor]:
 
 def _compile_torch_compile(code: Generated) -> Callable[..., torch.Tensor]:
     # Shapes are baked into the source, so a dynamic-shape graph would buy nothing.
-    return torch.compile(code.eager(), dynamic=False, fullgraph=True)
+    # Not fullgraph: the log-semiring guard branches on data (underflow recovery).
+    return torch.compile(code.eager(), dynamic=False)
 
 
 _COMPILERS: dict[str, Callable[[Generated], Callable[..., torch.Tensor]]] = {
@@ -142,8 +143,11 @@ class Expression:
         if len(dtypes) > 1:
             listed = ", ".join(f"operand {i}: {dtype}" for i, (_, dtype) in enumerate(signature))
             raise self._context(shapes, EincError(f"operands must share one dtype ({listed})"))
+        (dtype,) = dtypes or {torch.float32}
+        if dtype.is_complex and self.ir.op not in (None, "sum", "mean", "prod"):
+            raise self._context(shapes, EincError(f"{self.ir.op}(...) needs real tensors, got {dtype}"))
         program = self._plan_lookup(shapes)
-        code = generate(program)
+        code = generate(program, dtype)
         return _Compiled(program, code, self._compile_fn(code))
 
     def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:

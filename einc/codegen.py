@@ -18,6 +18,9 @@ from typing import Any, Callable, List
 
 import torch
 
+from ._runtime import FLOOR, HELPERS, TINY
+from .errors import EincError
+from .ir import NORMALIZERS
 from .planner import Program, Step
 
 __all__ = ["Generated", "generate", "FUNCTION_NAME"]
@@ -67,12 +70,32 @@ def _ints(values: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(v)) for v in values) + "]"
 
 
+_REDUCE = {None: "sum", "sum": "sum", "mean": "sum", "softmax": "sum", "log_softmax": "sum",
+           "prod": "prod", "max": "amax", "min": "amin", "logsumexp": "lse"}
+"""How each operation reduces an axis that only one operand has."""
+
+_SEMIRING = {"logsumexp": "log", "max": "max", "min": "min"}
+"""Operations whose operands combine by addition; the rest multiply."""
+
+_LOW_PRECISION = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
+
+
 class _Emitter:
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, dtype: torch.dtype) -> None:
         self.program = program
+        op = program.pattern.op
+        self.reduce_kind = _REDUCE[op]
+        self.semiring = _SEMIRING.get(op, "sum")
+        # Reductions and normalizers of half floats compute in float32 (as torch.softmax
+        # does internally); plain einsum keeps torch.einsum's behaviour.
+        self.downcast = _LOW_PRECISION.get(dtype) if op is not None else None
+        wide = dtype == torch.float64
+        self.floor = FLOOR["float64" if wide else "float32"]
+        self.tiny = TINY["float64" if wide else "float32"]
         self.sizes = dict(program.sizes)
         self.names = _Namespace()
         self.lines: list[str] = []
+        self.helpers: dict[str, None] = {}
 
     def shape(self, axes: Sequence[str]) -> tuple[int, ...]:
         return tuple(self.sizes[a] for a in axes)
@@ -80,6 +103,12 @@ class _Emitter:
     def assign(self, expr: str) -> str:
         name = self.names.create("t")
         self.lines.append(f"    {name} = {expr}")
+        return name
+
+    def helper(self, name: str) -> str:
+        for dependency in HELPERS[name][1]:
+            self.helper(dependency)
+        self.helpers[name] = None
         return name
 
     def permute(self, value: str, axes: Sequence[str], order: Sequence[str]) -> str:
@@ -92,16 +121,29 @@ class _Emitter:
             return value
         return self.assign(f"{value}.reshape({_ints(target)})")
 
-    def reduce_sum(self, value: str, axes: Sequence[str], drop: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+    def reduce(self, value: str, axes: Sequence[str], drop: Sequence[str]) -> tuple[str, tuple[str, ...]]:
+        """Reduce ``drop`` out of ``value`` with the operation's own reduction."""
         if not drop:
             return value, tuple(axes)
         dims = [list(axes).index(a) for a in drop]
-        return self.assign(f"{value}.sum({_ints(dims)})"), tuple(a for a in axes if a not in drop)
+        kind = self.reduce_kind
+        if kind in ("amax", "amin") and 0 in self.shape(drop):
+            raise EincError(f"cannot take {kind[1:]} over axis of size 0 ({', '.join(drop)})")
+        if kind == "prod":
+            for dim in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
+                value = self.assign(f"{value}.prod({int(dim)})")
+        elif kind == "lse":
+            value = self.assign(f"{self.helper('einc_lse')}({value}, {_ints(dims)}, {self.floor!r})")
+        else:
+            value = self.assign(f"{value}.{kind}({_ints(dims)})")
+        return value, tuple(a for a in axes if a not in drop)
 
     # ------------------------------------------------------------------ stages
 
     def prep(self, value: str, shape: Sequence[int], reshape: Sequence[int] | None,
              diagonals: Sequence[tuple[int, int]]) -> str:
+        if self.downcast:
+            value = self.assign(f"{value}.float()")
         if reshape is not None:
             value = self.reshape(value, shape, reshape)
         for d1, d2 in diagonals:
@@ -110,29 +152,42 @@ class _Emitter:
 
     def unary(self, step: Step, value: str) -> tuple[str, str]:
         (axes,) = step.inputs
-        value, _ = self.reduce_sum(value, axes, step.a_reduce)
-        return value, "sum" if step.a_reduce else "none"
+        value, _ = self.reduce(value, axes, step.a_reduce)
+        return value, self.reduce_kind if step.a_reduce else "none"
 
     def binary(self, step: Step, a: str, b: str) -> tuple[str, str]:
         a_axes, b_axes = step.inputs
-        a, a_axes = self.reduce_sum(a, a_axes, step.a_reduce)
-        b, b_axes = self.reduce_sum(b, b_axes, step.b_reduce)
+        a, a_axes = self.reduce(a, a_axes, step.a_reduce)
+        b, b_axes = self.reduce(b, b_axes, step.b_reduce)
         batch, left, right, con = step.batch, step.left, step.right, step.contracted
         if not con:
-            # Nothing summed: a broadcast product lands directly in batch+left+right order.
+            # Nothing reduced: a broadcast product (or sum, in a semiring of log-values)
+            # lands directly in batch+left+right order.
             a = self.permute(a, a_axes, batch + left)
             a = self.reshape(a, self.shape(batch + left), self.shape(batch + left) + (1,) * len(right))
             b = self.permute(b, b_axes, batch + right)
             b = self.reshape(b, self.shape(batch + right),
                              self.shape(batch) + (1,) * len(left) + self.shape(right))
-            return self.assign(f"torch.mul({a}, {b})"), "mul"
+            if self.semiring == "sum":
+                return self.assign(f"torch.mul({a}, {b})"), "mul"
+            return self.assign(f"torch.add({a}, {b})"), "add"
         m = _prod(self.shape(left))
         n = _prod(self.shape(right))
         k = _prod(self.shape(con))
+        z = _prod(self.shape(batch))
         a = self.permute(a, a_axes, batch + left + con)
         b = self.permute(b, b_axes, batch + con + right)
-        if batch:
-            z = _prod(self.shape(batch))
+        if self.semiring != "sum":
+            a = self.reshape(a, self.shape(batch + left + con), (z, m, k))
+            b = self.reshape(b, self.shape(batch + con + right), (z, k, n))
+            if self.semiring == "log":
+                call = f"{self.helper('einc_logmm')}({a}, {b}, {self.floor!r}, {self.tiny!r})"
+                kernel = "logmm"
+            else:
+                call = f"{self.helper('einc_tropical')}({a}, {b}, {self.semiring == 'max'})"
+                kernel = f"{self.semiring}plus"
+            out, flat = self.assign(call), (z, m, n)
+        elif batch:
             a = self.reshape(a, self.shape(batch + left + con), (z, m, k))
             b = self.reshape(b, self.shape(batch + con + right), (z, k, n))
             out, kernel = self.assign(f"torch.bmm({a}, {b})"), "bmm"
@@ -144,6 +199,21 @@ class _Emitter:
             flat = (m, n)
         return self.reshape(out, flat, self.shape(batch + left + right)), kernel
 
+    def normalize(self, value: str, axes: tuple[str, ...]) -> str:
+        pattern = self.program.pattern
+        fn = f"torch.{pattern.op}"
+        marked = tuple(a for a in axes if a in pattern.normalized)
+        if len(marked) == 1:
+            return self.assign(f"{fn}({value}, {axes.index(marked[0])})")
+        # Several axes normalize jointly: bring them last and flatten them into one.
+        rest = tuple(a for a in axes if a not in marked)
+        value = self.permute(value, axes, rest + marked)
+        flat = self.shape(rest) + (_prod(self.shape(marked)),)
+        value = self.reshape(value, self.shape(rest + marked), flat)
+        value = self.assign(f"{fn}({value}, {len(rest)})")
+        value = self.reshape(value, flat, self.shape(rest + marked))
+        return self.permute(value, rest + marked, axes)
+
     def finish(self, value: str, axes: tuple[str, ...]) -> str:
         program = self.program
         target = program.output_axes
@@ -153,9 +223,13 @@ class _Emitter:
             with_new = tuple(self.sizes[a] if a in axes else 1 for a in target)
             value = self.reshape(value, self.shape(present), with_new)
             value = self.assign(f"{value}.expand({_ints(self.shape(target))})")
+        if program.pattern.op in NORMALIZERS:
+            value = self.normalize(value, target)
         value = self.reshape(value, self.shape(target), program.output_shape)
         if program.pattern.op == "mean" and program.reduced_count != 1:
             value = self.assign(f"{value} / {int(program.reduced_count)}")
+        if self.downcast:
+            value = self.assign(f"{value}.to({self.downcast})")
         return value
 
 
@@ -166,7 +240,7 @@ def _prod(values: Sequence[int]) -> int:
     return out
 
 
-def generate(program: Program) -> Generated:
+def generate(program: Program, dtype: torch.dtype = torch.float32) -> Generated:
     """Emit the function ``einc_fn(x0, x1, ...)`` that evaluates ``program``.
 
     >>> from einc.parser import parse
@@ -175,7 +249,7 @@ def generate(program: Program) -> Generated:
     >>> print(code.source.splitlines()[1].strip())
     t0 = torch.mm(x0, x1)
     """
-    emit = _Emitter(program)
+    emit = _Emitter(program, dtype)
     params = [emit.names.create("x") for _ in program.preps]
     values: dict[int, str] = {}
     for index, (param, shape, prep) in enumerate(zip(params, program.shapes, program.preps)):
@@ -193,7 +267,8 @@ def generate(program: Program) -> Generated:
         axes = step.output
     result = emit.finish(value, axes)
     signature = ", ".join(f"{p}: torch.Tensor" for p in params)
-    source = "\n".join(
+    helpers = [HELPERS[name][0].strip() + "\n\n" for name in emit.helpers]
+    source = "".join(helpers) + "\n".join(
         [f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *emit.lines, f"    return {result}", ""]
     )
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]

@@ -1,0 +1,281 @@
+"""A small benchmark harness: time contenders of one case side by side, print ratios.
+
+Every case names its contenders (``name -> zero-argument callable``) and a reference
+(torch.einsum's result).  Before timing, every contender's result is compared with the
+reference; a wrong result aborts the case, since timing it would be meaningless.
+
+Timing uses ``torch.utils.benchmark.Timer(...).blocked_autorange`` with one thread.  The
+contenders of a case are timed in the same run, interleaved over ``rounds`` rounds; each
+round gives a median per contender and the lowest of those medians is reported (on a
+shared machine the lowest median is the one least disturbed by neighbours).
+
+Ratios are ``einc / contender``: ``0.25x`` against torch.einsum means einc takes a quarter
+of torch.einsum's time (lower is better for einc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import platform
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils.benchmark as tbench
+
+__all__ = [
+    "Contender",
+    "Case",
+    "Result",
+    "Target",
+    "parse_args",
+    "run_case",
+    "machine_info",
+    "format_time",
+    "markdown_report",
+    "console_table",
+    "check_targets",
+]
+
+
+@dataclass
+class Contender:
+    """A zero-argument callable; ``context`` (optional) is entered around its check and timing."""
+
+    fn: Callable[[], torch.Tensor]
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
+
+
+@dataclass
+class Case:
+    name: str
+    description: str
+    contenders: Mapping[str, Callable[[], torch.Tensor] | Contender]
+    reference: Callable[[], torch.Tensor]
+    einc: Sequence[str]
+    """Contender names that are einc; each gets a ratio column."""
+    notes: Sequence[str] = ()
+
+
+@dataclass
+class Result:
+    case: Case
+    medians: dict[str, float]
+    """Seconds per call, per contender (lowest of the rounds' medians)."""
+    max_errors: dict[str, float] = field(default_factory=dict)
+
+    def ratio(self, einc: str, other: str) -> float:
+        return self.medians[einc] / self.medians[other]
+
+
+@dataclass
+class Target:
+    case: str
+    einc: str
+    contender: str
+    max_ratio: float
+    text: str
+
+    def evaluate(self, results: Mapping[str, Result]) -> tuple[float, bool]:
+        ratio = results[self.case].ratio(self.einc, self.contender)
+        return ratio, ratio <= self.max_ratio
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="short runs (min_run_time 0.05 s, one round)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds per blocked_autorange (default 0.4, --quick 0.05)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per case; lowest median wins (default 3, --quick 1)")
+    parser.add_argument("--markdown", metavar="PATH", default=None,
+                        help="write the results as markdown to PATH (replacing this script's section)")
+    parser.add_argument("--only", metavar="SUBSTRING", default=None, help="run only cases whose name contains this")
+    args = parser.parse_args(argv)
+    if args.min_run_time is None:
+        args.min_run_time = 0.05 if args.quick else 0.4
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    return args
+
+
+def _as_contender(value: Callable[[], torch.Tensor] | Contender) -> Contender:
+    return value if isinstance(value, Contender) else Contender(value)
+
+
+@contextlib.contextmanager
+def _entered(contender: Contender) -> Iterator[None]:
+    if contender.context is None:
+        yield
+    else:
+        with contender.context():
+            yield
+
+
+def _check(case: Case, rtol: float) -> dict[str, float]:
+    """Each contender's max abs error against the reference, relative to the reference's scale."""
+    reference = case.reference().double()
+    scale = float(reference.abs().max()) or 1.0
+    errors: dict[str, float] = {}
+    for name, value in case.contenders.items():
+        contender = _as_contender(value)
+        with _entered(contender):
+            out = contender.fn()
+        if tuple(out.shape) != tuple(reference.shape):
+            raise AssertionError(
+                f"{case.name}: {name} returned shape {tuple(out.shape)}, reference has {tuple(reference.shape)}"
+            )
+        error = float((out.double() - reference).abs().max()) / scale if out.numel() else 0.0
+        if not torch.allclose(out.double(), reference, rtol=rtol, atol=rtol * scale):
+            raise AssertionError(f"{case.name}: {name} differs from torch.einsum (max error {error:.3g} of scale)")
+        errors[name] = error
+    return errors
+
+
+def run_case(case: Case, min_run_time: float, rounds: int = 1, rtol: float = 1e-4, verbose: bool = True) -> Result:
+    torch.set_num_threads(1)
+    errors = _check(case, rtol)
+    contenders = {name: _as_contender(v) for name, v in case.contenders.items()}
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, contender in contenders.items():
+            with _entered(contender):
+                contender.fn()  # warm up (first-call compile, allocator)
+                timer = tbench.Timer(stmt="fn()", globals={"fn": contender.fn}, num_threads=1,
+                                     label=case.name, description=name)
+                median = timer.blocked_autorange(min_run_time=min_run_time).median
+            best[name] = min(best.get(name, float("inf")), median)
+    result = Result(case, best, errors)
+    if verbose:
+        print(console_table(result))
+        print()
+        sys.stdout.flush()
+    return result
+
+
+def format_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.3f} ms"
+    return f"{seconds:.3f} s"
+
+
+def _rows(result: Result) -> tuple[list[str], list[list[str]]]:
+    header = ["contender", "median"] + [f"{e} / this" for e in result.case.einc]
+    rows = []
+    for name, median in result.medians.items():
+        row = [name, format_time(median)]
+        for e in result.case.einc:
+            row.append("—" if e == name else f"{result.ratio(e, name):.2f}x")
+        rows.append(row)
+    return header, rows
+
+
+def console_table(result: Result) -> str:
+    header, rows = _rows(result)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    out = [f"== {result.case.name}: {result.case.description}", line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out += [f"   note: {n}" for n in result.case.notes]
+    return "\n".join(out)
+
+
+def markdown_table(result: Result) -> str:
+    header, rows = _rows(result)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join([f"`{r[0]}`", *r[1:]]) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, str]:
+    import os
+
+    info = {
+        "CPU": f"{_cpu_model()} ({os.cpu_count()} logical cores, shared)",
+        "Python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "torch.backends.opt_einsum": (
+            f"enabled={torch.backends.opt_einsum.enabled}, strategy={torch.backends.opt_einsum.strategy!r}"
+        ),
+    }
+    for module in ("opt_einsum", "einops", "einx", "numpy"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - report what is there
+            info[module] = "not installed"
+    return info
+
+
+def check_targets(targets: Sequence[Target], results: Mapping[str, Result]) -> list[tuple[Target, float, bool]]:
+    return [(t, *t.evaluate(results)) for t in targets if t.case in results]
+
+
+def markdown_report(
+    heading: str,
+    results: Sequence[Result],
+    targets: Sequence[tuple[Target, float, bool]],
+    args: argparse.Namespace,
+    intro: Sequence[str] = (),
+) -> str:
+    info = machine_info()
+    lines = [heading, ""]
+    lines += list(intro)
+    lines += [
+        "",
+        f"- Command: `{' '.join(['python', *sys.argv])}`",
+        f"- Date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+    ]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += [
+        f"- Timing: `torch.utils.benchmark.Timer(...).blocked_autorange(min_run_time={args.min_run_time})`, "
+        f"one thread, float32; lowest median of {args.rounds} interleaved round(s).",
+        "- Ratio columns are einc's time divided by the row's time: `0.25x` means einc takes a quarter "
+        "of that contender's time. Every contender was checked against torch.einsum (allclose) first.",
+        "",
+    ]
+    if targets:
+        lines += ["### Targets", "", "| target | ratio | met |", "|---|---:|:---:|"]
+        lines += [f"| {t.text} | {r:.2f}x | {'yes' if ok else '**no**'} |" for t, r, ok in targets]
+        lines.append("")
+    for result in results:
+        lines += [f"### {result.case.name}", "", result.case.description, "", markdown_table(result), ""]
+        lines += [f"- {n}" for n in result.case.notes]
+        if result.case.notes:
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_section(path: str, heading: str, section: str, preamble: str) -> None:
+    """Replace the ``heading`` section of ``path`` (up to the next ``## `` heading), or append it."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = preamble
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.rstrip() == heading), None)
+    if start is None:
+        new = text.rstrip() + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
+    with open(path, "w") as f:
+        f.write(new)

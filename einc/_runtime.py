@@ -1,0 +1,109 @@
+"""TorchScript-compatible helper functions that generated code may call.
+
+They are kept as source text: codegen prepends the ones a program uses to the
+generated module, so the same text runs as Python (eager), under TorchScript (one
+``CompilationUnit``) and under ``torch.compile``.  Each takes only tensors, ints,
+floats and bools, so nothing from a pattern string reaches them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HELPERS", "FLOOR", "TINY"]
+
+FLOOR = {"float32": -87.0, "float64": -708.0}
+"""Shifted exponents are clamped here: just above log(smallest normal float).
+
+``exp`` of inputs below it produces subnormals and takes a slow path on CPU (about
+3x for torch.logsumexp on wide-range fp32 data); after the max shift every row sums
+to at least 1, so what the clamp changes lies far below the sum's precision.
+"""
+
+TINY = {"float32": 1e-19, "float64": 1e-154}
+"""About sqrt(smallest normal): a log-matmul entry whose shifted sum falls below this
+may have lost its dominant terms to underflow, and is recomputed exactly."""
+
+LSE = '''
+def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.logsumexp(x, dims)
+    raw = torch.amax(x.detach(), dims, True)
+    shift = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
+    t = x - shift
+    t.clamp_(min=floor)
+    t.exp_()
+    out = torch.log(t.sum(dims))
+    out = out + shift.reshape(out.shape)
+    empty = (raw == float("-inf")).reshape(out.shape)
+    return torch.where(empty, torch.full_like(out, float("-inf")), out)
+'''
+
+LOGMM = '''
+def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> torch.Tensor:
+    if a.numel() == 0 or b.numel() == 0:
+        return torch.logsumexp(a.unsqueeze(3) + b.unsqueeze(1), 2)
+    ra = torch.amax(a.detach(), 2, True)
+    rb = torch.amax(b.detach(), 1, True)
+    sa = torch.where(torch.isfinite(ra), ra, torch.zeros_like(ra))
+    sb = torch.where(torch.isfinite(rb), rb, torch.zeros_like(rb))
+    ea = a - sa
+    ea.clamp_(min=floor)
+    ea.exp_()
+    eb = b - sb
+    eb.clamp_(min=floor)
+    eb.exp_()
+    r = torch.bmm(ea, eb)
+    out = torch.log(torch.clamp(r, min=tiny)) + sa + sb
+    lost = r < tiny
+    if bool(lost.any()):
+        out = einc_logmm_exact(a, b, out, lost, floor)
+    return out
+'''
+
+LOGMM_EXACT = '''
+def einc_logmm_exact(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, lost: torch.Tensor,
+                     floor: float) -> torch.Tensor:
+    m = a.shape[1]
+    n = b.shape[2]
+    flat = lost.reshape(-1).nonzero().reshape(-1)
+    chunk = max(1, 4194304 // max(1, a.shape[2]))
+    parts: List[torch.Tensor] = []
+    for start in range(0, flat.shape[0], chunk):
+        index = flat[start:start + chunk]
+        z = torch.div(index, m * n, rounding_mode="floor")
+        rest = index - z * (m * n)
+        i = torch.div(rest, n, rounding_mode="floor")
+        j = rest - i * n
+        parts.append(einc_lse(a[z, i, :] + b[z, :, j], [1], floor))
+    return out.reshape(-1).index_copy(0, flat, torch.cat(parts)).reshape(out.shape)
+'''
+
+TROPICAL = '''
+def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tensor:
+    z = a.shape[0]
+    m = a.shape[1]
+    k = a.shape[2]
+    n = b.shape[2]
+    if k == 0:
+        fill = float("-inf") if use_max else float("inf")
+        return torch.full([z, m, n], fill, dtype=a.dtype, device=a.device)
+    chunk = max(1, 16777216 // max(1, z * m * n))
+    out = torch.empty(0)
+    for start in range(0, k, chunk):
+        s = a[:, :, start:start + chunk].unsqueeze(3) + b[:, start:start + chunk, :].unsqueeze(1)
+        part = torch.amax(s, 2) if use_max else torch.amin(s, 2)
+        if start == 0:
+            out = part
+        elif use_max:
+            out = torch.maximum(out, part)
+        else:
+            out = torch.minimum(out, part)
+    return out
+'''
+
+HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "einc_lse": (LSE, ()),
+    "einc_logmm_exact": (LOGMM_EXACT, ("einc_lse",)),
+    "einc_logmm": (LOGMM, ("einc_logmm_exact",)),
+    "einc_tropical": (TROPICAL, ()),
+}
+"""name -> (source, helpers it calls)."""

@@ -1,0 +1,103 @@
+"""Shared helpers for einc's tests.
+
+References are always computed without einc: ``torch.einsum`` in float64 (complex128
+for complex inputs), ``einops`` for rearrange/repeat, and naive loops where needed.
+Test modules import the helpers directly (``from conftest import ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# One reproducible hypothesis profile for everyone (CI included): derandomized, no
+# example database, no deadline (the first call of a pattern compiles it).
+settings.register_profile(
+    "einc",
+    deadline=None,
+    derandomize=True,
+    database=None,
+    max_examples=100,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
+settings.register_profile("einc-long", parent=settings.get_profile("einc"), max_examples=2000)
+settings.load_profile(os.environ.get("EINC_HYPOTHESIS_PROFILE", "einc"))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same torch RNG state."""
+    torch.manual_seed(0)
+
+
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """float64 (complex128 for complex) copy of ``t``; integers and bools widen to float64."""
+    return t.to(torch.complex128 if t.is_complex() else torch.float64)
+
+
+def reference_einsum(equation: str, *tensors: torch.Tensor) -> torch.Tensor:
+    """``torch.einsum`` evaluated in float64 / complex128."""
+    return torch.einsum(equation, *[widen(t) for t in tensors])
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float64, **kw) -> torch.Tensor:
+    """Random tensor; float16/bfloat16 are drawn in float32 and rounded."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.randn(*shape, **kw).to(dtype)
+    return torch.randn(*shape, dtype=dtype, **kw)
+
+
+def operands(shapes, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    return [randn(*s, dtype=dtype) for s in shapes]
+
+
+_COMPACT_TERM = re.compile(r"\.\.\.|[A-Za-z]")
+
+
+def to_spaced(equation: str) -> str:
+    """Spell a compact einsum equation in einc's spaced notation.
+
+    >>> to_spaced("bhqd,bhkd->bhqk")
+    'b h q d, b h k d -> b h q k'
+    >>> to_spaced("...ij,...jk->...ik")
+    '... i j, ... j k -> ... i k'
+    >>> to_spaced(",->")
+    ', -> '
+    >>> to_spaced("ij,jk")
+    'i j, j k'
+    """
+    equation = equation.replace(" ", "")
+    lhs, arrow, rhs = equation.partition("->")
+
+    def spell(axes: str) -> str:
+        terms = _COMPACT_TERM.findall(axes)
+        assert "".join(terms) == axes, f"not a compact axis list: {axes!r}"
+        return " ".join(terms)
+
+    spaced = ", ".join(spell(op) for op in lhs.split(","))
+    if arrow:
+        spaced += " -> " + spell(rhs)
+    return spaced
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 1e-10, atol: float = 1e-12) -> None:
+    """Shape, then values (compared in the wider of the two dtypes)."""
+    assert tuple(actual.shape) == tuple(expected.shape), (tuple(actual.shape), tuple(expected.shape))
+    torch.testing.assert_close(widen(actual), widen(expected), rtol=rtol, atol=atol, check_dtype=False)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """rtol/atol for comparing a result in ``dtype`` (with O(1) random inputs)."""
+    return {
+        torch.float16: dict(rtol=1e-2, atol=1e-2),
+        torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+        torch.float32: dict(rtol=1e-5, atol=1e-5),
+        torch.complex64: dict(rtol=1e-5, atol=1e-5),
+        torch.float64: dict(rtol=1e-10, atol=1e-12),
+        torch.complex128: dict(rtol=1e-10, atol=1e-12),
+    }[dtype]
