@@ -204,11 +204,14 @@ class Expression:
     def validate(
         self, *tensors: torch.Tensor, rtol: float | None = None, atol: float | None = None
     ) -> float:
-        """Compare with torch.einsum in float64; return the max abs error, raise on mismatch.
+        """Compare with a float64 reference; return the max abs error, raise on mismatch.
 
-        The tolerance is per element: ``atol + rtol * |A| ⋆ |B| ⋆ ...`` (the contraction of
-        absolute values), so cancellation in the reference does not cause false alarms.
-        Defaults follow the inputs' dtype.
+        The reference is torch.einsum for sums of products, the naive broadcast form with
+        torch.logsumexp/amax/amin for semirings, and ``x - logsumexp(x)`` for normalizers.
+        The tolerance is per element: ``atol + rtol * bound``, where the bound of a sum of
+        products is the contraction of absolute values (so cancellation in the reference
+        does not cause false alarms) and otherwise the reference's magnitude.  Defaults
+        follow the inputs' dtype.
 
         >>> import torch, einc
         >>> einc.compile("ij,jk->ik").validate(torch.randn(3, 4), torch.randn(4, 5)) < 1e-5
@@ -218,7 +221,10 @@ class Expression:
         result = entry.fn(*tensors)
         wide = [_widen(t) for t in tensors]
         reference = _reference(entry.program, wide)
-        bound = _reference(entry.program, [t.abs() for t in wide])
+        if self.ir.op in (None, "sum", "mean"):
+            bound = _reference(entry.program, [t.abs() for t in wide])
+        else:
+            bound = reference
         dtype = tensors[0].dtype if tensors else torch.float64
         default_rtol, default_atol = _tolerance(dtype)
         rtol = default_rtol if rtol is None else rtol
@@ -272,45 +278,79 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def _reference(program: Program, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The pattern evaluated by torch.einsum (which broadcasts the ellipsis itself)."""
+    """The pattern evaluated the plain way, in the tensors' (float64) dtype.
+
+    Sums of products go through torch.einsum (which also broadcasts size-1 ellipsis
+    dimensions); semirings through the naive broadcast form (combine by addition, then
+    torch.logsumexp/amax/amin); normalizers as ``x - logsumexp(x)`` over the marked axes.
+    """
     pattern = program.pattern
-    if pattern.op not in (None, "sum", "mean"):
-        raise EincError(f"validate has no reference for {pattern.op}(...) yet")
     sizes = dict(program.sizes)
-    names = list(dict.fromkeys(a for operand in pattern.inputs for a in operand.axes))
-    if len(names) > len(_LETTERS):
-        raise EincError(f"validate supports at most {len(_LETTERS)} distinct axes (torch.einsum's limit)")
-    letter = dict(zip(names, _LETTERS))
-    terms: list[str] = []
+    rank = sum(1 for a in sizes if a.startswith(ir.ELLIPSIS))
     operands: list[torch.Tensor] = []
+    names: list[list[str]] = []
     for operand, tensor in zip(pattern.inputs, tensors):
+        own = tensor.dim() - (len(operand.dims) - operand.has_ellipsis)
         shape: list[int] = []
-        term = ""
+        axes: list[str] = []
         position = 0
-        ellipsis_rank = tensor.dim() - (len(operand.dims) - operand.has_ellipsis)
         for dim in operand.dims:
             if dim == (ir.ELLIPSIS,):
-                shape.extend(tensor.shape[position:position + ellipsis_rank])
-                position += ellipsis_rank
-                term += "..."
+                for j in range(own):
+                    axes.append(ir.ellipsis_axis(rank - own + j))
+                    shape.append(tensor.shape[position + j])
+                position += own
             else:
+                axes.extend(dim)
                 shape.extend(sizes[a] for a in dim)
-                term += "".join(letter[a] for a in dim)
                 position += 1
         operands.append(tensor.reshape(shape))
-        terms.append(term)
-    out_term = ""
-    for dim in pattern.output.dims:
-        out_term += "..." if dim == (ir.ELLIPSIS,) else "".join(letter.get(a, "") for a in dim)
-    result = torch.einsum(",".join(terms) + "->" + out_term, *operands)
-    present = [a for a in program.output_axes if a.startswith(ir.ELLIPSIS) or a in letter]
+        names.append(axes)
+    atoms = list(dict.fromkeys(a for axes in names for a in axes))
+    if len(atoms) > len(_LETTERS):
+        raise EincError(f"validate supports at most {len(_LETTERS)} distinct axes (torch.einsum's limit)")
+    letter = dict(zip(atoms, _LETTERS))
+    spell = lambda axes: "".join(letter[a] for a in axes)  # noqa: E731
+    present = [a for a in program.output_axes if a in letter]
+    if pattern.op in _SEMIRING_REDUCE or pattern.op == "prod":
+        # Naive broadcast: every operand spread over all axes, combined, then reduced.
+        full = None
+        for tensor, axes in zip(operands, names):
+            own = [a for a in atoms if a in axes]
+            spread = torch.einsum(f"{spell(axes)}->{spell(own)}", tensor)
+            spread = spread.reshape([spread.shape[own.index(a)] if a in own else 1 for a in atoms])
+            full = spread if full is None else full + spread
+        assert full is not None
+        dims = [i for i, a in enumerate(atoms) if a not in present]
+        if dims and pattern.op == "prod":
+            for dim in sorted(dims, reverse=True):
+                full = full.prod(dim)
+        elif dims:
+            full = _SEMIRING_REDUCE[pattern.op](full, dims)
+        kept = [a for a in atoms if a in present]
+        result = torch.einsum(f"{spell(kept)}->{spell(present)}", full)
+    else:
+        equation = ",".join(spell(axes) for axes in names) + "->" + spell(present)
+        result = torch.einsum(equation, *operands)
     if len(present) != len(program.output_axes):
-        result = result.reshape([sizes[a] if a in present else 1 for a in program.output_axes])
+        result = result.reshape([sizes[a] if a in letter else 1 for a in program.output_axes])
         result = result.expand([sizes[a] for a in program.output_axes])
+    if pattern.op in ir.NORMALIZERS:
+        marked = [i for i, a in enumerate(program.output_axes) if a in pattern.normalized]
+        result = result - torch.logsumexp(result, marked, keepdim=True)
+        if pattern.op == "softmax":
+            result = result.exp()
     result = result.reshape(program.output_shape)
     if pattern.op == "mean":
         result = result / program.reduced_count
     return result
+
+
+_SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] = {
+    "logsumexp": lambda x, dims: torch.logsumexp(x, dims),
+    "max": lambda x, dims: torch.amax(x, dims),
+    "min": lambda x, dims: torch.amin(x, dims),
+}
 
 
 # ------------------------------------------------------------ module functions

@@ -46,10 +46,10 @@ def reference_einsum(equation: str, *tensors: torch.Tensor) -> torch.Tensor:
 
 
 def randn(*shape: int, dtype: torch.dtype = torch.float64, **kw) -> torch.Tensor:
-    """Random tensor; float16/bfloat16 are drawn in float32 and rounded."""
+    """Random tensor (``randn()`` is a scalar); float16/bfloat16 are drawn in float32 and rounded."""
     if dtype in (torch.float16, torch.bfloat16):
-        return torch.randn(*shape, **kw).to(dtype)
-    return torch.randn(*shape, dtype=dtype, **kw)
+        return torch.randn(tuple(shape), **kw).to(dtype)
+    return torch.randn(tuple(shape), dtype=dtype, **kw)
 
 
 def operands(shapes, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
