@@ -90,7 +90,7 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argp
     parser.add_argument("--min-run-time", type=float, default=None,
                         help="seconds per blocked_autorange (default 0.4, --quick 0.05)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved rounds per case; lowest median wins (default 3, --quick 1)")
+                        help="interleaved rounds per case; lowest median wins (default 5, --quick 1)")
     parser.add_argument("--markdown", metavar="PATH", default=None,
                         help="write the results as markdown to PATH (replacing this script's section)")
     parser.add_argument("--only", metavar="SUBSTRING", default=None, help="run only cases whose name contains this")
@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argp
     if args.min_run_time is None:
         args.min_run_time = 0.05 if args.quick else 0.4
     if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
+        args.rounds = 1 if args.quick else 5
     return args
 
 

@@ -67,7 +67,7 @@ def to_spaced(equation: str) -> str:
     >>> to_spaced("...ij,...jk->...ik")
     '... i j, ... j k -> ... i k'
     >>> to_spaced(",->")
-    ', -> '
+    ', ->'
     >>> to_spaced("ij,jk")
     'i j, j k'
     """
@@ -82,7 +82,7 @@ def to_spaced(equation: str) -> str:
     spaced = ", ".join(spell(op) for op in lhs.split(","))
     if arrow:
         spaced += " -> " + spell(rhs)
-    return spaced
+    return re.sub(" +", " ", spaced).strip()
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 1e-10, atol: float = 1e-12) -> None:

@@ -234,6 +234,10 @@ def test_explain_matches_opt_einsum(equation, shapes):
         assert len(out) == len(step.output_shape)
         for axes, shape in zip(ins.split(","), step.shapes):
             assert len(axes) == len(shape)
+        # Same operands and result axes as opt_einsum's step (axis order may differ).
+        oe_ins, oe_out = contraction[2].split("->")
+        assert sorted(map(sorted, ins.split(","))) == sorted(map(sorted, oe_ins.split(",")))
+        assert sorted(out) == sorted(oe_out)
     # The final step produces the output's axes (possibly in another order).
     assert sorted(plan.steps[-1].output_shape) == sorted(plan.output_shape)
     assert math.prod(plan.steps[-1].output_shape) == math.prod(plan.output_shape)
@@ -245,9 +249,10 @@ def test_explain_matches_opt_einsum(equation, shapes):
 def test_explain_step_equations_and_kernels():
     plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
     assert plan.path == [(0, 1), (0, 1)]
-    assert [s.equation for s in plan.steps] == ["ab,bc->ac", "ac,cd->ad"]
-    assert [s.shapes for s in plan.steps] == [((8, 64), (64, 8)), ((8, 8), (8, 64))]
-    assert [s.output_shape for s in plan.steps] == [(8, 8), (8, 64)]
+    # After step 0 the live operands are [cd, ac] (opt_einsum appends results).
+    assert [s.equation for s in plan.steps] == ["ab,bc->ac", "cd,ac->da"]
+    assert [s.shapes for s in plan.steps] == [((8, 64), (64, 8)), ((8, 64), (8, 8))]
+    assert [s.output_shape for s in plan.steps] == [(8, 8), (64, 8)]
     assert [s.kernel for s in plan.steps] == ["mm", "mm"]
     assert einc.compile("bij,bjk->bik").explain((2, 3, 4), (2, 4, 5)).steps[0].kernel == "bmm"
     assert einc.compile("i,j->ij").explain((3,), (4,)).steps[0].kernel == "mul"
