@@ -187,6 +187,10 @@ class _Emitter:
                 call = f"{self.helper('einc_tropical')}({a}, {b}, {self.semiring == 'max'})"
                 kernel = f"{self.semiring}plus"
             out, flat = self.assign(call), (z, m, n)
+        elif batch and len(left) == len(right) == len(con) == 1:
+            # Already (batch.., M, K) @ (batch.., K, N): matmul folds the batch in C++,
+            # saving the Python-level reshapes (they dominate small calls).
+            return self.assign(f"torch.matmul({a}, {b})"), "matmul"
         elif batch:
             a = self.reshape(a, self.shape(batch + left + con), (z, m, k))
             b = self.reshape(b, self.shape(batch + con + right), (z, k, n))
