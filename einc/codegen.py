@@ -171,37 +171,54 @@ class _Emitter:
             if self.semiring == "sum":
                 return self.assign(f"torch.mul({a}, {b})"), "mul"
             return self.assign(f"torch.add({a}, {b})"), "add"
-        m = _prod(self.shape(left))
-        n = _prod(self.shape(right))
-        k = _prod(self.shape(con))
-        z = _prod(self.shape(batch))
-        a = self.permute(a, a_axes, batch + left + con)
-        b = self.permute(b, b_axes, batch + con + right)
-        if self.semiring != "sum":
-            a = self.reshape(a, self.shape(batch + left + con), (z, m, k))
-            b = self.reshape(b, self.shape(batch + con + right), (z, k, n))
-            if self.semiring == "log":
-                call = f"{self.helper('einc_logmm')}({a}, {b}, {self.floor!r}, {self.tiny!r})"
-                kernel = "logmm"
-            else:
-                call = f"{self.helper('einc_tropical')}({a}, {b}, {self.semiring == 'max'})"
-                kernel = f"{self.semiring}plus"
-            out, flat = self.assign(call), (z, m, n)
-        elif batch and len(left) == len(right) == len(con) == 1:
-            # Already (batch.., M, K) @ (batch.., K, N): matmul folds the batch in C++,
-            # saving the Python-level reshapes (they dominate small calls).
+        if self.semiring == "sum" and batch and len(left) == len(right) == len(con) == 1 \
+                and self.folds(a_axes, [batch]) and self.folds(b_axes, [batch]):
+            # (batch.., M, K) @ (batch.., K, N) with foldable batch axes: matmul folds
+            # them in C++, saving Python-level reshapes (they dominate small calls).
+            a = self.permute(a, a_axes, batch + left + con)
+            b = self.permute(b, b_axes, batch + con + right)
             return self.assign(f"torch.matmul({a}, {b})"), "matmul"
-        elif batch:
-            a = self.reshape(a, self.shape(batch + left + con), (z, m, k))
-            b = self.reshape(b, self.shape(batch + con + right), (z, k, n))
-            out, kernel = self.assign(f"torch.bmm({a}, {b})"), "bmm"
-            flat = (z, m, n)
+        a = self.matrices(a, a_axes, batch, left, con)
+        b = self.matrices(b, b_axes, batch, con, right)
+        flat = (_prod(self.shape(batch)),) * bool(batch) + (_prod(self.shape(left)), _prod(self.shape(right)))
+        if self.semiring == "log":
+            call = f"{self.helper('einc_logmm')}({a}, {b}, {self.floor!r}, {self.tiny!r})"
+            kernel = "logmm"
+        elif self.semiring != "sum":
+            call = f"{self.helper('einc_tropical')}({a}, {b}, {self.semiring == 'max'})"
+            kernel = f"{self.semiring}plus"
         else:
-            a = self.reshape(a, self.shape(left + con), (m, k))
-            b = self.reshape(b, self.shape(con + right), (k, n))
-            out, kernel = self.assign(f"torch.mm({a}, {b})"), "mm"
-            flat = (m, n)
-        return self.reshape(out, flat, self.shape(batch + left + right)), kernel
+            kernel = "bmm" if batch else "mm"
+            call = f"torch.{kernel}({a}, {b})"
+        return self.reshape(self.assign(call), flat, self.shape(batch + left + right)), kernel
+
+    def folds(self, axes: Sequence[str], groups: Sequence[Sequence[str]]) -> bool:
+        """Whether permuting ``axes`` (taken as contiguous) into ``groups`` and merging
+        each group is a view: each group's axes must be adjacent and in order."""
+        order = [a for a in axes if self.sizes[a] != 1]
+        for group in groups:
+            places = [order.index(a) for a in group if self.sizes[a] != 1]
+            if places and places != list(range(places[0], places[0] + len(places))):
+                return False
+        return True
+
+    def matrices(self, value: str, axes: Sequence[str], batch: tuple[str, ...],
+                 rows: tuple[str, ...], cols: tuple[str, ...]) -> str:
+        """``value`` as a (Z, R, C) stack of matrices ((R, C) without batch axes).
+
+        Where the merge cannot be a view, the copy keeps the innermost axis innermost
+        and the kernel gets a transposed view: BLAS takes those for free, while a
+        transposing copy is several times slower than a straight one.
+        """
+        lead = (_prod(self.shape(batch)),) * bool(batch) + (_prod(self.shape(rows)),)
+        shape = lead + (_prod(self.shape(cols)),)
+        direct = self.folds(axes, [batch, rows, cols])
+        if not direct and (self.folds(axes, [batch, cols, rows]) or (axes and axes[-1] in rows)):
+            value = self.permute(value, axes, batch + cols + rows)
+            value = self.reshape(value, self.shape(batch + cols + rows), shape[:-2] + shape[:-3:-1])
+            return self.assign(f"{value}.transpose(-1, -2)")
+        value = self.permute(value, axes, batch + rows + cols)
+        return self.reshape(value, self.shape(batch + rows + cols), shape)
 
     def normalize(self, value: str, axes: tuple[str, ...]) -> str:
         pattern = self.program.pattern
