@@ -81,6 +81,12 @@ def _shape_of(value: Any, index: int) -> tuple[int, ...]:
     return shape
 
 
+def _check_sizes(sizes: dict[str, Any]) -> None:
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise EincError(f"size of axis {name!r} must be a non-negative int, not {value!r}")
+
+
 def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join("x".join(map(str, s)) if s else "()" for s in shapes)
 
@@ -118,6 +124,7 @@ class Expression:
         self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
         self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
         # Validate keyword sizes now, so a typo surfaces at compile time.
+        _check_sizes(sizes)
         for name in sizes:
             if name not in self.ir.input_axes and name not in self.ir.output.axes:
                 raise EincError(f"size given for axis {name!r}, which is not in the pattern {pattern!r}")
@@ -138,6 +145,9 @@ class Expression:
             raise self._context(shapes, err) from None
 
     def _build(self, signature: tuple[tuple[torch.Size, torch.dtype], ...]) -> _Compiled:
+        for index, (_, dtype) in enumerate(signature):
+            if not isinstance(dtype, torch.dtype):
+                raise EincError(f"pattern {self.pattern!r}: operand {index} is not a torch.Tensor")
         shapes = tuple(tuple(shape) for shape, _ in signature)
         dtypes = {dtype for _, dtype in signature}
         if len(dtypes) > 1:
@@ -152,13 +162,15 @@ class Expression:
 
     def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:
         try:
-            signature = tuple([(t.shape, t.dtype) for t in tensors])
-        except AttributeError:
-            bad = next(i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor))
+            return self._lookup(tuple([(t.shape, t.dtype) for t in tensors]))
+        except (AttributeError, EincError):
+            # Tensor-likes (numpy arrays) get this far; name the culprit's type.
+            bad = next((i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor)), None)
+            if bad is None:
+                raise
             raise EincError(
                 f"pattern {self.pattern!r}: operand {bad} is a {type(tensors[bad]).__name__}, not a torch.Tensor"
             ) from None
-        return self._lookup(signature)
 
     # ------------------------------------------------------------------ calls
 
@@ -377,6 +389,7 @@ def compile(  # noqa: A001 - the name is the API
     >>> f(torch.randn(2, 8, 64), torch.randn(2, 6, 64)).shape
     torch.Size([2, 4, 8, 6])
     """
+    _check_sizes(sizes)  # before the cache: it would take 2.0 for 2 and True for 1
     key_sizes = tuple(sorted(sizes.items()))
     try:
         hash(optimize)

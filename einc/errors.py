@@ -19,11 +19,16 @@ class EincError(ValueError):
     """
 
 
+_ONE_COLUMN = str.maketrans({c: " " for c in "\t\n\r\v\f"})
+
+
 def caret(pattern: str, start: int, end: int | None = None) -> str:
     """The pattern on one line and ``^`` marks under ``pattern[start:end]`` on the next."""
     start = max(0, min(start, len(pattern)))
     width = 1 if end is None else max(1, end - start)
-    return f"    {pattern}\n    {' ' * start}{'^' * width}"
+    # Tabs and newlines would shift the caret off its column: show each as one space.
+    shown = pattern.translate(_ONE_COLUMN)
+    return f"    {shown}\n    {' ' * start}{'^' * width}"
 
 
 def at(pattern: str, start: int, end: int | None, message: str) -> EincError:

@@ -39,6 +39,7 @@ _TERMINAL_WORDS = {
     "RSQB": "']'",
     "OP": "an operation",
     "$END": "the end of the pattern",
+    "<END-OF-FILE>": "the end of the pattern",
 }
 
 
@@ -93,9 +94,7 @@ def _axis_list(tree: Tree) -> list[_Term]:
 def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
     if isinstance(err, UnexpectedCharacters):
         what = f"unexpected character {pattern[err.pos_in_stream]!r}"
-    elif isinstance(err, UnexpectedEOF) or (
-        isinstance(err, UnexpectedToken) and err.token.type == "$END"
-    ):
+    elif isinstance(err, UnexpectedEOF) or err.token.type == "$END":  # type: ignore[attr-defined]
         what = "the pattern ends too early"
     elif isinstance(err, UnexpectedToken):
         what = f"unexpected {str(err.token)!r}"
@@ -104,7 +103,8 @@ def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
     expected = sorted(_TERMINAL_WORDS.get(e, e) for e in getattr(err, "expected", ()) or ())
     if expected:
         what += f" (expected {', '.join(expected)})"
-    pos = err.pos_in_stream if err.pos_in_stream is not None else len(pattern)
+    ended = isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END")
+    pos = len(pattern) if ended or err.pos_in_stream is None else err.pos_in_stream
     return at(pattern, pos, None, what)
 
 

@@ -344,13 +344,23 @@ def _opt_einsum_path(
     equation = ",".join("".join(symbols[a] for a in op) for op in operands)
     equation += "->" + "".join(symbols[a] for a in output)
     shapes = [tuple(sizes[a] for a in op) for op in operands]
-    if isinstance(optimize, (list, tuple)):
-        optimize = [tuple(int(i) for i in step) for step in optimize]
+    if isinstance(optimize, str) and 0 in sizes.values():
+        # Every path costs nothing when an axis is empty, and some strategies ("dp")
+        # find no path at all then.
+        optimize = "greedy"
     try:
+        if isinstance(optimize, (list, tuple)):
+            optimize = [tuple(_index(i) for i in step) for step in optimize]
         path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=optimize)
-    except (KeyError, TypeError, ValueError, IndexError) as err:
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
         raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
     return [tuple(step) for step in path], info
+
+
+def _index(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"path entries must be ints, not {value!r}")
+    return value
 
 
 def _pairwise(a: tuple[str, ...], b: tuple[str, ...], keep: set[str]) -> dict[str, tuple[str, ...]]:

@@ -25,8 +25,12 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
-settings.register_profile("einc-long", parent=settings.get_profile("einc"), max_examples=2000)
-settings.load_profile(os.environ.get("EINC_HYPOTHESIS_PROFILE", "einc"))
+settings.load_profile("einc")
+
+
+def examples(n: int) -> int:
+    """``n`` hypothesis examples, times ``$EINC_EXAMPLES_SCALE`` (default 1) for long hunts."""
+    return n * max(1, int(os.environ.get("EINC_EXAMPLES_SCALE", "1")))
 
 
 @pytest.fixture(autouse=True)

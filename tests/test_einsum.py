@@ -56,6 +56,9 @@ CASES = [
     ("ij,jk", [(3, 4), (4, 5)]),  # implicit output: matmul
     ("ba", [(3, 4)]),  # implicit output: alphabetical, so a transpose
     ("ij,jk,kl", [(2, 3), (3, 4), (4, 5)]),  # implicit output, chain
+    ("a,B", [(2,), (3,)]),  # implicit output: upper case sorts first
+    ("zA", [(2, 3)]),  # implicit output, mixed case transpose
+    ("...a,B...", [(2, 3), (4, 2)]),  # implicit output with ellipsis first
     ("...ij,...jk->...ik", [(2, 1, 3, 4), (5, 4, 6)]),  # broadcast size-1 batch dim, ranks 2 vs 1
     ("...ij,...jk->...ik", [(3, 4), (2, 4, 6)]),  # ellipsis rank 0 vs 1
     ("...ij,...jk->...ik", [(2, 3, 3, 4), (2, 3, 4, 6)]),  # same ellipsis rank 2
@@ -149,6 +152,22 @@ def test_optimize_strategy_names(strategy, equation, shapes):
     assert plan.naive_flops == int(info.naive_cost)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "greedy", "optimal", "dp", "branch-2"])
+@pytest.mark.parametrize(
+    "equation, shapes",
+    [
+        (",a,af->", [(), (2,), (2, 0)]),  # every contraction costs 0 flops
+        ("ab,bc,cd->ad", [(2, 0), (0, 3), (3, 4)]),  # empty contracted axis in a chain
+        ("a,ab,bc->c", [(0,), (0, 3), (3, 2)]),  # empty axis summed away
+    ],
+    ids=["scalar-vector-empty", "chain-empty", "summed-empty"],
+)
+def test_optimize_strategies_with_zero_size_dims(strategy, equation, shapes):
+    xs = operands(shapes)
+    out = einc.compile(equation, optimize=strategy)(*xs)
+    assert_close(out, reference_einsum(equation, *xs))
+
+
 def test_optimize_path_optimizer_instance():
     xs = operands(NETWORK_SHAPES)
     expr = einc.compile(NETWORK, optimize=oe.paths.DynamicProgramming())
@@ -228,7 +247,7 @@ def test_explain_matches_opt_einsum(equation, shapes):
     for step, operand_positions, contraction in zip(plan.steps, path, info.contraction_list):
         assert isinstance(step, einc.PlanStep)
         assert step.operands == tuple(operand_positions)
-        assert step.kernel in {"mm", "bmm", "mul", "sum", "none"}
+        assert step.kernel in {"mm", "bmm", "matmul", "mul", "sum", "none"}
         ins, out = step.equation.split("->")
         assert len(ins.split(",")) == len(step.shapes) == len(operand_positions)
         assert len(out) == len(step.output_shape)
@@ -254,7 +273,7 @@ def test_explain_step_equations_and_kernels():
     assert [s.shapes for s in plan.steps] == [((8, 64), (64, 8)), ((8, 64), (8, 8))]
     assert [s.output_shape for s in plan.steps] == [(8, 8), (64, 8)]
     assert [s.kernel for s in plan.steps] == ["mm", "mm"]
-    assert einc.compile("bij,bjk->bik").explain((2, 3, 4), (2, 4, 5)).steps[0].kernel == "bmm"
+    assert einc.compile("bij,bjk->bik").explain((2, 3, 4), (2, 4, 5)).steps[0].kernel in ("bmm", "matmul")
     assert einc.compile("i,j->ij").explain((3,), (4,)).steps[0].kernel == "mul"
 
 
@@ -395,3 +414,19 @@ def test_compile_returns_the_cached_expression():
     assert einc.compile("ij,jk->ik", backend="eager") is not einc.compile("ij,jk->ik")
     assert einc.compile("b (h d) -> b h d", h=2) is not einc.compile("b (h d) -> b h d", h=4)
     assert isinstance(einc.compile("ij,jk->ik"), einc.Expression)
+
+
+def test_compile_cache_keeps_size_types():
+    # 2.0 == 2 and True == 1 as cache keys, but they are different keyword sizes: an
+    # invalid size must not reuse (nor poison) the expression of a valid one.
+    x = operands([(2, 3)])[0]
+    assert einc.compile("h w -> h w cache_c", cache_c=2)(x).shape == (2, 3, 2)
+    with pytest.raises(einc.EincError, match="non-negative int"):
+        einc.compile("h w -> h w cache_c", cache_c=2.0)
+    with pytest.raises(einc.EincError, match="non-negative int"):
+        einc.compile("h w -> h w cache_c", cache_c=True)
+    # The other order: an invalid size first, then the valid one.
+    with pytest.raises(einc.EincError, match="non-negative int"):
+        einc.compile("h w -> h w cache_d", cache_d=1.0)
+    out = einc.compile("h w -> h w cache_d", cache_d=1)(x)
+    assert torch.equal(out, x[..., None])
