@@ -178,9 +178,11 @@ class _Emitter:
             a = self.permute(a, a_axes, batch + left + con)
             b = self.permute(b, b_axes, batch + con + right)
             return self.assign(f"torch.matmul({a}, {b})"), "matmul"
-        a = self.matrices(a, a_axes, batch, left, con)
-        b = self.matrices(b, b_axes, batch, con, right)
-        flat = (_prod(self.shape(batch)),) * bool(batch) + (_prod(self.shape(left)), _prod(self.shape(right)))
+        # The semiring helpers always take stacks; mm/bmm by whether there is a batch.
+        stack = bool(batch) or self.semiring != "sum"
+        a = self.matrices(a, a_axes, batch, left, con, stack)
+        b = self.matrices(b, b_axes, batch, con, right, stack)
+        flat = (_prod(self.shape(batch)),) * stack + (_prod(self.shape(left)), _prod(self.shape(right)))
         if self.semiring == "log":
             call = f"{self.helper('einc_logmm')}({a}, {b}, {self.floor!r}, {self.tiny!r})"
             kernel = "logmm"
@@ -203,14 +205,14 @@ class _Emitter:
         return True
 
     def matrices(self, value: str, axes: Sequence[str], batch: tuple[str, ...],
-                 rows: tuple[str, ...], cols: tuple[str, ...]) -> str:
-        """``value`` as a (Z, R, C) stack of matrices ((R, C) without batch axes).
+                 rows: tuple[str, ...], cols: tuple[str, ...], stack: bool) -> str:
+        """``value`` as a (Z, R, C) stack of matrices, or one (R, C) matrix if not ``stack``.
 
         Where the merge cannot be a view, the copy keeps the innermost axis innermost
         and the kernel gets a transposed view: BLAS takes those for free, while a
         transposing copy is several times slower than a straight one.
         """
-        lead = (_prod(self.shape(batch)),) * bool(batch) + (_prod(self.shape(rows)),)
+        lead = (_prod(self.shape(batch)),) * stack + (_prod(self.shape(rows)),)
         shape = lead + (_prod(self.shape(cols)),)
         direct = self.folds(axes, [batch, rows, cols])
         if not direct and (self.folds(axes, [batch, cols, rows]) or (axes and axes[-1] in rows)):
