@@ -23,9 +23,7 @@ TINY = {"float32": 1e-19, "float64": 1e-154}
 may have lost its dominant terms to underflow, and is recomputed exactly."""
 
 LSE = '''
-def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
-    if x.numel() == 0:
-        return torch.logsumexp(x, dims)
+def einc_lse_block(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
     raw = torch.amax(x.detach(), dims, True)
     shift = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
     t = x - shift
@@ -35,6 +33,24 @@ def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
     out = out + shift.reshape(out.shape)
     empty = (raw == float("-inf")).reshape(out.shape)
     return torch.where(empty, torch.full_like(out, float("-inf")), out)
+
+
+def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.logsumexp(x, dims)
+    width = 1
+    for d in dims:
+        width *= x.shape[d]
+    trailing = sorted(dims) == list(range(x.dim() - len(dims), x.dim()))
+    if not trailing or x.numel() <= 262144 or width > 65536 or not x.is_contiguous():
+        return einc_lse_block(x, dims, floor)
+    # Row blocks of about 1 MiB keep the five passes in cache.
+    rows = x.reshape(-1, width)
+    step = max(1, 262144 // width)
+    parts: List[torch.Tensor] = []
+    for start in range(0, rows.shape[0], step):
+        parts.append(einc_lse_block(rows[start:start + step], [1], floor))
+    return torch.cat(parts).reshape(x.shape[:x.dim() - len(dims)])
 '''
 
 LOGMM = '''
@@ -86,7 +102,7 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
     if k == 0:
         fill = float("-inf") if use_max else float("inf")
         return torch.full([z, m, n], fill, dtype=a.dtype, device=a.device)
-    chunk = max(1, 16777216 // max(1, z * m * n))
+    chunk = max(1, 262144 // max(1, z * m * n))
     out = torch.empty(0)
     for start in range(0, k, chunk):
         s = a[:, :, start:start + chunk].unsqueeze(3) + b[:, start:start + chunk, :].unsqueeze(1)
