@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import os
 import platform
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -203,9 +204,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict[str, str]:
-    import os
+def _einc_revision() -> str:
+    """The git commit of the einc checkout, flagged when einc/ has uncommitted changes."""
+    import subprocess
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "einc"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown revision"
+    return f"commit {commit}" + (" + uncommitted changes in einc/" if dirty else "")
+
+
+def machine_info() -> dict[str, str]:
     info = {
         "CPU": f"{_cpu_model()} ({os.cpu_count()} logical cores, shared)",
         "Python": platform.python_version(),
@@ -215,6 +229,7 @@ def machine_info() -> dict[str, str]:
             f"enabled={torch.backends.opt_einsum.enabled}, strategy={torch.backends.opt_einsum.strategy!r}"
         ),
     }
+    info["einc"] = _einc_revision()
     for module in ("opt_einsum", "einops", "einx", "numpy"):
         try:
             info[module] = __import__(module).__version__
