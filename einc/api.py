@@ -9,14 +9,15 @@ pattern and the shapes, ``from None``, so users see one clear :class:`EincError`
 from __future__ import annotations
 
 import functools
+import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 
 from . import ir
-from .codegen import FUNCTION_NAME, Generated, generate
+from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, Generated, generate
 from .errors import EincError
 from .parser import Notation, parse
 from .planner import Optimize, Plan, PlanStep, Program, plan
@@ -32,7 +33,11 @@ EXPRESSION_CACHE_SIZE = 512
 """Distinct ``(pattern, options)`` that :func:`compile` and :func:`einsum` keep (LRU)."""
 
 
-def _compile_torchscript(code: Generated) -> Callable[..., torch.Tensor]:
+_Functions = tuple[Callable[..., torch.Tensor], Callable[..., list[torch.Tensor]] | None]
+"""The compiled ``einc_fn`` and, for constant operands, ``einc_constants``."""
+
+
+def _compile_torchscript(code: Generated) -> _Functions:
     # TorchScript cannot script exec-made functions (no source file); a
     # CompilationUnit compiles the source text itself.  Its deprecation notice is
     # about TorchScript in general and would repeat on every compile.
@@ -40,31 +45,75 @@ def _compile_torchscript(code: Generated) -> Callable[..., torch.Tensor]:
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
         unit = torch.jit.CompilationUnit(code.source)
-    return getattr(unit, FUNCTION_NAME)
+    folding = getattr(unit, CONSTANT_FUNCTION_NAME) if code.folds_constants else None
+    return getattr(unit, FUNCTION_NAME), folding
 
 
-def _compile_torch_compile(code: Generated) -> Callable[..., torch.Tensor]:
+def _compile_eager(code: Generated) -> _Functions:
+    namespace = code.namespace()
+    return namespace[FUNCTION_NAME], namespace.get(CONSTANT_FUNCTION_NAME)
+
+
+def _compile_torch_compile(code: Generated) -> _Functions:
     # Shapes are baked into the source, so a dynamic-shape graph would buy nothing.
     # Not fullgraph: the log-semiring guard branches on data (underflow recovery).
-    return torch.compile(code.eager(), dynamic=False)
+    # Constants are folded once, so their function stays plain Python.
+    fn, folding = _compile_eager(code)
+    return torch.compile(fn, dynamic=False), folding
 
 
-_COMPILERS: dict[str, Callable[[Generated], Callable[..., torch.Tensor]]] = {
+_COMPILERS: dict[str, Callable[[Generated], _Functions]] = {
     "torchscript": _compile_torchscript,
-    "eager": Generated.eager,
+    "eager": _compile_eager,
     "compile": _compile_torch_compile,
 }
 
 
 class _Compiled:
-    """One input signature's program, generated code and compiled function."""
+    """One input signature's program, generated code, compiled function and folded constants."""
 
-    __slots__ = ("program", "code", "fn")
+    __slots__ = ("program", "code", "fn", "folded")
 
-    def __init__(self, program: Program, code: Generated, fn: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, program: Program, code: Generated, fn: Callable[..., torch.Tensor],
+                 folded: tuple[torch.Tensor, ...]) -> None:
         self.program = program
         self.code = code
         self.fn = fn
+        self.folded = folded
+
+
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTES = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]+)\s*\Z")
+
+
+def _memory_limit(value: int | str | None) -> tuple[int | None, bool]:
+    """``(limit, in_bytes)``: an int counts elements, a string such as ``"64MiB"`` bytes."""
+    if value is None:
+        return None, False
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, False
+    if isinstance(value, str):
+        match = _BYTES.match(value.lower())
+        if match and match.group(2) in _BYTE_UNITS:
+            return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)]), True
+    raise EincError(
+        f"memory_limit must be a positive int (elements) or a size in bytes such as '64MiB' "
+        f"(units {', '.join(_BYTE_UNITS)}), not {value!r}"
+    )
+
+
+def _constants(value: Mapping[int, torch.Tensor] | None, operands: int) -> tuple[tuple[int, torch.Tensor], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise EincError(f"constants must map operand positions to tensors, e.g. {{1: weight}}, not {value!r}")
+    for position, tensor in value.items():
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < operands:
+            raise EincError(f"constants: {position!r} is not an operand position (0..{operands - 1})")
+        if not isinstance(tensor, torch.Tensor):
+            raise EincError(f"constants: operand {position} is a {type(tensor).__name__}, not a torch.Tensor")
+    return tuple(sorted(value.items()))
 
 
 def _shape_of(value: Any, index: int) -> tuple[int, ...]:
@@ -110,6 +159,8 @@ class Expression:
         backend: Backend = "torchscript",
         optimize: Optimize = "auto",
         notation: Notation = "auto",
+        memory_limit: int | str | None = None,
+        constants: Mapping[int, torch.Tensor] | None = None,
         cache_size: int = PLAN_CACHE_SIZE,
         **sizes: int,
     ) -> None:
@@ -119,6 +170,10 @@ class Expression:
         self.ir: ir.Pattern = parse(pattern, notation)
         self.backend = backend
         self.optimize = optimize
+        self.memory_limit = memory_limit
+        self._limit, self._limit_in_bytes = _memory_limit(memory_limit)
+        self._constants = _constants(constants, len(self.ir.inputs))
+        self._constant_positions = frozenset(position for position, _ in self._constants)
         self.sizes = dict(sizes)
         self._compile_fn = _COMPILERS[backend]
         self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
@@ -131,16 +186,40 @@ class Expression:
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.sizes.items())
+        if self.memory_limit is not None:
+            extra += f", memory_limit={self.memory_limit!r}"
+        if self._constants:
+            extra += f", constants={sorted(self._constant_positions)}"
         return f"einc.Expression({self.pattern!r}, backend={self.backend!r}{extra})"
+
+    def _all_shapes(self, shapes: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
+        """The variable operands' shapes with the constants' put in their places."""
+        if not self._constants:
+            return tuple(shapes)
+        expected = len(self.ir.inputs) - len(self._constants)
+        if len(shapes) != expected:
+            raise EincError(
+                f"pattern {self.pattern!r} takes {expected} tensors ({len(self._constants)} of its "
+                f"{len(self.ir.inputs)} operands are constants), got {len(shapes)}"
+            )
+        given = iter(shapes)
+        fixed = dict(self._constants)
+        return tuple(tuple(fixed[i].shape) if i in fixed else next(given) for i in range(len(self.ir.inputs)))
 
     # --------------------------------------------------------------- building
 
     def _context(self, shapes: Sequence[Sequence[int]], err: EincError) -> EincError:
         return EincError(f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}: {err}")
 
-    def _plan(self, shapes: tuple[tuple[int, ...], ...]) -> Program:
+    def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> Program:
+        # The dtype matters to the plan only through a memory limit given in bytes.
+        return self._plan_lookup(shapes, dtype.itemsize if self._limit_in_bytes else 1)
+
+    def _plan(self, shapes: tuple[tuple[int, ...], ...], itemsize: int) -> Program:
+        limit = self._limit // itemsize if self._limit and self._limit_in_bytes else self._limit
         try:
-            return plan(self.ir, shapes, self.sizes, self.optimize)
+            return plan(self.ir, self._all_shapes(shapes), self.sizes, self.optimize, limit,
+                        self._constant_positions)
         except EincError as err:
             raise self._context(shapes, err) from None
 
@@ -149,16 +228,23 @@ class Expression:
             if not isinstance(dtype, torch.dtype):
                 raise EincError(f"pattern {self.pattern!r}: operand {index} is not a torch.Tensor")
         shapes = tuple(tuple(shape) for shape, _ in signature)
-        dtypes = {dtype for _, dtype in signature}
+        dtypes = {dtype for _, dtype in signature} | {t.dtype for _, t in self._constants}
         if len(dtypes) > 1:
             listed = ", ".join(f"operand {i}: {dtype}" for i, (_, dtype) in enumerate(signature))
+            listed += "".join(f", constant {i}: {t.dtype}" for i, t in self._constants)
             raise self._context(shapes, EincError(f"operands must share one dtype ({listed})"))
         (dtype,) = dtypes or {torch.float32}
         if dtype.is_complex and self.ir.op not in (None, "sum", "mean", "prod"):
             raise self._context(shapes, EincError(f"{self.ir.op}(...) needs real tensors, got {dtype}"))
-        program = self._plan_lookup(shapes)
+        program = self._plan_for(shapes, dtype)
         code = generate(program, dtype)
-        return _Compiled(program, code, self._compile_fn(code))
+        fn, folding = self._compile_fn(code)
+        folded: tuple[torch.Tensor, ...] = ()
+        if folding is not None:
+            # Folded once: constants are data, not parameters (no autograd through them).
+            with torch.no_grad():
+                folded = tuple(folding(*(t for _, t in self._constants)))
+        return _Compiled(program, code, fn, folded)
 
     def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:
         try:
@@ -175,10 +261,14 @@ class Expression:
     # ------------------------------------------------------------------ calls
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self._entry(tensors).fn(*tensors)
+        entry = self._entry(tensors)
+        return entry.fn(*tensors, *entry.folded)
 
-    def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int]) -> Plan:
+    def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | None = None) -> Plan:
         """The contraction plan for these tensors (or shapes): path, steps, FLOPs, source.
+
+        ``dtype`` (default: the tensors', else float32) sizes ``largest_intermediate_bytes``
+        and picks the code for half floats.
 
         >>> import einc
         >>> plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
@@ -186,10 +276,14 @@ class Expression:
         [(0, 1), (0, 1)]
         >>> [step.kernel for step in plan.steps]
         ['mm', 'mm']
+        >>> plan.largest_intermediate, plan.largest_intermediate_bytes  # the 8x64 output
+        (512, 2048)
         """
         shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
-        program = self._plan_lookup(shapes)
-        code = generate(program)
+        if dtype is None:
+            dtype = next((x.dtype for x in tensors_or_shapes if isinstance(x, torch.Tensor)), torch.float32)
+        program = self._plan_for(shapes, dtype)
+        code = generate(program, dtype)
         steps = tuple(
             PlanStep(
                 operands=step.operands,
@@ -203,7 +297,7 @@ class Expression:
         )
         return Plan(
             pattern=self.pattern,
-            shapes=shapes,
+            shapes=program.shapes,
             path=[tuple(p) for p in program.path],
             steps=steps,
             flops=program.flops,
@@ -211,6 +305,9 @@ class Expression:
             largest_intermediate=program.largest_intermediate,
             source=code.source,
             output_shape=program.output_shape,
+            dtype=str(dtype).removeprefix("torch."),
+            itemsize=dtype.itemsize,
+            constants=tuple(sorted(self._constant_positions)),
         )
 
     def validate(
@@ -230,8 +327,11 @@ class Expression:
         True
         """
         entry = self._entry(tensors)
-        result = entry.fn(*tensors)
-        wide = [_widen(t) for t in tensors]
+        result = entry.fn(*tensors, *entry.folded)
+        given = iter(tensors)
+        fixed = dict(self._constants)
+        everything = [fixed[i] if i in fixed else next(given) for i in range(len(self.ir.inputs))]
+        wide = [_widen(t) for t in everything]
         reference = _reference(entry.program, wide)
         if self.ir.op in (None, "sum", "mean"):
             bound = _reference(entry.program, [t.abs() for t in wide])
@@ -369,8 +469,10 @@ _SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] =
 
 
 @functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)
-def _cached(pattern: str, backend: str, optimize: Any, notation: str, sizes: tuple[tuple[str, int], ...]) -> Expression:
-    return Expression(pattern, backend=backend, optimize=optimize, notation=notation, **dict(sizes))  # type: ignore[arg-type]
+def _cached(pattern: str, backend: str, optimize: Any, notation: str, memory_limit: int | str | None,
+            sizes: tuple[tuple[str, int], ...]) -> Expression:
+    return Expression(pattern, backend=backend, optimize=optimize, notation=notation,  # type: ignore[arg-type]
+                      memory_limit=memory_limit, **dict(sizes))
 
 
 
@@ -380,6 +482,8 @@ def compile(  # noqa: A001 - the name is the API
     backend: Backend = "torchscript",
     optimize: Optimize = "auto",
     notation: Notation = "auto",
+    memory_limit: int | str | None = None,
+    constants: Mapping[int, torch.Tensor] | None = None,
     **sizes: int,
 ) -> Expression:
     """Compile ``pattern`` into a callable :class:`Expression` (cached by pattern and options).
@@ -389,8 +493,13 @@ def compile(  # noqa: A001 - the name is the API
     >>> f(torch.randn(2, 8, 64), torch.randn(2, 6, 64)).shape
     torch.Size([2, 4, 8, 6])
     """
-    _check_sizes(sizes)  # before the cache: it would take 2.0 for 2 and True for 1
-    key_sizes = tuple(sorted(sizes.items()))
+    # Checked before the cache, which would take 2.0 for 2 and True for 1.
+    _check_sizes(sizes)
+    _memory_limit(memory_limit)
+    options: dict[str, Any] = {"backend": backend, "notation": notation, "memory_limit": memory_limit}
+    if constants is not None:
+        # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
+        return Expression(pattern, optimize=optimize, constants=constants, **options, **sizes)
     try:
         hash(optimize)
     except TypeError:
@@ -398,8 +507,8 @@ def compile(  # noqa: A001 - the name is the API
         if isinstance(optimize, list):
             optimize = tuple(tuple(step) for step in optimize)
         else:
-            return Expression(pattern, backend=backend, optimize=optimize, notation=notation, **sizes)
-    return _cached(pattern, backend, optimize, notation, key_sizes)
+            return Expression(pattern, optimize=optimize, **options, **sizes)
+    return _cached(pattern, backend, optimize, notation, memory_limit, tuple(sorted(sizes.items())))
 
 
 def einsum(pattern: str, *tensors: torch.Tensor, **sizes: int) -> torch.Tensor:

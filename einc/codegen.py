@@ -23,32 +23,43 @@ from .errors import EincError
 from .ir import NORMALIZERS
 from .planner import Program, Step
 
-__all__ = ["Generated", "generate", "FUNCTION_NAME"]
+__all__ = ["Generated", "generate", "FUNCTION_NAME", "CONSTANT_FUNCTION_NAME"]
 
 FUNCTION_NAME = "einc_fn"
+CONSTANT_FUNCTION_NAME = "einc_constants"
 
 
 @dataclass(frozen=True)
 class Generated:
-    """Generated source with what it needs to run: a value object, like torch.fx's PythonCode."""
+    """Generated source with what it needs to run: a value object, like torch.fx's PythonCode.
+
+    ``source`` defines :data:`FUNCTION_NAME` and, when the program has constant operands,
+    :data:`CONSTANT_FUNCTION_NAME`: it takes the constants and returns the folded values
+    that ``einc_fn`` takes after the other operands.
+    """
 
     source: str
     globals: dict[str, Any] = field(compare=False)
     kernels: tuple[str, ...]
     """The torch kernel each step of the program was lowered to, in step order."""
     filename: str = ""
+    folds_constants: bool = False
 
-    def eager(self) -> Callable[..., torch.Tensor]:
-        """The function as plain Python, its source registered in ``linecache``."""
+    def namespace(self) -> dict[str, Any]:
+        """The module's functions as plain Python, its source registered in ``linecache``."""
         namespace = dict(self.globals)
         exec(compile(self.source, self.filename, "exec"), namespace)  # noqa: S102 - generated, validated
-        return namespace[FUNCTION_NAME]
+        return namespace
+
+    def eager(self) -> Callable[..., torch.Tensor]:
+        """The main function as plain Python."""
+        return self.namespace()[FUNCTION_NAME]
 
 
 class _Namespace:
     """Fresh identifiers that shadow no keyword, builtin or global of the generated module."""
 
-    _reserved = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"torch", "List", FUNCTION_NAME}
+    _reserved = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"torch", "List", FUNCTION_NAME, CONSTANT_FUNCTION_NAME}
 
     def __init__(self) -> None:
         self._used: set[str] = set()
@@ -273,28 +284,51 @@ def generate(program: Program, dtype: torch.dtype = torch.float32) -> Generated:
     t0 = torch.mm(x0, x1)
     """
     emit = _Emitter(program, dtype)
-    params = [emit.names.create("x") for _ in program.preps]
+    constant = program.constant_values()
+    main: list[str] = []
+    folding: list[str] = []
+    params = [emit.names.create("c" if i in program.constants else "x") for i in range(len(program.preps))]
     values: dict[int, str] = {}
     for index, (param, shape, prep) in enumerate(zip(params, program.shapes, program.preps)):
+        emit.lines = folding if index in constant else main
         values[index] = emit.prep(param, shape, prep.reshape, prep.diagonals)
+    folded: list[tuple[str, str]] = []  # (name in einc_constants, parameter of einc_fn)
+
+    def take(value_id: int) -> str:
+        name = values.pop(value_id)
+        if value_id in constant and emit.lines is main:
+            folded.append((name, emit.names.create("k")))
+            return folded[-1][1]
+        return name
+
     kernels: list[str] = []
-    value, axes = values[0], program.preps[0].axes
+    last, axes = 0, program.preps[0].axes
     for step in program.steps:
-        args = [values.pop(i) for i in step.args]
+        emit.lines = folding if step.value in constant else main
+        args = [take(i) for i in step.args]
         if len(args) == 1:
             value, kernel = emit.unary(step, args[0])
         else:
             value, kernel = emit.binary(step, args[0], args[1])
         kernels.append(kernel)
         values[step.value] = value
-        axes = step.output
-    result = emit.finish(value, axes)
-    signature = ", ".join(f"{p}: torch.Tensor" for p in params)
-    helpers = [HELPERS[name][0].strip() + "\n\n" for name in emit.helpers]
-    source = "".join(helpers) + "\n".join(
-        [f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *emit.lines, f"    return {result}", ""]
-    )
+        last, axes = step.value, step.output
+    emit.lines = main
+    result = emit.finish(take(last), axes)
+
+    variable = [p for i, p in enumerate(params) if i not in program.constants]
+    signature = ", ".join(f"{p}: torch.Tensor" for p in variable + [k for _, k in folded])
+    parts = [HELPERS[name][0].strip() + "\n\n" for name in emit.helpers]
+    if program.constants:
+        constant_params = ", ".join(f"{p}: torch.Tensor" for i, p in enumerate(params) if i in program.constants)
+        returned = ", ".join(name for name, _ in folded)
+        parts.append("\n".join([
+            f"def {CONSTANT_FUNCTION_NAME}({constant_params}) -> List[torch.Tensor]:",
+            *folding, f"    return [{returned}]", "", "",
+        ]))
+    parts.append("\n".join([f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *main, f"    return {result}", ""]))
+    source = "".join(parts)
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     filename = f"<einc-generated-{digest}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    return Generated(source, {"torch": torch, "List": List}, tuple(kernels), filename)
+    return Generated(source, {"torch": torch, "List": List}, tuple(kernels), filename, bool(program.constants))

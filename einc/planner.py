@@ -83,6 +83,16 @@ class Program:
     largest_intermediate: int
     reduced_count: int
     """Number of elements summed into each output element (``mean`` divides by it)."""
+    constants: frozenset[int] = frozenset()
+    """Input positions given as constants: what depends on them alone is folded once."""
+
+    def constant_values(self) -> frozenset[int]:
+        """Value ids (inputs, then one per step) that depend on constants alone."""
+        known = set(self.constants)
+        for step in self.steps:
+            if all(arg in known for arg in step.args):
+                known.add(step.value)
+        return frozenset(known)
 
     def size(self, axis: str) -> int:
         return dict(self.sizes)[axis]
@@ -97,18 +107,36 @@ class PlanStep:
     """One step of a :class:`Plan`, in the user's axis names."""
 
     operands: tuple[int, ...]
+    """Positions in the live operand list (opt_einsum's linear path format)."""
     equation: str
     shapes: tuple[Shape, ...]
     output_shape: Shape
     flops: int
     kernel: str
+    """The torch call the step was lowered to (``mm``, ``bmm``, ``matmul``, ``mul``, ...)."""
+
+    @property
+    def output_size(self) -> int:
+        return math.prod(self.output_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "operands": list(self.operands),
+            "equation": self.equation,
+            "shapes": [list(s) for s in self.shapes],
+            "output_shape": list(self.output_shape),
+            "output_size": self.output_size,
+            "flops": self.flops,
+            "kernel": self.kernel,
+        }
 
 
 @dataclass(frozen=True)
 class Plan:
     """What a compiled expression does for one input signature (``Expression.explain``).
 
-    FLOP counts are opt_einsum's; ``speedup`` is ``naive_flops / flops``.
+    FLOP counts and ``largest_intermediate`` are opt_einsum's; ``speedup`` is
+    ``naive_flops / flops``.  ``shapes`` are all operands' (constants included).
     """
 
     pattern: str
@@ -118,32 +146,72 @@ class Plan:
     flops: int
     naive_flops: int
     largest_intermediate: int
+    """Elements of the largest intermediate tensor."""
     source: str
-    output_shape: Shape = field(default=())
+    output_shape: Shape = ()
+    dtype: str = "float32"
+    itemsize: int = 4
+    constants: tuple[int, ...] = ()
 
     @property
     def speedup(self) -> float:
         return self.naive_flops / max(self.flops, 1)
 
+    @property
+    def largest_intermediate_bytes(self) -> int:
+        return self.largest_intermediate * self.itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data (lists, ints, floats and strings)."""
+        return {
+            "pattern": self.pattern,
+            "shapes": [list(s) for s in self.shapes],
+            "output_shape": list(self.output_shape),
+            "dtype": self.dtype,
+            "constants": list(self.constants),
+            "path": [list(p) for p in self.path],
+            "flops": self.flops,
+            "naive_flops": self.naive_flops,
+            "speedup": self.speedup,
+            "largest_intermediate": self.largest_intermediate,
+            "largest_intermediate_bytes": self.largest_intermediate_bytes,
+            "steps": [step.to_dict() for step in self.steps],
+            "source": self.source,
+        }
+
     def __str__(self) -> str:
-        shapes = ", ".join("x".join(map(str, s)) or "()" for s in self.shapes)
+        shapes = ", ".join(_dims(s) for s in self.shapes)
+        constants = f" (constants: operands {', '.join(map(str, self.constants))})" if self.constants else ""
         lines = [
             f"einc plan for {self.pattern!r}",
-            f"  input shapes:          {shapes}",
-            f"  output shape:          {'x'.join(map(str, self.output_shape)) or '()'}",
+            f"  input shapes:          {shapes}{constants}",
+            f"  output shape:          {_dims(self.output_shape)}",
             f"  path:                  {self.path}",
             f"  flops:                 {self.flops:,} (naive {self.naive_flops:,}, speedup {self.speedup:.3g}x)",
-            f"  largest intermediate:  {self.largest_intermediate:,} elements",
+            f"  largest intermediate:  {self.largest_intermediate:,} elements "
+            f"({_bytes(self.largest_intermediate_bytes)} as {self.dtype})",
             "",
         ]
-        rows = [("step", "operands", "equation", "flops", "kernel")]
+        rows = [("step", "operands", "equation", "output", "flops", "kernel")]
         for i, step in enumerate(self.steps):
-            rows.append((str(i), str(step.operands), step.equation, f"{step.flops:,}", step.kernel))
-        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+            rows.append((str(i), str(step.operands), step.equation, _dims(step.output_shape),
+                         f"{step.flops:,}", step.kernel))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
             lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
         lines += ["", "generated code:", self.source.rstrip()]
         return "\n".join(lines)
+
+
+def _dims(shape: Shape) -> str:
+    return "x".join(map(str, shape)) or "()"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
 
 
 # --------------------------------------------------------------------------- sizes
@@ -334,25 +402,59 @@ def _prep(dims: list[tuple[str, ...]], shape: Shape, dropped: set[int], sizes: M
 # --------------------------------------------------------------------------- path
 
 
+DP_MAX_OPERANDS = 20
+"""einc's ``"auto"``: opt_einsum's ``"dp"`` up to this many operands, ``"greedy"`` beyond.
+
+Measured on chains and random networks of 4-20 operands (benchmarks/RESULTS.md):
+``dp`` found the cheapest path every time in 0.2-25 ms, while opt_einsum's own
+``"auto"`` (greedy beyond 8 operands) chose paths up to 4.9x costlier. Plans are
+cached per signature, so the planning time is paid once.
+"""
+
+
+def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> Optimize:
+    if isinstance(optimize, str) and 0 in sizes.values():
+        # Every path costs nothing when an axis is empty, and some strategies ("dp")
+        # find no path at all then.
+        return "greedy"
+    if optimize == "auto":
+        return "dp" if operands <= DP_MAX_OPERANDS else "greedy"
+    if optimize == "cotengra":
+        try:
+            import cotengra
+        except ImportError:
+            raise EincError("optimize='cotengra' needs cotengra: pip install 'einc[cotengra]'") from None
+        return cotengra.HyperOptimizer(max_repeats=32, progbar=False)
+    if isinstance(optimize, (list, tuple)):
+        return [tuple(_index(i) for i in step) for step in optimize]
+    return optimize
+
+
 def _opt_einsum_path(
     operands: Sequence[tuple[str, ...]],
     output: tuple[str, ...],
     sizes: Mapping[str, int],
     optimize: Optimize,
+    memory_limit: int | None = None,
 ) -> tuple[list[tuple[int, ...]], Any]:
     symbols = {a: oe.get_symbol(i) for i, a in enumerate(dict.fromkeys(a for op in operands for a in op))}
     equation = ",".join("".join(symbols[a] for a in op) for op in operands)
     equation += "->" + "".join(symbols[a] for a in output)
     shapes = [tuple(sizes[a] for a in op) for op in operands]
-    if isinstance(optimize, str) and 0 in sizes.values():
-        # Every path costs nothing when an axis is empty, and some strategies ("dp")
-        # find no path at all then.
-        optimize = "greedy"
     try:
-        if isinstance(optimize, (list, tuple)):
-            optimize = [tuple(_index(i) for i in step) for step in optimize]
-        path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=optimize)
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+        strategy = _strategy(optimize, len(operands), sizes)
+        path, info = oe.contract_path(
+            equation, *shapes, shapes=True, optimize=strategy, memory_limit=memory_limit
+        )
+    except RuntimeError as err:
+        if memory_limit is None:
+            raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
+        raise EincError(
+            f"memory_limit={memory_limit:,} elements is too small: no contraction path keeps every "
+            f"intermediate (the {len(output)}-axis output has {math.prod(sizes[a] for a in output):,} "
+            "elements) under it"
+        ) from None
+    except (KeyError, TypeError, ValueError, IndexError) as err:
         raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
     return [tuple(step) for step in path], info
 
@@ -406,6 +508,12 @@ def _steps(
             steps.append(Step(tuple(contraction), (arg,), value, (only,), result, flops, left=result,
                               a_reduce=tuple(a for a in only if a not in keep)))
         else:
+            if len(picked) == 2 and not live:
+                # The last product: take the operands in the order that lands the
+                # result in output order, sparing a final transposing copy.
+                swapped = _pairwise(picked[1][1], picked[0][1], keep)
+                if swapped["batch"] + swapped["left"] + swapped["right"] == tuple(output):
+                    picked.reverse()
             # A step of more than two operands (explicit paths) folds left to right.
             arg, acc = picked[0]
             for position, (other_arg, other) in enumerate(picked[1:], start=1):
@@ -423,13 +531,96 @@ def _steps(
     return steps
 
 
+def _per_call_flops(steps: Sequence[Step], constants: frozenset[int]) -> int:
+    """FLOPs of the steps that run on every call (not folded from constants)."""
+    known = set(constants)
+    total = 0
+    for step in steps:
+        if all(arg in known for arg in step.args):
+            known.add(step.value)
+        else:
+            total += step.flops
+    return total
+
+
+def _fold_constants_first(
+    operands: list[tuple[str, ...]],
+    output: tuple[str, ...],
+    sizes: Mapping[str, int],
+    optimize: Optimize,
+    memory_limit: int | None,
+    constants: frozenset[int],
+) -> tuple[list[tuple[int, ...]], Any, list[Step]] | None:
+    """A path that contracts the constants among themselves first (opt_einsum's order
+    for that sub-network), then plans the rest; ``None`` where that cannot be planned.
+
+    opt_einsum's constant folding only folds what its cost-optimal path happens to
+    contract first; a separate plan lets work that depends on constants alone be done
+    once, which pays whenever it lowers the per-call cost.
+    """
+    fixed = sorted(constants)
+    others = set(output).union(*(set(operands[i]) for i in range(len(operands)) if i not in constants))
+    inner = [operands[i] for i in fixed]
+    inner_output = tuple(a for a in dict.fromkeys(a for op in inner for a in op) if a in others)
+    try:
+        inner_path, _ = _opt_einsum_path(inner, inner_output, sizes, optimize, memory_limit)
+        # Replay the sub-path on the full operand list, in opt_einsum's linear format.
+        live = list(range(len(operands)))
+        inner_live = list(fixed)
+        axes = dict(enumerate(operands))
+        path: list[tuple[int, ...]] = []
+        for step in inner_path:
+            ids = [inner_live[i] for i in step]
+            for i in sorted(step, reverse=True):
+                inner_live.pop(i)
+            positions = tuple(live.index(v) for v in ids)
+            for i in sorted(positions, reverse=True):
+                live.pop(i)
+            new = max(axes) + 1
+            needed = set(output).union(*(set(axes[v]) for v in live))
+            axes[new] = tuple(dict.fromkeys(a for v in ids for a in axes[v] if a in needed))
+            live.append(new)
+            inner_live.append(new)
+            path.append(positions)
+        rest, _ = _opt_einsum_path([axes[v] for v in live], output, sizes, optimize, memory_limit)
+    except EincError:
+        return None
+    path += rest
+    _, info = _opt_einsum_path(operands, output, sizes, path, memory_limit)
+    return path, info, _steps(operands, path, output, sizes)
+
+
+def _check_memory(steps: Sequence[Step], preps: Sequence[Prep], path: Sequence[tuple[int, ...]],
+                  sizes: Mapping[str, int], limit: int) -> None:
+    # opt_einsum answers "nothing fits" with one naive step over every operand, which
+    # would allocate the whole broadcast product: refuse instead.
+    if len(preps) > 2 and any(len(step) > 2 for step in path):
+        raise EincError(
+            f"memory_limit={limit:,} elements is too small: no pairwise contraction path keeps "
+            "every intermediate under it"
+        )
+    for index, step in enumerate(steps):
+        size = math.prod(sizes[a] for a in step.output)
+        if size > limit:
+            raise EincError(
+                f"memory_limit={limit:,} elements is too small: step {index} "
+                f"({' '.join(step.output) or 'scalar'}) produces {size:,} elements"
+            )
+
+
 def plan(
     pattern: ir.Pattern,
     shapes: Sequence[Shape],
     sizes: Mapping[str, int],
     optimize: Optimize = "auto",
+    memory_limit: int | None = None,
+    constants: frozenset[int] = frozenset(),
 ) -> Program:
-    """Plan ``pattern`` for tensors of ``shapes`` (with keyword ``sizes``)."""
+    """Plan ``pattern`` for tensors of ``shapes`` (with keyword ``sizes``).
+
+    ``memory_limit`` bounds the elements of every intermediate (opt_einsum's meaning);
+    ``constants`` are the input positions whose values are folded once.
+    """
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
     if len(shapes) != len(pattern.inputs):
         raise EincError(f"the pattern has {len(pattern.inputs)} operands but {len(shapes)} tensors were given")
@@ -443,8 +634,14 @@ def plan(
     present = set().union(*(set(p.axes) for p in preps))
     contracted_output = tuple(a for a in output_axes if a in present)
     operand_axes = [p.axes for p in preps]
-    path, info = _opt_einsum_path(operand_axes, contracted_output, size, optimize)
+    path, info = _opt_einsum_path(operand_axes, contracted_output, size, optimize, memory_limit)
     steps = _steps(operand_axes, path, contracted_output, size)
+    if len(constants) > 1 and not isinstance(optimize, (list, tuple)):
+        folded = _fold_constants_first(operand_axes, contracted_output, size, optimize, memory_limit, constants)
+        if folded is not None and _per_call_flops(folded[2], constants) < _per_call_flops(steps, constants):
+            path, info, steps = folded
+    if memory_limit is not None:
+        _check_memory(steps, preps, path, size, memory_limit)
     reduced = present - set(output_axes)
     used = set(output_axes) | present
     return Program(
@@ -460,4 +657,5 @@ def plan(
         naive_flops=int(info.naive_cost),
         largest_intermediate=int(info.largest_intermediate),
         reduced_count=math.prod(size[a] for a in reduced),
+        constants=constants,
     )

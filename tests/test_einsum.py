@@ -232,7 +232,8 @@ EXPLAIN_CASES = [
 def test_explain_matches_opt_einsum(equation, shapes):
     expr = einc.compile(equation)
     plan = expr.explain(*shapes)
-    path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="auto")
+    # einc's default strategy is opt_einsum's "dp" (up to 20 operands; README).
+    path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="dp")
     assert isinstance(plan, einc.Plan)
     assert plan.path == [tuple(p) for p in path]
     assert plan.flops == int(info.opt_cost)
@@ -268,10 +269,11 @@ def test_explain_matches_opt_einsum(equation, shapes):
 def test_explain_step_equations_and_kernels():
     plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
     assert plan.path == [(0, 1), (0, 1)]
-    # After step 0 the live operands are [cd, ac] (opt_einsum appends results).
-    assert [s.equation for s in plan.steps] == ["ab,bc->ac", "cd,ac->da"]
-    assert [s.shapes for s in plan.steps] == [((8, 64), (64, 8)), ((8, 64), (8, 8))]
-    assert [s.output_shape for s in plan.steps] == [(8, 8), (64, 8)]
+    # After step 0 the live operands are [cd, ac] (opt_einsum appends results); the last
+    # product takes them as (ac, cd) so that it lands in the output's order.
+    assert [s.equation for s in plan.steps] == ["ab,bc->ac", "ac,cd->ad"]
+    assert [s.shapes for s in plan.steps] == [((8, 64), (64, 8)), ((8, 8), (8, 64))]
+    assert [s.output_shape for s in plan.steps] == [(8, 8), (8, 64)]
     assert [s.kernel for s in plan.steps] == ["mm", "mm"]
     assert einc.compile("bij,bjk->bik").explain((2, 3, 4), (2, 4, 5)).steps[0].kernel in ("bmm", "matmul")
     assert einc.compile("i,j->ij").explain((3,), (4,)).steps[0].kernel == "mul"
