@@ -6,10 +6,10 @@
 torch.Size([2, 4, 8, 5])
 """
 
-from .api import Expression, compile, einsum
+from .api import Expression, compile, configure, einsum
 from .errors import EincError
 from .planner import Plan, PlanStep
 
-__all__ = ["EincError", "Expression", "Plan", "PlanStep", "compile", "einsum", "__version__"]
+__all__ = ["EincError", "Expression", "Plan", "PlanStep", "compile", "configure", "einsum", "__version__"]
 
 __version__ = "0.1.0"

@@ -22,15 +22,27 @@ from .errors import EincError
 from .parser import Notation, parse
 from .planner import Optimize, Plan, PlanStep, Program, plan
 
-__all__ = ["Backend", "Expression", "compile", "einsum"]
+__all__ = ["Backend", "Expression", "compile", "configure", "einsum"]
 
 Backend = Literal["torchscript", "eager", "compile"]
 _BACKENDS = ("torchscript", "eager", "compile")
 
 PLAN_CACHE_SIZE = 256
-"""Distinct input signatures an :class:`Expression` keeps compiled (LRU)."""
+"""Default number of input signatures an :class:`Expression` keeps compiled (LRU)."""
 EXPRESSION_CACHE_SIZE = 512
-"""Distinct ``(pattern, options)`` that :func:`compile` and :func:`einsum` keep (LRU)."""
+"""Default number of ``(pattern, options)`` that :func:`compile` and :func:`einsum` keep (LRU)."""
+
+
+class _Settings:
+    """Process-wide defaults, changed through :func:`configure`."""
+
+    plan_cache_size: int = PLAN_CACHE_SIZE
+    expression_cache_size: int = EXPRESSION_CACHE_SIZE
+    memory_limit: int | str | None = None
+
+
+_settings = _Settings()
+_UNSET: Any = object()
 
 
 _Functions = tuple[Callable[..., torch.Tensor], Callable[..., list[torch.Tensor]] | None]
@@ -161,7 +173,7 @@ class Expression:
         notation: Notation = "auto",
         memory_limit: int | str | None = None,
         constants: Mapping[int, torch.Tensor] | None = None,
-        cache_size: int = PLAN_CACHE_SIZE,
+        cache_size: int | None = None,
         **sizes: int,
     ) -> None:
         if backend not in _BACKENDS:
@@ -171,11 +183,17 @@ class Expression:
         self.backend = backend
         self.optimize = optimize
         self.memory_limit = memory_limit
-        self._limit, self._limit_in_bytes = _memory_limit(memory_limit)
+        _memory_limit(memory_limit)
         self._constants = _constants(constants, len(self.ir.inputs))
         self._constant_positions = frozenset(position for position, _ in self._constants)
         self.sizes = dict(sizes)
         self._compile_fn = _COMPILERS[backend]
+        if cache_size is None:
+            cache_size = _settings.plan_cache_size
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise EincError(f"cache_size must be a positive int, not {cache_size!r}")
+        # functools.lru_cache: bounded, and safe to call from many threads at once (two
+        # threads missing on one signature may both build it; one result is kept).
         self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
         self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
         # Validate keyword sizes now, so a typo surfaces at compile time.
@@ -213,10 +231,18 @@ class Expression:
 
     def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> Program:
         # The dtype matters to the plan only through a memory limit given in bytes.
-        return self._plan_lookup(shapes, dtype.itemsize if self._limit_in_bytes else 1)
+        return self._plan_lookup(shapes, self._element_limit(dtype.itemsize))
 
-    def _plan(self, shapes: tuple[tuple[int, ...], ...], itemsize: int) -> Program:
-        limit = self._limit // itemsize if self._limit and self._limit_in_bytes else self._limit
+    def _element_limit(self, itemsize: int) -> int | None:
+        """The tighter of this expression's and the process-wide memory limit, in elements."""
+        limits = []
+        for value in (self.memory_limit, _settings.memory_limit):
+            limit, in_bytes = _memory_limit(value)
+            if limit is not None:
+                limits.append(max(1, limit // itemsize) if in_bytes else limit)
+        return min(limits, default=None)
+
+    def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None) -> Program:
         try:
             return plan(self.ir, self._all_shapes(shapes), self.sizes, self.optimize, limit,
                         self._constant_positions)
@@ -466,6 +492,48 @@ _SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] =
 
 
 # ------------------------------------------------------------ module functions
+
+
+def configure(
+    *,
+    plan_cache_size: int = _UNSET,
+    expression_cache_size: int = _UNSET,
+    memory_limit: int | str | None = _UNSET,
+) -> dict[str, Any]:
+    """Set process-wide defaults; returns the previous values (pass them back to restore).
+
+    - ``plan_cache_size``: input signatures each new :class:`Expression` keeps (LRU).
+    - ``expression_cache_size``: expressions :func:`compile`/:func:`einsum` keep (LRU).
+    - ``memory_limit``: a cap on every intermediate of every plan made from now on, in
+      elements (int) or bytes (``"8GiB"``), on top of each expression's own; ``None``
+      for no cap. A plan over it raises :class:`EincError` before anything is allocated.
+
+    Any call clears the expression cache, so later ``compile`` calls see the new values.
+
+    >>> import einc
+    >>> previous = einc.configure(memory_limit="1GiB")
+    >>> einc.configure(**previous)["memory_limit"]
+    '1GiB'
+    """
+    previous = {
+        "plan_cache_size": _settings.plan_cache_size,
+        "expression_cache_size": _settings.expression_cache_size,
+        "memory_limit": _settings.memory_limit,
+    }
+    for name, value in (("plan_cache_size", plan_cache_size), ("expression_cache_size", expression_cache_size)):
+        if value is not _UNSET and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise EincError(f"{name} must be a positive int, not {value!r}")
+    if memory_limit is not _UNSET:
+        _memory_limit(memory_limit)
+        _settings.memory_limit = memory_limit
+    if plan_cache_size is not _UNSET:
+        _settings.plan_cache_size = plan_cache_size
+    global _cached
+    if expression_cache_size is not _UNSET:
+        _settings.expression_cache_size = expression_cache_size
+        _cached = functools.lru_cache(maxsize=expression_cache_size)(_cached.__wrapped__)
+    _cached.cache_clear()
+    return previous
 
 
 @functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)

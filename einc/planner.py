@@ -640,8 +640,14 @@ def plan(
         folded = _fold_constants_first(operand_axes, contracted_output, size, optimize, memory_limit, constants)
         if folded is not None and _per_call_flops(folded[2], constants) < _per_call_flops(steps, constants):
             path, info, steps = folded
+    output_shape = tuple(math.prod(size[a] for a in dim) for dim in output_dims)
     if memory_limit is not None:
         _check_memory(steps, preps, path, size, memory_limit)
+        if math.prod(output_shape) > memory_limit:
+            raise EincError(
+                f"memory_limit={memory_limit:,} elements is too small: the output "
+                f"({'x'.join(map(str, output_shape))}) has {math.prod(output_shape):,} elements"
+            )
     reduced = present - set(output_axes)
     used = set(output_axes) | present
     return Program(
@@ -651,7 +657,7 @@ def plan(
         preps=preps,
         steps=tuple(steps),
         output_axes=output_axes,
-        output_shape=tuple(math.prod(size[a] for a in dim) for dim in output_dims),
+        output_shape=output_shape,
         path=tuple(path),
         flops=int(info.opt_cost),
         naive_flops=int(info.naive_cost),

@@ -79,7 +79,7 @@ def _operands(case: Case) -> list[torch.Tensor]:
     return [torch.randn(shape, dtype=torch.float64) for shape in case.shapes]
 
 
-@settings(max_examples=examples(150))
+@settings(max_examples=examples(400))  # with the tests below: 500+ random contractions a run
 @given(einsum_cases())
 def test_random_equations_eager(case):
     note(f"{case.equation} {case.shapes}")
