@@ -71,7 +71,25 @@ def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> t
     out = torch.log(torch.clamp(r, min=tiny)) + sa + sb
     lost = r < tiny
     if bool(lost.any()):
-        out = einc_logmm_exact(a, b, out, lost, floor)
+        # Second pass with k-dependent shifts: move B's row maxima into A, so each
+        # entry's dominant term is shifted by at most its row's own maximum.
+        rk = torch.amax(b.detach(), 2, True)
+        sk = torch.where(torch.isfinite(rk), rk, torch.zeros_like(rk))
+        moved = a + sk.transpose(1, 2)
+        rm = torch.amax(moved.detach(), 2, True)
+        sm = torch.where(torch.isfinite(rm), rm, torch.zeros_like(rm))
+        em = moved - sm
+        em.clamp_(min=floor)
+        em.exp_()
+        ek = b - sk
+        ek.clamp_(min=floor)
+        ek.exp_()
+        r2 = torch.bmm(em, ek)
+        rescued = lost & (r2 >= tiny)
+        out = torch.where(rescued, torch.log(torch.clamp(r2, min=tiny)) + sm, out)
+        lost = lost & (r2 < tiny)
+        if bool(lost.any()):
+            out = einc_logmm_exact(a, b, out, lost, floor)
     return out
 '''
 

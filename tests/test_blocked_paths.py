@@ -61,3 +61,19 @@ def test_log_semiring_recovers_every_underflowed_entry():
     got = einc.compile("logsumexp(i k, k j -> i j)")(a, b)
     want = torch.logsumexp(a.double()[:, :, None] + b.double()[None], 1)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-4)
+
+
+def test_log_semiring_exact_recompute_after_both_shifted_passes():
+    # B's row maxima sit in column 0 or everywhere, A's row maxima at k=0: for j >= 1
+    # the dominant term (k=1) is 100 below A's row maximum under either shift, so
+    # neither shifted product resolves it and those entries are recomputed exactly.
+    n = 50
+    a = torch.full((n, 2), -100.0)
+    a[:, 0] = 0.0
+    b = torch.zeros(2, n)
+    b[0, 1:] = -200.0
+    a, b = a + 0.1 * torch.randn(n, 2), b + 0.1 * torch.randn(2, n)
+    for backend in ("eager", "torchscript"):
+        got = einc.compile("logsumexp(i k, k j -> i j)", backend=backend)(a, b)
+        want = torch.logsumexp(a.double()[:, :, None] + b.double()[None], 1)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-4)
