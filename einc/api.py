@@ -210,19 +210,20 @@ class Expression:
             extra += f", constants={sorted(self._constant_positions)}"
         return f"einc.Expression({self.pattern!r}, backend={self.backend!r}{extra})"
 
-    def _all_shapes(self, shapes: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
-        """The variable operands' shapes with the constants' put in their places."""
+    def _with_constants(self, given: Sequence[Any], of_constant: Callable[[torch.Tensor], Any]) -> list[Any]:
+        """``given`` (one item per call operand) with ``of_constant(tensor)`` put in the
+        constants' places: every operand of the pattern, in order."""
         if not self._constants:
-            return tuple(shapes)
+            return list(given)
         expected = len(self.ir.inputs) - len(self._constants)
-        if len(shapes) != expected:
+        if len(given) != expected:
             raise EincError(
                 f"pattern {self.pattern!r} takes {expected} tensors ({len(self._constants)} of its "
-                f"{len(self.ir.inputs)} operands are constants), got {len(shapes)}"
+                f"{len(self.ir.inputs)} operands are constants), got {len(given)}"
             )
-        given = iter(shapes)
+        rest = iter(given)
         fixed = dict(self._constants)
-        return tuple(tuple(fixed[i].shape) if i in fixed else next(given) for i in range(len(self.ir.inputs)))
+        return [of_constant(fixed[i]) if i in fixed else next(rest) for i in range(len(self.ir.inputs))]
 
     # --------------------------------------------------------------- building
 
@@ -244,8 +245,8 @@ class Expression:
 
     def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None) -> Program:
         try:
-            return plan(self.ir, self._all_shapes(shapes), self.sizes, self.optimize, limit,
-                        self._constant_positions)
+            everything = self._with_constants(shapes, lambda t: tuple(t.shape))
+            return plan(self.ir, everything, self.sizes, self.optimize, limit, self._constant_positions)
         except EincError as err:
             raise self._context(shapes, err) from None
 
@@ -354,10 +355,7 @@ class Expression:
         """
         entry = self._entry(tensors)
         result = entry.fn(*tensors, *entry.folded)
-        given = iter(tensors)
-        fixed = dict(self._constants)
-        everything = [fixed[i] if i in fixed else next(given) for i in range(len(self.ir.inputs))]
-        wide = [_widen(t) for t in everything]
+        wide = [_widen(t) for t in self._with_constants(tensors, lambda t: t)]
         reference = _reference(entry.program, wide)
         if self.ir.op in (None, "sum", "mean"):
             bound = _reference(entry.program, [t.abs() for t in wide])
