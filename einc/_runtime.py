@@ -22,14 +22,20 @@ TINY = {"float32": 1e-19, "float64": 1e-154}
 """About sqrt(smallest normal): a log-matmul entry whose shifted sum falls below this
 may have lost its dominant terms to underflow, and is recomputed exactly."""
 
-LSE = '''
-def einc_lse_block(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
+SHIFTED_EXP = '''
+def einc_shifted_exp(x: torch.Tensor, dims: List[int], floor: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     raw = torch.amax(x.detach(), dims, True)
     shift = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
-    t = x - shift
-    t.clamp_(min=floor)
-    t.exp_()
-    out = torch.log(t.sum(dims))
+    e = x - shift
+    e.clamp_(min=floor)
+    e.exp_()
+    return e, shift, raw
+'''
+
+LSE = '''
+def einc_lse_block(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
+    e, shift, raw = einc_shifted_exp(x, dims, floor)
+    out = torch.log(e.sum(dims))
     out = out + shift.reshape(out.shape)
     empty = (raw == float("-inf")).reshape(out.shape)
     return torch.where(empty, torch.full_like(out, float("-inf")), out)
@@ -57,33 +63,16 @@ LOGMM = '''
 def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> torch.Tensor:
     if a.numel() == 0 or b.numel() == 0:
         return torch.logsumexp(a.unsqueeze(3) + b.unsqueeze(1), 2)
-    ra = torch.amax(a.detach(), 2, True)
-    rb = torch.amax(b.detach(), 1, True)
-    sa = torch.where(torch.isfinite(ra), ra, torch.zeros_like(ra))
-    sb = torch.where(torch.isfinite(rb), rb, torch.zeros_like(rb))
-    ea = a - sa
-    ea.clamp_(min=floor)
-    ea.exp_()
-    eb = b - sb
-    eb.clamp_(min=floor)
-    eb.exp_()
+    ea, sa, _ = einc_shifted_exp(a, [2], floor)
+    eb, sb, _ = einc_shifted_exp(b, [1], floor)
     r = torch.bmm(ea, eb)
     out = torch.log(torch.clamp(r, min=tiny)) + sa + sb
     lost = r < tiny
     if bool(lost.any()):
         # Second pass with k-dependent shifts: move B's row maxima into A, so each
         # entry's dominant term is shifted by at most its row's own maximum.
-        rk = torch.amax(b.detach(), 2, True)
-        sk = torch.where(torch.isfinite(rk), rk, torch.zeros_like(rk))
-        moved = a + sk.transpose(1, 2)
-        rm = torch.amax(moved.detach(), 2, True)
-        sm = torch.where(torch.isfinite(rm), rm, torch.zeros_like(rm))
-        em = moved - sm
-        em.clamp_(min=floor)
-        em.exp_()
-        ek = b - sk
-        ek.clamp_(min=floor)
-        ek.exp_()
+        ek, sk, _ = einc_shifted_exp(b, [2], floor)
+        em, sm, _ = einc_shifted_exp(a + sk.transpose(1, 2), [2], floor)
         r2 = torch.bmm(em, ek)
         rescued = lost & (r2 >= tiny)
         out = torch.where(rescued, torch.log(torch.clamp(r2, min=tiny)) + sm, out)
@@ -135,9 +124,10 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
 '''
 
 HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "einc_lse": (LSE, ()),
+    "einc_shifted_exp": (SHIFTED_EXP, ()),
+    "einc_lse": (LSE, ("einc_shifted_exp",)),
     "einc_logmm_exact": (LOGMM_EXACT, ("einc_lse",)),
-    "einc_logmm": (LOGMM, ("einc_logmm_exact",)),
+    "einc_logmm": (LOGMM, ("einc_shifted_exp", "einc_logmm_exact")),
     "einc_tropical": (TROPICAL, ()),
 }
 """name -> (source, helpers it calls)."""

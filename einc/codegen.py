@@ -14,7 +14,7 @@ import keyword
 import linecache
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Tuple
 
 import torch
 
@@ -59,7 +59,11 @@ class Generated:
 class _Namespace:
     """Fresh identifiers that shadow no keyword, builtin or global of the generated module."""
 
-    _reserved = frozenset(keyword.kwlist) | frozenset(dir(builtins)) | {"torch", "List", FUNCTION_NAME, CONSTANT_FUNCTION_NAME}
+    _reserved = (
+        frozenset(keyword.kwlist)
+        | frozenset(dir(builtins))
+        | {"torch", "List", "Tuple", FUNCTION_NAME, CONSTANT_FUNCTION_NAME}
+    )
 
     def __init__(self) -> None:
         self._used: set[str] = set()
@@ -331,4 +335,5 @@ def generate(program: Program, dtype: torch.dtype = torch.float32) -> Generated:
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     filename = f"<einc-generated-{digest}>"
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    return Generated(source, {"torch": torch, "List": List}, tuple(kernels), filename, bool(program.constants))
+    namespace = {"torch": torch, "List": List, "Tuple": Tuple}
+    return Generated(source, namespace, tuple(kernels), filename, bool(program.constants))
