@@ -459,8 +459,8 @@ def _reference(program: Program, tensors: Sequence[torch.Tensor]) -> torch.Tenso
         assert full is not None
         dims = [i for i, a in enumerate(atoms) if a not in present]
         if dims and pattern.op == "prod":
-            for dim in sorted(dims, reverse=True):
-                full = full.prod(dim)
+            for position in sorted(dims, reverse=True):
+                full = full.prod(position)
         elif dims:
             full = _SEMIRING_REDUCE[pattern.op](full, dims)
         kept = [a for a in atoms if a in present]

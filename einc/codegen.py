@@ -12,9 +12,9 @@ import builtins
 import hashlib
 import keyword
 import linecache
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Tuple
+from typing import Any, List, Tuple  # noqa: UP035 - TorchScript source names typing.List/Tuple
 
 import torch
 

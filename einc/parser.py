@@ -9,6 +9,7 @@ converted to :class:`EincError` here, at the parser boundary.
 from __future__ import annotations
 
 import functools
+import keyword
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
@@ -190,7 +191,7 @@ class _Builder:
         return dims, bracketed, located
 
 
-_KEYWORDS = frozenset(__import__("keyword").kwlist)
+_KEYWORDS = frozenset(keyword.kwlist)
 
 
 def _implicit_output(inputs: list[ir.AxisList]) -> ir.AxisList:
@@ -266,7 +267,9 @@ def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
     if normalizer and not bracketed:
         raise build.error(op_term, f"{op} needs the normalized axes in brackets, e.g. '{op}(b [c])'")
     if op == "prod" and len(inputs) > 1:
-        raise build.error(op_term, "prod takes one operand only (products of several operands have no reduction semiring)")
+        raise build.error(
+            op_term, "prod takes one operand only (products of several operands have no reduction semiring)"
+        )
     return ir.Pattern(
         inputs=tuple(inputs),
         output=output,
