@@ -107,7 +107,7 @@ def _memory_limit(value: int | str | None) -> tuple[int | None, bool]:
         return value, False
     if isinstance(value, str):
         match = _BYTES.match(value.lower())
-        if match and match.group(2) in _BYTE_UNITS:
+        if match and match.group(2) in _BYTE_UNITS and float(match.group(1)) > 0:
             return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)]), True
     raise EincError(
         f"memory_limit must be a positive int (elements) or a size in bytes such as '64MiB' "
@@ -240,7 +240,7 @@ class Expression:
         for value in (self.memory_limit, _settings.memory_limit):
             limit, in_bytes = _memory_limit(value)
             if limit is not None:
-                limits.append(max(1, limit // itemsize) if in_bytes else limit)
+                limits.append(limit // itemsize if in_bytes else limit)
         return min(limits, default=None)
 
     def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None) -> Program:
@@ -566,14 +566,16 @@ def compile(  # noqa: A001 - the name is the API
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
         return Expression(pattern, optimize=optimize, constants=constants, **options, **sizes)
+    if isinstance(optimize, (list, tuple)):
+        # Explicit paths are lists: freeze them so the expression cache can key them, but
+        # only exact ints (1.0 == 1 as a key would let a bad path shadow a good one).
+        if not all(isinstance(step, (list, tuple)) and all(type(i) is int for i in step) for step in optimize):
+            return Expression(pattern, optimize=optimize, **options, **sizes)
+        optimize = tuple(tuple(step) for step in optimize)
     try:
         hash(optimize)
     except TypeError:
-        # Explicit paths are lists: freeze them so the expression cache can key them.
-        if isinstance(optimize, list):
-            optimize = tuple(tuple(step) for step in optimize)
-        else:
-            return Expression(pattern, optimize=optimize, **options, **sizes)
+        return Expression(pattern, optimize=optimize, **options, **sizes)
     return _cached(pattern, backend, optimize, notation, memory_limit, tuple(sorted(sizes.items())))
 
 

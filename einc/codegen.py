@@ -319,6 +319,9 @@ def generate(program: Program, dtype: torch.dtype = torch.float32) -> Generated:
         last, axes = step.value, step.output
     emit.lines = main
     result = emit.finish(take(last), axes)
+    if last in constant:
+        # Everything was folded: hand out a copy, never the cached tensor (or a view of it).
+        result = emit.assign(f"{result}.clone()")
 
     variable = [p for i, p in enumerate(params) if i not in program.constants]
     signature = ", ".join(f"{p}: torch.Tensor" for p in variable + [k for _, k in folded])

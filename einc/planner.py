@@ -402,13 +402,19 @@ def _prep(dims: list[tuple[str, ...]], shape: Shape, dropped: set[int], sizes: M
 # --------------------------------------------------------------------------- path
 
 
+OPTIMAL_MAX_OPERANDS = 6
+EXACT_MAX_OPERANDS = 10
 DP_MAX_OPERANDS = 20
-"""einc's ``"auto"``: opt_einsum's ``"dp"`` up to this many operands, ``"greedy"`` beyond.
+"""einc's ``"auto"``: opt_einsum's exhaustive ``"optimal"`` up to
+:data:`OPTIMAL_MAX_OPERANDS` operands, dynamic programming with outer products up to
+:data:`EXACT_MAX_OPERANDS`, without them up to :data:`DP_MAX_OPERANDS`, and
+``"greedy"`` beyond.
 
-Measured on chains and random networks of 4-20 operands (benchmarks/RESULTS.md):
-``dp`` found the cheapest path every time in 0.2-25 ms, while opt_einsum's own
-``"auto"`` (greedy beyond 8 operands) chose paths up to 4.9x costlier. Plans are
-cached per signature, so the planning time is paid once.
+Measured on chains and random networks (benchmarks/RESULTS.md): plain ``"dp"`` matched
+the cheapest path in 0.2-25 ms nearly always, but skips outer products and so missed it
+in rare cases; with them it stays under 25 ms up to 10 operands and grows to seconds at
+16-20. opt_einsum's own ``"auto"`` (greedy beyond 8 operands) chose paths up to 8x
+costlier. Plans are cached per signature, so the planning time is paid once.
 """
 
 
@@ -418,6 +424,10 @@ def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> Op
         # find no path at all then.
         return "greedy"
     if optimize == "auto":
+        if operands <= OPTIMAL_MAX_OPERANDS:
+            return "optimal"
+        if operands <= EXACT_MAX_OPERANDS:
+            return oe.paths.DynamicProgramming(search_outer=True)
         return "dp" if operands <= DP_MAX_OPERANDS else "greedy"
     if optimize == "cotengra":
         try:
@@ -443,9 +453,18 @@ def _opt_einsum_path(
     shapes = [tuple(sizes[a] for a in op) for op in operands]
     try:
         strategy = _strategy(optimize, len(operands), sizes)
-        path, info = oe.contract_path(
-            equation, *shapes, shapes=True, optimize=strategy, memory_limit=memory_limit
-        )
+        try:
+            path, info = oe.contract_path(
+                equation, *shapes, shapes=True, optimize=strategy, memory_limit=memory_limit
+            )
+        except RuntimeError:
+            if optimize != "auto" or memory_limit is None:
+                raise
+            # Dynamic programming finds nothing under some limits that a greedy path
+            # (checked by the caller) fits.
+            path, info = oe.contract_path(
+                equation, *shapes, shapes=True, optimize="greedy", memory_limit=memory_limit
+            )
     except RuntimeError as err:
         if memory_limit is None:
             raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
@@ -591,10 +610,11 @@ def _fold_constants_first(
 
 
 def _check_memory(steps: Sequence[Step], preps: Sequence[Prep], path: Sequence[tuple[int, ...]],
-                  sizes: Mapping[str, int], limit: int) -> None:
+                  sizes: Mapping[str, int], limit: int, explicit: bool) -> None:
     # opt_einsum answers "nothing fits" with one naive step over every operand, which
-    # would allocate the whole broadcast product: refuse instead.
-    if len(preps) > 2 and any(len(step) > 2 for step in path):
+    # would allocate the whole broadcast product: refuse instead.  (A user's explicit
+    # step of several operands runs pairwise; its intermediates are checked below.)
+    if not explicit and len(preps) > 2 and any(len(step) > 2 for step in path):
         raise EincError(
             f"memory_limit={limit:,} elements is too small: no pairwise contraction path keeps "
             "every intermediate under it"
@@ -634,6 +654,8 @@ def plan(
     present = set().union(*(set(p.axes) for p in preps))
     contracted_output = tuple(a for a in output_axes if a in present)
     operand_axes = [p.axes for p in preps]
+    if memory_limit is not None and memory_limit < 1:
+        raise EincError(f"memory_limit={memory_limit} elements is too small: it holds no element")
     path, info = _opt_einsum_path(operand_axes, contracted_output, size, optimize, memory_limit)
     steps = _steps(operand_axes, path, contracted_output, size)
     if len(constants) > 1 and not isinstance(optimize, (list, tuple)):
@@ -642,7 +664,7 @@ def plan(
             path, info, steps = folded
     output_shape = tuple(math.prod(size[a] for a in dim) for dim in output_dims)
     if memory_limit is not None:
-        _check_memory(steps, preps, path, size, memory_limit)
+        _check_memory(steps, preps, path, size, memory_limit, isinstance(optimize, (list, tuple)))
         if math.prod(output_shape) > memory_limit:
             raise EincError(
                 f"memory_limit={memory_limit:,} elements is too small: the output "
@@ -661,7 +683,9 @@ def plan(
         path=tuple(path),
         flops=int(info.opt_cost),
         naive_flops=int(info.naive_cost),
-        largest_intermediate=int(info.largest_intermediate),
+        # opt_einsum's figure, or more where a step of several operands runs pairwise.
+        largest_intermediate=max([int(info.largest_intermediate)] + [math.prod(size[a] for a in step.output)
+                                                                     for step in steps]),
         reduced_count=math.prod(size[a] for a in reduced),
         constants=constants,
     )

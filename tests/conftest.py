@@ -105,3 +105,14 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
         torch.float64: dict(rtol=1e-10, atol=1e-12),
         torch.complex128: dict(rtol=1e-10, atol=1e-12),
     }[dtype]
+
+
+def default_strategy(operands: int):
+    """einc's documented ``optimize="auto"`` (README), in opt_einsum's terms."""
+    import opt_einsum as oe
+
+    if operands <= 6:
+        return "optimal"
+    if operands <= 10:
+        return oe.paths.DynamicProgramming(search_outer=True)
+    return "dp" if operands <= 20 else "greedy"

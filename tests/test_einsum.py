@@ -11,7 +11,7 @@ import torch
 
 import einc
 import einc.api
-from conftest import assert_close, operands, reference_einsum, to_spaced
+from conftest import assert_close, default_strategy, operands, reference_einsum, to_spaced
 
 # (equation, operand shapes): one row per einsum feature.
 CASES = [
@@ -232,8 +232,8 @@ EXPLAIN_CASES = [
 def test_explain_matches_opt_einsum(equation, shapes):
     expr = einc.compile(equation)
     plan = expr.explain(*shapes)
-    # einc's default strategy is opt_einsum's "dp" (up to 20 operands; README).
-    path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="dp")
+    # einc's default strategy, in opt_einsum's terms (README).
+    path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=default_strategy(len(shapes)))
     assert isinstance(plan, einc.Plan)
     assert plan.path == [tuple(p) for p in path]
     assert plan.flops == int(info.opt_cost)

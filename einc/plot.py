@@ -1,0 +1,187 @@
+"""Draw a :class:`~einc.Plan`'s contraction tree to a PNG (``einc explain --plot``).
+
+Needs matplotlib (``pip install 'einc[plot]'``), imported only when a tree is drawn.
+
+The tree is rebuilt from ``plan.path`` (opt_einsum's linear format: each entry pops its
+operands from the live list and appends its result) and ``plan.steps`` (one
+:class:`~einc.PlanStep` per pairwise contraction: an entry of more than two operands is
+folded left to right, its continuation steps have ``operands == ()``).  Operands are the
+leaves, each step an internal node, and the root is the result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .errors import EincError
+from .parser import Notation, parse
+from .planner import Plan, PlanStep
+
+__all__ = ["plot_plan"]
+
+_FONT_SIZE = 9
+_CHAR_WIDTH = 0.0075 * _FONT_SIZE  # inches per monospace character
+_LINE_HEIGHT = 0.0185 * _FONT_SIZE  # inches per text line
+_WRAP = 30  # equations longer than this break before the arrow
+_COLOURS = {"operand": "#dbeafe", "step": "#fef9c3", "result": "#dcfce7"}
+
+
+@dataclass
+class _Node:
+    """One box of the drawing: an operand, a step, or the result."""
+
+    kind: str
+    label: str
+    shape: tuple[int, ...]
+    children: list[_Node] = field(default_factory=list)
+    x: float = 0.0
+    level: int = 0
+
+    def walk(self) -> Iterator[_Node]:
+        """This node and everything below it, children first (left to right)."""
+        for child in self.children:
+            yield from child.walk()
+        yield self
+
+
+def plot_plan(plan: Plan, path: str | os.PathLike[str], *, notation: Notation = "auto") -> None:
+    """Draw ``plan``'s contraction tree and write it to ``path`` as a PNG.
+
+    Leaves are the operands (their axes and shape), each internal node a step (its
+    equation in the pattern's axis names, FLOPs, and the elements of its result), and
+    the root is the result.  ``notation`` spells the operands' axes as the pattern was
+    parsed (``einc explain --notation``).
+
+    >>> import einc, os, tempfile
+    >>> from einc.plot import plot_plan
+    >>> plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
+    >>> target = os.path.join(tempfile.mkdtemp(), "tree.png")
+    >>> plot_plan(plan, target)  # doctest: +SKIP
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise EincError("drawing a plan needs matplotlib: pip install 'einc[plot]'") from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    root = _tree(plan, notation)
+    nodes = list(root.walk())
+    _layout(root)
+    leaves = sum(1 for node in nodes if node.kind == "operand")
+    widest = max(len(line) for node in nodes for line in node.label.splitlines())
+    tallest = max(node.label.count("\n") + 1 for node in nodes)
+    column = max(1.5, widest * _CHAR_WIDTH + 0.45)  # inches between neighbouring leaves
+    row = tallest * _LINE_HEIGHT + 0.55  # inches between levels
+    title = (
+        f"einc plan for {plan.pattern!r}\n"
+        f"{plan.flops:,} FLOPs (naive {plan.naive_flops:,}, speedup {plan.speedup:.3g}x), "
+        f"largest intermediate {plan.largest_intermediate:,} elements"
+    )
+    width = max(leaves * column, len(title.splitlines()[1]) * _CHAR_WIDTH * 1.1 + 0.5, 4.0)
+    height = (root.level + 1) * row + 0.8
+    figure = Figure(figsize=(width, height), dpi=100)
+    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0 - 0.7 / height))
+    axes.set_xlim(-width / column / 2 + (leaves - 1) / 2, width / column / 2 + (leaves - 1) / 2)
+    axes.set_ylim(-0.45, root.level + 0.4)
+    axes.axis("off")
+    figure.suptitle(title, fontsize=_FONT_SIZE + 1, y=1.0 - 0.08 / height, va="top")
+    for node in nodes:
+        for child in node.children:
+            axes.plot([child.x, node.x], [child.level, node.level], color="#64748b", lw=1.2, zorder=1)
+    for node in nodes:
+        axes.text(node.x, node.level, node.label, ha="center", va="center", family="monospace",
+                  fontsize=_FONT_SIZE, zorder=2, linespacing=1.3,
+                  bbox={"boxstyle": "round,pad=0.45", "fc": _COLOURS[node.kind], "ec": "#475569", "lw": 0.8})
+    try:
+        figure.savefig(path, format="png")
+    except OSError as err:
+        raise EincError(f"cannot write the plot to {os.fspath(path)!r}: {err.strerror or err}") from None
+
+
+def _spelling(plan: Plan, notation: Notation) -> tuple[list[str], str]:
+    """Each operand's axes and the output's, as the pattern spells them (blank where it
+    will not parse, e.g. a plan made with another notation)."""
+    try:
+        pattern = parse(plan.pattern, notation)
+    except EincError:
+        pattern = None
+    if pattern is None or len(pattern.inputs) != len(plan.shapes):
+        return [""] * len(plan.shapes), ""
+    spell = lambda axes: axes.render(pattern.compact, frozenset(pattern.normalized)) or "(scalar)"  # noqa: E731
+    return [spell(operand) for operand in pattern.inputs], spell(pattern.output)
+
+
+def _dims(shape: Sequence[int]) -> str:
+    """``2x8x64``; ``()`` for a scalar."""
+    return "x".join(map(str, shape)) or "()"
+
+
+def _box(title: str, axes: str, shape: Sequence[int]) -> str:
+    """An operand's or the result's label: title, axes (when known) and shape."""
+    return f"{title}: {axes}\n{_dims(shape)}" if axes else f"{title}\n{_dims(shape)}"
+
+
+def _step_label(index: int, step: PlanStep, entry: int) -> str:
+    """A step's label: kernel, equation (broken before the arrow when long), FLOPs, size.
+
+    ``entry`` is the first step of the path entry this step belongs to: a continuation
+    step's FLOPs are counted there, as opt_einsum counts them."""
+    equation = step.equation
+    if len(equation) > _WRAP and "->" in equation:
+        inputs, _, output = equation.partition("->")
+        equation = f"{inputs.rstrip()}\n-> {output.strip()}"
+    flops = f"{step.flops:,} FLOPs" if step.operands else f"FLOPs in step {entry}"
+    return (f"step {index}: {step.kernel}\n{equation}\n{flops}\n"
+            f"{step.output_size:,} elements ({_dims(step.output_shape)})")
+
+
+def _tree(plan: Plan, notation: Notation) -> _Node:
+    """Replay ``plan.path`` over ``plan.steps``: the root of the contraction tree."""
+    inputs, output = _spelling(plan, notation)
+    live = [_Node("operand", _box(f"operand {i}", inputs[i], shape), shape) for i, shape in enumerate(plan.shapes)]
+    steps = list(enumerate(plan.steps))
+    for entry in plan.path:
+        # An entry of k operands is k - 1 pairwise steps (one for a single operand);
+        # its continuation steps have no operands of their own.
+        count = max(1, len(entry) - 1)
+        chunk, steps = steps[:count], steps[count:]
+        if (len(chunk) != count or tuple(chunk[0][1].operands) != tuple(entry)
+                or any(step.operands for _, step in chunk[1:])
+                or len(set(entry)) != len(entry) or not all(0 <= i < len(live) for i in entry)):
+            raise EincError(f"the plan's steps do not follow its path {plan.path}")
+        # Popped in descending order, used in ascending order (as the planner does).
+        picked = [live.pop(i) for i in sorted(entry, reverse=True)][::-1]
+        first = chunk[0][0]
+        acc = picked[0]
+        others: list[_Node | None] = [*picked[1:]] or [None]  # one operand: a unary step
+        for (index, step), other in zip(chunk, others):
+            children = [acc] if other is None else _ordered(step, acc, other)
+            acc = _Node("step", _step_label(index, step, first), step.output_shape, children)
+        live.append(acc)
+    if steps:
+        raise EincError(f"the plan has more steps than its path {plan.path} accounts for")
+    return _Node("result", _box("result", output, plan.output_shape), plan.output_shape, live)
+
+
+def _ordered(step: PlanStep, a: _Node, b: _Node) -> list[_Node]:
+    """``[a, b]``, or ``[b, a]`` where the step's equation takes them in that order."""
+    if tuple(step.shapes) == (b.shape, a.shape) != (a.shape, b.shape):
+        return [b, a]
+    return [a, b]
+
+
+def _layout(root: _Node) -> None:
+    """Leaves at level 0, spaced one apart in drawing order; a node centred over its
+    children, one level above the highest; the root one level above everything."""
+    leaves = 0
+    for node in root.walk():
+        if not node.children:
+            node.x, node.level = float(leaves), 0
+            leaves += 1
+        else:
+            node.x = math.fsum(child.x for child in node.children) / len(node.children)
+            node.level = 1 + max(child.level for child in node.children)
