@@ -337,56 +337,73 @@ class Expression:
             constants=tuple(sorted(self._constant_positions)),
         )
 
+    def reference(self, *tensors: torch.Tensor, absolute: bool = False, widen: bool = True) -> torch.Tensor:
+        """The pattern evaluated the plain way, in float64 (complex128) unless ``widen=False``.
+
+        torch.einsum for sums of products, the naive broadcast form with
+        torch.logsumexp/amax/amin for semirings, ``x - logsumexp(x)`` for normalizers.
+        ``absolute=True`` gives the error bound :meth:`validate` scales ``rtol`` by: the
+        contraction of absolute values for sums of products, else the reference's magnitude.
+
+        >>> import torch, einc
+        >>> einc.compile("i,i->").reference(torch.tensor([1., -2.]), torch.tensor([3., 4.]), absolute=True)
+        tensor(11., dtype=torch.float64)
+        """
+        entry = self._entry(tensors)
+        given = [_widen(t) if widen else t for t in self._with_constants(tensors, lambda t: t)]
+        if absolute and self.ir.op in (None, "sum", "mean"):
+            return _reference(entry.program, [t.abs() for t in given])
+        result = _reference(entry.program, given)
+        return result.abs() if absolute else result
+
     def validate(
         self, *tensors: torch.Tensor, rtol: float | None = None, atol: float | None = None
     ) -> float:
-        """Compare with a float64 reference; return the max abs error, raise on mismatch.
+        """Compare with a float64 :meth:`reference`; return the max abs error, raise on mismatch.
 
-        The reference is torch.einsum for sums of products, the naive broadcast form with
-        torch.logsumexp/amax/amin for semirings, and ``x - logsumexp(x)`` for normalizers.
         The tolerance is per element: ``atol + rtol * bound``, where the bound of a sum of
         products is the contraction of absolute values (so cancellation in the reference
         does not cause false alarms) and otherwise the reference's magnitude.  Defaults
-        follow the inputs' dtype.
+        follow the inputs' dtype (:func:`tolerance`).
 
         >>> import torch, einc
         >>> einc.compile("ij,jk->ik").validate(torch.randn(3, 4), torch.randn(4, 5)) < 1e-5
         True
         """
-        entry = self._entry(tensors)
-        result = entry.fn(*tensors, *entry.folded)
-        wide = [_widen(t) for t in self._with_constants(tensors, lambda t: t)]
-        reference = _reference(entry.program, wide)
-        if self.ir.op in (None, "sum", "mean"):
-            bound = _reference(entry.program, [t.abs() for t in wide])
-        else:
-            bound = reference
+        result = self(*tensors)
         dtype = tensors[0].dtype if tensors else torch.float64
-        default_rtol, default_atol = _tolerance(dtype)
-        rtol = default_rtol if rtol is None else rtol
-        atol = default_atol if atol is None else atol
-        if result.shape != reference.shape:
-            raise EincError(
-                f"pattern {self.pattern!r}: result shape {list(result.shape)} differs from the "
-                f"reference's {list(reference.shape)}"
-            )
-        if result.numel() == 0:
-            return 0.0
-        result = result.to(reference.dtype)
-        finite = torch.isfinite(reference)
-        # inf and NaN entries must agree exactly; finite ones within the bound.
-        if not bool((torch.isnan(result) == torch.isnan(reference)).all()) or not bool(
-            (result[torch.isinf(reference)] == reference[torch.isinf(reference)]).all()
-        ):
-            raise EincError(f"pattern {self.pattern!r}: result and reference disagree on inf/NaN entries")
-        error = (result - reference).abs()[finite]
-        worst = float(error.max()) if error.numel() else 0.0
-        if bool((error > atol + rtol * bound.abs()[finite]).any()):
-            raise EincError(
-                f"pattern {self.pattern!r}: result differs from the float64 torch.einsum reference "
-                f"by up to {worst:.3g} (rtol={rtol}, atol={atol})"
-            )
-        return worst
+        try:
+            return compare(result, self.reference(*tensors), self.reference(*tensors, absolute=True),
+                           dtype, rtol=rtol, atol=atol)
+        except EincError as err:
+            raise EincError(f"pattern {self.pattern!r}: result {err}") from None
+
+
+def compare(result: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype, *,
+            rtol: float | None = None, atol: float | None = None) -> float:
+    """Max abs error of ``result`` against ``reference``; :class:`EincError` (saying how
+    the result is off) beyond
+    ``atol + rtol * bound`` per element or where inf/NaN entries differ.  ``rtol``/``atol``
+    default to :func:`tolerance` of ``dtype``."""
+    default_rtol, default_atol = tolerance(dtype)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    if result.shape != reference.shape:
+        raise EincError(f"has shape {list(result.shape)} but the reference has {list(reference.shape)}")
+    if result.numel() == 0:
+        return 0.0
+    result = result.to(reference.dtype)
+    finite = torch.isfinite(reference)
+    # inf and NaN entries must agree exactly; finite ones within the bound.
+    if not bool((torch.isnan(result) == torch.isnan(reference)).all()) or not bool(
+        (result[torch.isinf(reference)] == reference[torch.isinf(reference)]).all()
+    ):
+        raise EincError("disagrees with the reference on inf/NaN entries")
+    error = (result - reference).abs()[finite]
+    worst = float(error.max()) if error.numel() else 0.0
+    if bool((error > atol + rtol * bound.abs()[finite]).any()):
+        raise EincError(f"differs from the float64 reference by up to {worst:.3g} (rtol={rtol}, atol={atol})")
+    return worst
 
 
 def _step_equation(pattern: ir.Pattern, inputs: Sequence[tuple[str, ...]], output: tuple[str, ...]) -> str:
@@ -400,7 +417,8 @@ def _widen(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.complex128 if t.is_complex() else torch.float64)
 
 
-def _tolerance(dtype: torch.dtype) -> tuple[float, float]:
+def tolerance(dtype: torch.dtype) -> tuple[float, float]:
+    """Default ``(rtol, atol)`` of :meth:`Expression.validate` for inputs of ``dtype``."""
     if dtype in (torch.float16,):
         return 1e-2, 1e-3
     if dtype in (torch.bfloat16,):

@@ -19,9 +19,8 @@ from typing import Any, NoReturn
 import torch
 
 from . import __version__, ir
-from .api import Expression, _reference, _tolerance
+from .api import Expression, compare
 from .errors import EincError
-from .planner import plan as _plan
 
 __all__ = ["main"]
 
@@ -129,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     common = _Parser(add_help=False)
-    common.add_argument("pattern", metavar="PATTERN", help='an einc pattern, e.g. "bhqd,bhkd->bhqk" or "b h q d, b h k d -> b h q k"')
+    common.add_argument("pattern", metavar="PATTERN",
+                        help='an einc pattern, e.g. "bhqd,bhkd->bhqk" or "b h q d, b h k d -> b h q k"')
     common.add_argument("--shapes", nargs="+", type=_shape, required=True, metavar="SHAPE",
                         help="one shape per operand, sizes joined by 'x' (2x4x8x16; 'scalar' for ())")
     common.add_argument("--size", action="append", type=_size, default=[], metavar="AXIS=N",
@@ -279,15 +279,10 @@ def _check(fn: Callable[[], torch.Tensor], reference: torch.Tensor, bound: torch
         return math.nan, " ".join([f"failed: {type(err).__name__}", *str(err).strip().splitlines()[:1]])
     if not isinstance(result, torch.Tensor) or result.shape != reference.shape:
         return math.nan, f"returned shape {list(getattr(result, 'shape', []))}, expected {list(reference.shape)}"
-    rtol, atol = _tolerance(dtype)
-    result = result.to(reference.dtype)
-    error = (result - reference).abs()
-    finite = error[error.isfinite()]
-    worst = float(finite.max()) if finite.numel() else 0.0
-    agree = (error <= atol + rtol * bound.abs()) | (result == reference) | (result.isnan() & reference.isnan())
-    if bool(agree.all()):
-        return worst, ""
-    return math.nan, f"differs from the float64 reference by up to {worst:.3g}"
+    try:
+        return compare(result, reference, bound, dtype), ""
+    except EincError as err:
+        return math.nan, str(err)
 
 
 def _seconds(value: float) -> str:
@@ -313,17 +308,15 @@ def _bench(args: argparse.Namespace) -> int:
     expressions = {f"einc ({backend})": _expression(args, backend) for backend in _EINC_BACKENDS}
     first = next(iter(expressions.values()))
     first.explain(*shapes, dtype=dtype)  # input errors surface before any tensor is made
-    program = _plan(first.ir, shapes, first.sizes)
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
-    wide = [t.double() for t in tensors]
-    reference = _reference(program, wide)
-    bound = _reference(program, [t.abs() for t in wide]) if first.ir.op in (None, "sum", "mean") else reference
+    reference = first.reference(*tensors)
+    bound = first.reference(*tensors, absolute=True)
 
     contenders: dict[str, Callable[[], torch.Tensor]] = {
         name: functools.partial(expression, *tensors) for name, expression in expressions.items()
     }
-    peers, notes = _peers(first.ir, lambda: _reference(program, tensors), tensors, shapes)
+    peers, notes = _peers(first.ir, lambda: first.reference(*tensors, widen=False), tensors, shapes)
     contenders.update(peers)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     timed: dict[str, tuple[float, float]] = {}  # name -> (median seconds, max abs error)

@@ -10,6 +10,7 @@ step with its axis bookkeeping.  Codegen turns a :class:`Program` into torch cal
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -430,11 +431,14 @@ def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> Op
             return oe.paths.DynamicProgramming(search_outer=True)
         return "dp" if operands <= DP_MAX_OPERANDS else "greedy"
     if optimize == "cotengra":
-        try:
-            import cotengra
-        except ImportError:
-            raise EincError("optimize='cotengra' needs cotengra: pip install 'einc[cotengra]'") from None
-        return cotengra.HyperOptimizer(max_repeats=32, progbar=False)
+        with warnings.catch_warnings():
+            # cotengra warns when its optional kahypar is missing, on every optimizer.
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                import cotengra
+            except ImportError:
+                raise EincError("optimize='cotengra' needs cotengra: pip install 'einc[cotengra]'") from None
+            return cotengra.HyperOptimizer(max_repeats=32, progbar=False)
     if isinstance(optimize, (list, tuple)):
         return [tuple(_index(i) for i in step) for step in optimize]
     return optimize
