@@ -144,12 +144,15 @@ def _shape_of(value: Any, index: int) -> tuple[int, ...]:
 
 def _check_sizes(sizes: dict[str, Any]) -> None:
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise EincError(f"size of axis {name!r} must be a non-negative int, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
 
 
 def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join("x".join(map(str, s)) if s else "()" for s in shapes)
+
+
+_NEEDS_FLOAT = ("logsumexp", "softmax", "log_softmax")
 
 
 class Expression:
@@ -167,6 +170,7 @@ class Expression:
     def __init__(
         self,
         pattern: str,
+        /,
         *,
         backend: Backend = "torchscript",
         optimize: Optimize = "auto",
@@ -176,18 +180,25 @@ class Expression:
         cache_size: int | None = None,
         **sizes: int,
     ) -> None:
+        options = {"backend": backend, "optimize": optimize, "notation": notation,
+                   "memory_limit": memory_limit, "constants": constants, "cache_size": cache_size}
+        self._setup(pattern, options, sizes)
+
+    def _setup(self, pattern: str, options: dict[str, Any], sizes: dict[str, int]) -> None:
+        backend = options.get("backend", "torchscript")
         if backend not in _BACKENDS:
             raise EincError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, not {backend!r}")
         self.pattern = pattern
-        self.ir: ir.Pattern = parse(pattern, notation)
+        self.ir: ir.Pattern = parse(pattern, options.get("notation", "auto"))
         self.backend = backend
-        self.optimize = optimize
-        self.memory_limit = memory_limit
-        _memory_limit(memory_limit)
-        self._constants = _constants(constants, len(self.ir.inputs))
+        self.optimize = options.get("optimize", "auto")
+        self.memory_limit = options.get("memory_limit")
+        _memory_limit(self.memory_limit)
+        self._constants = _constants(options.get("constants"), len(self.ir.inputs))
         self._constant_positions = frozenset(position for position, _ in self._constants)
         self.sizes = dict(sizes)
         self._compile_fn = _COMPILERS[backend]
+        cache_size = options.get("cache_size")
         if cache_size is None:
             cache_size = _settings.plan_cache_size
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
@@ -263,6 +274,8 @@ class Expression:
         (dtype,) = dtypes or {torch.float32}
         if dtype.is_complex and self.ir.op not in (None, "sum", "mean", "prod"):
             raise self._context(shapes, EincError(f"{self.ir.op}(...) needs real tensors, got {dtype}"))
+        if not (dtype.is_floating_point or dtype.is_complex) and self.ir.op in _NEEDS_FLOAT:
+            raise self._context(shapes, EincError(f"{self.ir.op}(...) needs floating-point tensors, got {dtype}"))
         program = self._plan_for(shapes, dtype)
         code = generate(program, dtype)
         fn, folding = self._compile_fn(code)
@@ -510,6 +523,13 @@ _SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] =
 # ------------------------------------------------------------ module functions
 
 
+def _expression(pattern: str, options: dict[str, Any], sizes: dict[str, int]) -> Expression:
+    """An Expression whose axis sizes may be named like its options (``cache_size``)."""
+    expression = Expression.__new__(Expression)
+    expression._setup(pattern, options, sizes)
+    return expression
+
+
 def configure(
     *,
     plan_cache_size: int = _UNSET,
@@ -555,13 +575,14 @@ def configure(
 @functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)
 def _cached(pattern: str, backend: str, optimize: Any, notation: str, memory_limit: int | str | None,
             sizes: tuple[tuple[str, int], ...]) -> Expression:
-    return Expression(pattern, backend=backend, optimize=optimize, notation=notation,  # type: ignore[arg-type]
-                      memory_limit=memory_limit, **dict(sizes))
+    return _expression(pattern, {"backend": backend, "optimize": optimize, "notation": notation,
+                                 "memory_limit": memory_limit}, dict(sizes))
 
 
 
 def compile(  # noqa: A001 - the name is the API
     pattern: str,
+    /,
     *,
     backend: Backend = "torchscript",
     optimize: Optimize = "auto",
@@ -583,21 +604,21 @@ def compile(  # noqa: A001 - the name is the API
     options: dict[str, Any] = {"backend": backend, "notation": notation, "memory_limit": memory_limit}
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
-        return Expression(pattern, optimize=optimize, constants=constants, **options, **sizes)
+        return _expression(pattern, {"optimize": optimize, "constants": constants, **options}, sizes)
     if isinstance(optimize, (list, tuple)):
         # Explicit paths are lists: freeze them so the expression cache can key them, but
         # only exact ints (1.0 == 1 as a key would let a bad path shadow a good one).
         if not all(isinstance(step, (list, tuple)) and all(type(i) is int for i in step) for step in optimize):
-            return Expression(pattern, optimize=optimize, **options, **sizes)
+            return _expression(pattern, {"optimize": optimize, **options}, sizes)
         optimize = tuple(tuple(step) for step in optimize)
     try:
         hash(optimize)
     except TypeError:
-        return Expression(pattern, optimize=optimize, **options, **sizes)
+        return _expression(pattern, {"optimize": optimize, **options}, sizes)
     return _cached(pattern, backend, optimize, notation, memory_limit, tuple(sorted(sizes.items())))
 
 
-def einsum(pattern: str, *tensors: torch.Tensor, **sizes: int) -> torch.Tensor:
+def einsum(pattern: str, /, *tensors: torch.Tensor, **sizes: int) -> torch.Tensor:
     """Evaluate ``pattern`` on ``tensors``; the compiled expression is cached.
 
     >>> import torch, einc

@@ -19,7 +19,6 @@ from typing import Any, List, Tuple  # noqa: UP035 - TorchScript source names ty
 import torch
 
 from ._runtime import FLOOR, HELPERS, TINY
-from .errors import EincError
 from .ir import NORMALIZERS
 from .planner import Program, Step
 
@@ -142,8 +141,6 @@ class _Emitter:
             return value, tuple(axes)
         dims = [list(axes).index(a) for a in drop]
         kind = self.reduce_kind
-        if kind in ("amax", "amin") and 0 in self.shape(drop):
-            raise EincError(f"cannot take {kind[1:]} over axis of size 0 ({', '.join(drop)})")
         if kind == "prod":
             for dim in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
                 value = self.assign(f"{value}.prod({int(dim)})")

@@ -667,6 +667,18 @@ def plan(
         if folded is not None and _per_call_flops(folded[2], constants) < _per_call_flops(steps, constants):
             path, info, steps = folded
     output_shape = tuple(math.prod(size[a] for a in dim) for dim in output_dims)
+    reduced = present - set(output_axes)
+    empty = sorted(a for a in reduced if size[a] == 0)
+    if pattern.op in ("max", "min") and empty:
+        raise EincError(
+            f"cannot take {pattern.op} over axis {_show(empty[0])} of size 0 "
+            f"(torch.a{pattern.op} refuses empty reductions too)"
+        )
+    for what, n in [("the output", math.prod(output_shape))] + [
+        (f"step {i}", math.prod(size[a] for a in step.output)) for i, step in enumerate(steps)
+    ]:
+        if n >= 2**63:
+            raise EincError(f"{what} would have {n:,} elements, more than a tensor can index (2**63)")
     if memory_limit is not None:
         _check_memory(steps, preps, path, size, memory_limit, isinstance(optimize, (list, tuple)))
         if math.prod(output_shape) > memory_limit:
@@ -674,7 +686,6 @@ def plan(
                 f"memory_limit={memory_limit:,} elements is too small: the output "
                 f"({'x'.join(map(str, output_shape))}) has {math.prod(output_shape):,} elements"
             )
-    reduced = present - set(output_axes)
     used = set(output_axes) | present
     return Program(
         pattern=pattern,
