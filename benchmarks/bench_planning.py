@@ -7,9 +7,10 @@
 Three measurements, CPU, one thread, ``torch.utils.benchmark.Timer(...).blocked_autorange``:
 
 (a) Planning time of a 10-operand matrix chain.  einc's default ``optimize="auto"`` is
-    opt_einsum's ``"dp"`` up to 20 operands (``einc/planner.py``), opt_einsum's own
-    ``"auto"`` is greedy beyond 8 operands.  Two einc timings: ``einc.planner.plan``
-    (size resolution, the opt_einsum ``dp`` search and einc's step bookkeeping: the
+    opt_einsum's ``"optimal"`` up to 6 operands, dynamic programming with outer products
+    up to 10, ``"dp"`` up to 20 and ``"greedy"`` beyond (``einc/planner.py``); opt_einsum's
+    own ``"auto"`` is greedy beyond 8 operands.  Two einc timings: ``einc.planner.plan``
+    (size resolution, the opt_einsum search and einc's step bookkeeping: the
     planning alone) and ``einc.Expression(p).explain(*shapes)`` on a fresh expression
     each time (parse + plan + code generation, no compilation: what a user's first
     ``explain`` costs).  Beside them ``opt_einsum.contract_path`` with ``"auto"``,
@@ -114,7 +115,7 @@ def planning_10(min_run_time: float, rounds: int) -> tuple[str, list[tuple[int, 
     equation, shapes = chain(10, seed=0, low=2, high=64)
     einc_cost = einc.Expression(equation).explain(*shapes).flops
     rows: list[dict] = [
-        {"what": "einc default: `einc.planner.plan` (dp + bookkeeping)", "cost": einc_cost,
+        {"what": "einc default: `einc.planner.plan` (search + bookkeeping)", "cost": einc_cost,
          "fn": einc_plan_fn(equation, shapes)},
         {"what": "einc default: fresh `Expression(p).explain(*shapes)` (parse + plan + codegen)", "cost": einc_cost,
          "fn": lambda: einc.Expression(equation).explain(*shapes)},
@@ -275,7 +276,9 @@ def main(argv=None) -> int:
         ts = result.medians["einc (torchscript)"]
         lines = [
             HEADING, "",
-            ("einc's default `optimize=\"auto\"` is opt_einsum's `\"dp\"` up to 20 operands (greedy beyond); "
+            ("einc's default `optimize=\"auto\"` is opt_einsum's `\"optimal\"` up to 6 operands, dynamic "
+            "programming with outer products (`DynamicProgramming(search_outer=True)`) up to 10, `\"dp\"` up to "
+            "20 and greedy beyond; "
             "opt_einsum's own `\"auto\"` switches to greedy beyond 8 operands. Path costs are FLOPs as "
             "opt_einsum counts them. A plan is cached per input signature, so its planning time is paid "
             "once per expression and shape."), "",
