@@ -61,6 +61,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike[str], *, notation: Notation = 
     >>> target = os.path.join(tempfile.mkdtemp(), "tree.png")
     >>> plot_plan(plan, target)  # doctest: +SKIP
     """
+    root = _tree(plan, notation)  # a plan that does not hold together fails first
     try:
         import matplotlib
     except ImportError:
@@ -68,7 +69,6 @@ def plot_plan(plan: Plan, path: str | os.PathLike[str], *, notation: Notation = 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    root = _tree(plan, notation)
     nodes = list(root.walk())
     _layout(root)
     leaves = sum(1 for node in nodes if node.kind == "operand")
