@@ -12,6 +12,7 @@ import builtins
 import hashlib
 import keyword
 import linecache
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, List, Tuple  # noqa: UP035 - TorchScript source names typing.List/Tuple
@@ -194,7 +195,7 @@ class _Emitter:
         stack = bool(batch) or self.semiring != "sum"
         a = self.matrices(a, a_axes, batch, left, con, stack)
         b = self.matrices(b, b_axes, batch, con, right, stack)
-        flat = (_prod(self.shape(batch)),) * stack + (_prod(self.shape(left)), _prod(self.shape(right)))
+        flat = (math.prod(self.shape(batch)),) * stack + (math.prod(self.shape(left)), math.prod(self.shape(right)))
         if self.semiring == "log":
             call = f"{self.helper('einc_logmm')}({a}, {b}, {self.floor!r}, {self.tiny!r})"
             kernel = "logmm"
@@ -224,8 +225,8 @@ class _Emitter:
         and the kernel gets a transposed view: BLAS takes those for free, while a
         transposing copy is several times slower than a straight one.
         """
-        lead = (_prod(self.shape(batch)),) * stack + (_prod(self.shape(rows)),)
-        shape = lead + (_prod(self.shape(cols)),)
+        lead = (math.prod(self.shape(batch)),) * stack + (math.prod(self.shape(rows)),)
+        shape = lead + (math.prod(self.shape(cols)),)
         direct = self.folds(axes, [batch, rows, cols])
         if not direct and (self.folds(axes, [batch, cols, rows]) or (axes and axes[-1] in rows)):
             value = self.permute(value, axes, batch + cols + rows)
@@ -243,7 +244,7 @@ class _Emitter:
         # Several axes normalize jointly: bring them last and flatten them into one.
         rest = tuple(a for a in axes if a not in marked)
         value = self.permute(value, axes, rest + marked)
-        flat = self.shape(rest) + (_prod(self.shape(marked)),)
+        flat = self.shape(rest) + (math.prod(self.shape(marked)),)
         value = self.reshape(value, self.shape(rest + marked), flat)
         value = self.assign(f"{fn}({value}, {len(rest)})")
         value = self.reshape(value, flat, self.shape(rest + marked))
@@ -266,13 +267,6 @@ class _Emitter:
         if self.downcast:
             value = self.assign(f"{value}.to({self.downcast})")
         return value
-
-
-def _prod(values: Sequence[int]) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 def generate(program: Program, dtype: torch.dtype = torch.float32) -> Generated:
