@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.benchmark as tbench
 
+from common import format_time, write_section  # noqa: E402 - the script's folder is on sys.path
 import einc
 
 try:
@@ -138,12 +139,7 @@ def run_case(case: Case, min_run_time: float, rounds: int) -> Case:
     return case
 
 
-def fmt_time(seconds: float) -> str:
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    if seconds < 1:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds:.3f} s"
+fmt_time = format_time
 
 
 def _rows(case: Case) -> tuple[list[str], list[list[str]]]:
@@ -602,8 +598,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f.write("\n" + text)
         else:
             # Replace only this script's section of RESULTS.md (bench_core owns another).
-            from common import write_section
-
             heading = "## Reductions (issue 3)"
             write_section(args.markdown, heading, text[text.index(heading):], "# einc benchmarks\n")
         print(f"wrote {args.markdown}")
