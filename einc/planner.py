@@ -95,9 +95,6 @@ class Program:
                 known.add(step.value)
         return frozenset(known)
 
-    def size(self, axis: str) -> int:
-        return dict(self.sizes)[axis]
-
     def shape_of(self, axes: Sequence[str]) -> Shape:
         sizes = dict(self.sizes)
         return tuple(sizes[a] for a in axes)
