@@ -20,7 +20,7 @@ from . import ir
 from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, Generated, generate
 from .errors import EincError
 from .parser import Notation, parse
-from .planner import Optimize, Plan, PlanStep, Program, plan
+from .planner import Optimize, Plan, PlanStep, Program, check_sizes, plan
 
 __all__ = ["Backend", "Expression", "compile", "configure", "einsum"]
 
@@ -142,12 +142,6 @@ def _shape_of(value: Any, index: int) -> tuple[int, ...]:
     return shape
 
 
-def _check_sizes(sizes: dict[str, Any]) -> None:
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-            raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
-
-
 def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join("x".join(map(str, s)) if s else "()" for s in shapes)
 
@@ -208,7 +202,7 @@ class Expression:
         self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
         self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
         # Validate keyword sizes now, so a typo surfaces at compile time.
-        _check_sizes(sizes)
+        check_sizes(sizes)
         for name in sizes:
             if name not in self.ir.input_axes and name not in self.ir.output.axes:
                 raise EincError(f"size given for axis {name!r}, which is not in the pattern {pattern!r}")
@@ -599,7 +593,7 @@ def compile(  # noqa: A001 - the name is the API
     torch.Size([2, 4, 8, 6])
     """
     # Checked before the cache, which would take 2.0 for 2 and True for 1.
-    _check_sizes(sizes)
+    check_sizes(sizes)
     _memory_limit(memory_limit)
     options: dict[str, Any] = {"backend": backend, "notation": notation, "memory_limit": memory_limit}
     if constants is not None:

@@ -20,7 +20,7 @@ import opt_einsum as oe
 from . import ir
 from .errors import EincError
 
-__all__ = ["Prep", "Step", "Program", "Plan", "PlanStep", "plan", "Optimize"]
+__all__ = ["Prep", "Step", "Program", "Plan", "PlanStep", "plan", "check_sizes", "Optimize"]
 
 Optimize = Any
 """An opt_einsum strategy name, a ``PathOptimizer`` instance, or an explicit path."""
@@ -89,11 +89,7 @@ class Program:
 
     def constant_values(self) -> frozenset[int]:
         """Value ids (inputs, then one per step) that depend on constants alone."""
-        known = set(self.constants)
-        for step in self.steps:
-            if all(arg in known for arg in step.args):
-                known.add(step.value)
-        return frozenset(known)
+        return _constant_values(self.steps, self.constants)
 
     def shape_of(self, axes: Sequence[str]) -> Shape:
         sizes = dict(self.sizes)
@@ -215,6 +211,13 @@ def _bytes(n: int) -> str:
 # --------------------------------------------------------------------------- sizes
 
 
+def check_sizes(sizes: Mapping[str, Any]) -> None:
+    """Keyword axis sizes must be ints in ``[0, 2**63)`` (bools are not sizes)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
+
+
 def _operand_name(index: int) -> str:
     return f"operand {index}"
 
@@ -318,11 +321,10 @@ def _resolve(
     keyword: Mapping[str, int],
 ) -> dict[str, int]:
     known_axes = pattern.input_axes | set(pattern.output.axes)
-    for name, value in keyword.items():
+    for name in keyword:
         if name not in known_axes:
             raise EincError(f"size given for axis {name!r}, which is not in the pattern")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise EincError(f"size of axis {name!r} must be a non-negative int, not {value!r}")
+    check_sizes(keyword)
     sizes = _Sizes(keyword)
     for name, value in ellipsis_sizes.items():
         sizes.learn(name, value, "the broadcast ellipsis")
@@ -551,16 +553,18 @@ def _steps(
     return steps
 
 
-def _per_call_flops(steps: Sequence[Step], constants: frozenset[int]) -> int:
-    """FLOPs of the steps that run on every call (not folded from constants)."""
+def _constant_values(steps: Sequence[Step], constants: frozenset[int]) -> frozenset[int]:
     known = set(constants)
-    total = 0
     for step in steps:
         if all(arg in known for arg in step.args):
             known.add(step.value)
-        else:
-            total += step.flops
-    return total
+    return frozenset(known)
+
+
+def _per_call_flops(steps: Sequence[Step], constants: frozenset[int]) -> int:
+    """FLOPs of the steps that run on every call (not folded from constants)."""
+    folded = _constant_values(steps, constants)
+    return sum(step.flops for step in steps if step.value not in folded)
 
 
 def _fold_constants_first(
