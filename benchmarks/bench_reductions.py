@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.benchmark as tbench
 
-from common import format_time, write_section  # noqa: E402 - the script's folder is on sys.path
+from common import format_time, render_console, render_markdown, write_section  # noqa: E402 - the script's folder is on sys.path
 import einc
 
 try:
@@ -158,19 +158,11 @@ def _rows(case: Case) -> tuple[list[str], list[list[str]]]:
 
 
 def console_table(case: Case) -> str:
-    header, rows = _rows(case)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = [f"== {case.key}: {case.title}", line(header), line(["-" * w for w in widths])]
-    out += [line(r) for r in rows] + [f"   note: {n}" for n in case.notes]
-    return "\n".join(out)
+    return render_console(f"{case.key}: {case.title}", *_rows(case), case.notes)
 
 
 def markdown_table(case: Case) -> str:
-    header, rows = _rows(case)
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    out += ["| " + " | ".join([f"`{r[0]}`", *r[1:]]) + " |" for r in rows]
-    return "\n".join(out)
+    return render_markdown(*_rows(case))
 
 
 def _pair(pattern: str, *tensors: torch.Tensor) -> list[Contender]:

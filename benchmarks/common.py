@@ -176,21 +176,29 @@ def _rows(result: Result) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def console_table(result: Result) -> str:
-    header, rows = _rows(result)
+def render_console(title: str, header: list[str], rows: list[list[str]], notes: Sequence[str] = ()) -> str:
+    """A titled text table: first column left-aligned, the rest right-aligned, then notes."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = [f"== {result.case.name}: {result.case.description}", line(header), line(["-" * w for w in widths])]
+    out = [f"== {title}", line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
-    out += [f"   note: {n}" for n in result.case.notes]
+    out += [f"   note: {n}" for n in notes]
     return "\n".join(out)
 
 
-def markdown_table(result: Result) -> str:
-    header, rows = _rows(result)
+def render_markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, the first column in code spans, the rest right-aligned."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     out += ["| " + " | ".join([f"`{r[0]}`", *r[1:]]) + " |" for r in rows]
     return "\n".join(out)
+
+
+def console_table(result: Result) -> str:
+    return render_console(f"{result.case.name}: {result.case.description}", *_rows(result), result.case.notes)
+
+
+def markdown_table(result: Result) -> str:
+    return render_markdown(*_rows(result))
 
 
 def _cpu_model() -> str:
