@@ -120,7 +120,15 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
     return out
 '''
 
+WIDEN = '''
+def einc_widen(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+        return x.float()
+    return x
+'''
+
 HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "einc_widen": (WIDEN, ()),
     "einc_shifted_exp": (SHIFTED_EXP, ()),
     "einc_lse": (LSE, ("einc_shifted_exp",)),
     "einc_logmm_exact": (LOGMM_EXACT, ("einc_lse",)),

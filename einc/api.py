@@ -9,6 +9,7 @@ pattern and the shapes, ``from None``, so users see one clear :class:`EincError`
 from __future__ import annotations
 
 import functools
+import math
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from . import ir
-from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, Generated, generate
+from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, MODULE_NAME, Generated, generate
 from .errors import EincError
 from .parser import Notation, parse
 from .planner import Optimize, Plan, PlanStep, Program, check_sizes, plan
@@ -172,10 +173,12 @@ class Expression:
         memory_limit: int | str | None = None,
         constants: Mapping[int, torch.Tensor] | None = None,
         cache_size: int | None = None,
+        fuse: bool = True,
         **sizes: int,
     ) -> None:
         options = {"backend": backend, "optimize": optimize, "notation": notation,
-                   "memory_limit": memory_limit, "constants": constants, "cache_size": cache_size}
+                   "memory_limit": memory_limit, "constants": constants, "cache_size": cache_size,
+                   "fuse": fuse}
         self._setup(pattern, options, sizes)
 
     def _setup(self, pattern: str, options: dict[str, Any], sizes: dict[str, int]) -> None:
@@ -188,8 +191,13 @@ class Expression:
         self.optimize = options.get("optimize", "auto")
         self.memory_limit = options.get("memory_limit")
         _memory_limit(self.memory_limit)
-        self._constants = _constants(options.get("constants"), len(self.ir.inputs))
+        self.fuse = options.get("fuse", True)
+        if not isinstance(self.fuse, bool):
+            raise EincError(f"fuse must be True or False, not {self.fuse!r}")
+        self._constants = _constants(options.get("constants"), self.ir.leaves)
         self._constant_positions = frozenset(position for position, _ in self._constants)
+        if self._constants and self.ir.nested:
+            raise EincError(f"pattern {pattern!r}: constants are not supported in patterns with nested operations")
         self.sizes = dict(sizes)
         self._compile_fn = _COMPILERS[backend]
         cache_size = options.get("cache_size")
@@ -203,8 +211,9 @@ class Expression:
         self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
         # Validate keyword sizes now, so a typo surfaces at compile time.
         check_sizes(sizes)
+        everywhere = _all_axes(self.ir)
         for name in sizes:
-            if name not in self.ir.input_axes and name not in self.ir.output.axes:
+            if name not in everywhere:
                 raise EincError(f"size given for axis {name!r}, which is not in the pattern {pattern!r}")
 
     def __repr__(self) -> str:
@@ -220,15 +229,15 @@ class Expression:
         constants' places: every operand of the pattern, in order."""
         if not self._constants:
             return list(given)
-        expected = len(self.ir.inputs) - len(self._constants)
+        expected = self.ir.leaves - len(self._constants)
         if len(given) != expected:
             raise EincError(
                 f"pattern {self.pattern!r} takes {expected} tensors ({len(self._constants)} of its "
-                f"{len(self.ir.inputs)} operands are constants), got {len(given)}"
+                f"{self.ir.leaves} operands are constants), got {len(given)}"
             )
         rest = iter(given)
         fixed = dict(self._constants)
-        return [of_constant(fixed[i]) if i in fixed else next(rest) for i in range(len(self.ir.inputs))]
+        return [of_constant(fixed[i]) if i in fixed else next(rest) for i in range(self.ir.leaves)]
 
     # --------------------------------------------------------------- building
 
@@ -271,7 +280,7 @@ class Expression:
         if not (dtype.is_floating_point or dtype.is_complex) and self.ir.op in _NEEDS_FLOAT:
             raise self._context(shapes, EincError(f"{self.ir.op}(...) needs floating-point tensors, got {dtype}"))
         program = self._plan_for(shapes, dtype)
-        code = generate(program, dtype)
+        code = generate(program, dtype, fuse=self.fuse)
         fn, folding = self._compile_fn(code)
         folded: tuple[torch.Tensor, ...] = ()
         if folding is not None:
@@ -317,31 +326,38 @@ class Expression:
         if dtype is None:
             dtype = next((x.dtype for x in tensors_or_shapes if isinstance(x, torch.Tensor)), torch.float32)
         program = self._plan_for(shapes, dtype)
-        code = generate(program, dtype)
+        code = generate(program, dtype, fuse=self.fuse)
+        # Nested programs come first, as they run (and as code.kernels lists them).
+        levels = program.programs()
+        located = [(level, step) for level in levels for step in level.steps]
         steps = tuple(
             PlanStep(
                 operands=step.operands,
-                equation=_step_equation(self.ir, step.inputs, step.output),
-                shapes=tuple(program.shape_of(axes) for axes in step.inputs),
-                output_shape=program.shape_of(step.output),
+                equation=_step_equation(level.pattern, step.inputs, step.output),
+                shapes=tuple(level.shape_of(axes) for axes in step.inputs),
+                output_shape=level.shape_of(step.output),
                 flops=step.flops,
                 kernel=kernel,
             )
-            for step, kernel in zip(program.steps, code.kernels)
+            for (level, step), kernel in zip(located, code.kernels)
         )
         return Plan(
             pattern=self.pattern,
-            shapes=program.shapes,
+            shapes=tuple(self._with_constants(shapes, lambda t: tuple(t.shape))),
             path=[tuple(p) for p in program.path],
             steps=steps,
-            flops=program.flops,
-            naive_flops=program.naive_flops,
-            largest_intermediate=program.largest_intermediate,
+            flops=sum(level.flops for level in levels),
+            naive_flops=sum(level.naive_flops for level in levels),
+            # A nested operation's result is an intermediate of the whole pattern.
+            largest_intermediate=max(level.largest_intermediate for level in levels) if not program.nested
+            else max([level.largest_intermediate for level in levels]
+                     + [math.prod(level.output_shape) for level in levels[:-1]]),
             source=code.source,
             output_shape=program.output_shape,
             dtype=str(dtype).removeprefix("torch."),
             itemsize=dtype.itemsize,
             constants=tuple(sorted(self._constant_positions)),
+            rewrite=code.rewrite,
         )
 
     def reference(self, *tensors: torch.Tensor, absolute: bool = False, widen: bool = True) -> torch.Tensor:
@@ -359,7 +375,7 @@ class Expression:
         entry = self._entry(tensors)
         given = [_widen(t) if widen else t for t in self._with_constants(tensors, lambda t: t)]
         if absolute and self.ir.op in (None, "sum", "mean"):
-            return _reference(entry.program, [t.abs() for t in given])
+            return _reference(entry.program, given, absolute=True)
         result = _reference(entry.program, given)
         return result.abs() if absolute else result
 
@@ -438,19 +454,32 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-def _reference(program: Program, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def _reference(program: Program, tensors: Sequence[torch.Tensor], absolute: bool = False) -> torch.Tensor:
     """The pattern evaluated the plain way, in the tensors' (float64) dtype.
 
     Sums of products go through torch.einsum (which also broadcasts size-1 ellipsis
     dimensions); semirings through the naive broadcast form (combine by addition, then
     torch.logsumexp/amax/amin); normalizers as ``x - logsumexp(x)`` over the marked axes.
+    A nested operation's reference is computed first and is an operand.  ``absolute``
+    contracts absolute values (the error bound of a sum of products).
     """
     pattern = program.pattern
     sizes = dict(program.sizes)
     rank = sum(1 for a in sizes if a.startswith(ir.ELLIPSIS))
+    nested = dict(program.nested)
+    rest = iter(tensors)
+    values: list[torch.Tensor] = []
+    for index, operand in enumerate(pattern.inputs):
+        if index in nested:
+            inner = nested[index]
+            values.append(_reference(inner, [next(rest) for _ in range(inner.pattern.leaves)]))
+        else:
+            values.append(next(rest))
+    if absolute:
+        values = [t.abs() for t in values]
     operands: list[torch.Tensor] = []
     names: list[list[str]] = []
-    for operand, tensor in zip(pattern.inputs, tensors):
+    for operand, tensor in zip(pattern.operands, values):
         own = tensor.dim() - (len(operand.dims) - operand.has_ellipsis)
         shape: list[int] = []
         axes: list[str] = []
@@ -496,6 +525,9 @@ def _reference(program: Program, tensors: Sequence[torch.Tensor]) -> torch.Tenso
     if len(present) != len(program.output_axes):
         result = result.reshape([sizes[a] if a in letter else 1 for a in program.output_axes])
         result = result.expand([sizes[a] for a in program.output_axes])
+    if pattern.scale:
+        result = result * abs(_scale_value(pattern.scale, sizes)) if absolute else result * _scale_value(
+            pattern.scale, sizes)
     if pattern.op in ir.NORMALIZERS:
         marked = [i for i, a in enumerate(program.output_axes) if a in pattern.normalized]
         result = result - torch.logsumexp(result, marked, keepdim=True)
@@ -505,6 +537,23 @@ def _reference(program: Program, tensors: Sequence[torch.Tensor]) -> torch.Tenso
     if pattern.op == "mean":
         result = result / program.reduced_count
     return result
+
+
+def _scale_value(factors: Sequence[ir.Factor], sizes: Mapping[str, int]) -> float:
+    value = 1.0
+    for factor in factors:
+        number = float(factor.value if isinstance(factor.value, int) else sizes[factor.value])
+        number = math.sqrt(number) if factor.sqrt else number
+        value = value / number if factor.divide else value * number
+    return value
+
+
+def _all_axes(pattern: ir.Pattern) -> set[str]:
+    axes = set(pattern.input_axes) | set(pattern.output.axes)
+    for operand in pattern.inputs:
+        if isinstance(operand, ir.Pattern):
+            axes |= _all_axes(operand)
+    return axes
 
 
 _SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] = {

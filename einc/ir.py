@@ -19,7 +19,9 @@ __all__ = [
     "NORMALIZERS",
     "REDUCERS",
     "OPS",
+    "SCALED_OPS",
     "AxisList",
+    "Factor",
     "Pattern",
     "ellipsis_axis",
 ]
@@ -106,30 +108,76 @@ class AxisList:
         return ("" if compact else " ").join(parts)
 
 
+SCALED_OPS = (None, "sum", "mean") + NORMALIZERS
+"""Operations a scale may follow: it multiplies a sum of products (the logits of a
+normalizer); in the other semirings it would have no single meaning."""
+
+
+@dataclass(frozen=True, slots=True)
+class Factor:
+    """One factor of a scale: ``* 2`` is ``Factor(False, 2)``, ``/ sqrt(d)`` is
+    ``Factor(True, "d", sqrt=True)``.  Values are positive ints or axis names."""
+
+    divide: bool
+    value: int | str
+    sqrt: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, str)):
+            raise EincError(f"a scale factor is an int or an axis name, not {self.value!r}")
+        if isinstance(self.value, int) and not 0 < self.value < 2**63:
+            raise EincError(f"a scale factor must be a positive int below 2**63, not {self.value}")
+        if isinstance(self.value, str):
+            _check_axis(self.value)
+
+    def render(self) -> str:
+        value = f"sqrt({self.value})" if self.sqrt else str(self.value)
+        return f"{'/' if self.divide else '*'} {value}"
+
+
 @dataclass(frozen=True, slots=True)
 class Pattern:
-    """A whole parsed pattern: ``op(inputs -> output)``.
+    """A whole parsed pattern: ``op(inputs -> output) * scale``.
 
     ``op`` is ``None`` for a plain contraction (sum of products), else one of
     :data:`OPS`.  ``normalized`` lists the bracketed output axes of a normalizer.
+    An input is an :class:`AxisList` or a nested :class:`Pattern` (an operation whose
+    result is the operand, with that pattern's output axes).  ``scale`` multiplies the
+    contraction before the operation applies.
     """
 
-    inputs: tuple[AxisList, ...]
+    inputs: tuple[AxisList | Pattern, ...]
     output: AxisList
     op: str | None = None
     normalized: tuple[str, ...] = ()
     compact: bool = False
+    scale: tuple[Factor, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.inputs:
             raise EincError("a pattern needs at least one operand")
+        for operand in self.inputs:
+            if isinstance(operand, Pattern):
+                if operand.op is None:
+                    raise EincError("a nested operand must be an operation such as softmax(...)")
+            elif not isinstance(operand, AxisList):
+                raise EincError(f"an operand is an AxisList or a nested Pattern, not {operand!r}")
         if self.op is not None and self.op not in OPS:
             raise EincError(f"unknown operation {self.op!r}; expected one of {', '.join(OPS)}")
         out = self.output.axes
         if len(set(out)) != len(out):
             raise EincError("an axis is repeated in the output")
-        if self.output.has_ellipsis and not any(a.has_ellipsis for a in self.inputs):
+        if self.output.has_ellipsis and not any(a.has_ellipsis for a in self.operands):
             raise EincError("the output has '...' but no input has")
+        if self.scale and self.op not in SCALED_OPS:
+            raise EincError(
+                f"a scale applies to sums of products and the logits of softmax/log_softmax, not to {self.op}(...)"
+            )
+        for factor in self.scale:
+            if not isinstance(factor, Factor):
+                raise EincError(f"a scale is a tuple of Factor, not {factor!r}")
+            if isinstance(factor.value, str) and factor.value not in self.input_axes | set(out):
+                raise EincError(f"scale factor axis {factor.value!r} is not an axis of the contraction")
         for name in self.normalized:
             _check_axis(name)
             if name not in out:
@@ -142,8 +190,22 @@ class Pattern:
             raise EincError("prod takes one operand only")
 
     @property
+    def operands(self) -> tuple[AxisList, ...]:
+        """The axis list of each input: a nested pattern's is its output."""
+        return tuple(x.output if isinstance(x, Pattern) else x for x in self.inputs)
+
+    @property
+    def nested(self) -> bool:
+        return any(isinstance(x, Pattern) for x in self.inputs)
+
+    @property
+    def leaves(self) -> int:
+        """How many tensors the pattern takes (nested operands count their own)."""
+        return sum(x.leaves if isinstance(x, Pattern) else 1 for x in self.inputs)
+
+    @property
     def input_axes(self) -> frozenset[str]:
-        return frozenset(a for operand in self.inputs for a in operand.axes)
+        return frozenset(a for operand in self.operands for a in operand.axes)
 
     @property
     def new_axes(self) -> tuple[str, ...]:
@@ -156,5 +218,6 @@ class Pattern:
         sep = "," if self.compact else ", "
         arrow = "->" if self.compact else " -> "
         out = self.output.render(self.compact, frozenset(self.normalized))
-        body = sep.join(a.render(self.compact) for a in self.inputs) + arrow + out
+        inputs = (x.render() if isinstance(x, Pattern) else x.render(self.compact) for x in self.inputs)
+        body = sep.join(inputs) + arrow + out + "".join(" " + f.render() for f in self.scale)
         return body if self.op is None else f"{self.op}({body})"

@@ -39,6 +39,9 @@ _TERMINAL_WORDS = {
     "LSQB": "'['",
     "RSQB": "']'",
     "OP": "an operation",
+    "INT": "an integer",
+    "SCALE_OP": "'*' or '/'",
+    "SQRT": "'sqrt'",
     "$END": "the end of the pattern",
     "<END-OF-FILE>": "the end of the pattern",
 }
@@ -101,7 +104,12 @@ def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
         what = f"unexpected {str(err.token)!r}"
     else:  # pragma: no cover - lark has no other UnexpectedInput kinds today
         what = "invalid pattern"
-    expected = sorted(_TERMINAL_WORDS.get(e, e) for e in getattr(err, "expected", ()) or ())
+    expected_terminals = set(getattr(err, "expected", ()) or ())
+    if isinstance(err, UnexpectedToken) and err.interactive_parser is not None:
+        # The LALR state's lookaheads are shared with nested calls (they list ')' at
+        # the top level); the interactive parser knows what can really follow here.
+        expected_terminals = set(err.interactive_parser.accepts())
+    expected = sorted({_TERMINAL_WORDS.get(e, e) for e in expected_terminals})
     if expected:
         what += f" (expected {', '.join(expected)})"
     ended = isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END")
@@ -201,6 +209,117 @@ def _implicit_output(inputs: list[ir.AxisList]) -> ir.AxisList:
     return ir.AxisList(tuple(ellipsis + [(a,) for a in once]))
 
 
+def _trees(tree: Tree, data: str) -> list[Tree]:
+    return [c for c in tree.children if isinstance(c, Tree) and c.data == data]
+
+
+def _all_axis_lists(contraction: Tree) -> list[list[_Term]]:
+    """Every axis list of a contraction, nested operations' included (spelling is global)."""
+    lists: list[list[_Term]] = []
+    (inputs,) = _trees(contraction, "inputs")
+    for operand in (c for c in inputs.children if isinstance(c, Tree)):
+        if operand.data == "op_call":
+            lists.extend(_all_axis_lists(_trees(operand, "contraction")[0]))
+        else:
+            lists.append(_axis_list(operand))
+    for output in _trees(contraction, "output"):
+        lists.append(_axis_list(output.children[0]))
+    return lists
+
+
+def _factor(build: _Builder, tree: Tree) -> ir.Factor:
+    sign, factor = tree.children
+    divide = str(sign) == "/"
+    (value,) = [t for t in factor.children if isinstance(t, Token) and t.type in ("INT", "NAME")]
+    term = _Term("axis", value.start_pos, value.end_pos, name=str(value))
+    if value.type == "INT":
+        number = int(value)
+        if number == 0:
+            raise build.error(term, "a scale factor must be positive")
+        if number >= 2**63:
+            raise build.error(term, "a scale factor must be below 2**63")
+        return ir.Factor(divide, number, sqrt=factor.data == "sqrt_factor")
+    if str(value) in _KEYWORDS:
+        raise build.error(term, f"axis name {str(value)!r} is a Python keyword")
+    return ir.Factor(divide, str(value), sqrt=factor.data == "sqrt_factor")
+
+
+def _contraction(build: _Builder, tree: Tree, op: str | None, op_term: _Term) -> ir.Pattern:
+    """The pattern of one contraction (an operation's body when ``op`` is given)."""
+    (inputs_tree,) = _trees(tree, "inputs")
+    output_trees = _trees(tree, "output")
+    output_terms = _axis_list(output_trees[0].children[0]) if output_trees else None
+    operands = [c for c in inputs_tree.children if isinstance(c, Tree)]
+
+    normalizer = op in ir.NORMALIZERS
+    arrowless_normalizer = normalizer and output_terms is None
+    if arrowless_normalizer and len(operands) != 1:
+        raise build.error(op_term, f"{op} without '->' takes exactly one operand")
+
+    inputs: list[ir.AxisList | ir.Pattern] = []
+    bracketed: list[str] = []
+    for operand in operands:
+        if operand.data == "op_call":
+            inputs.append(_op_call(build, operand))
+            if arrowless_normalizer:
+                raise build.error(op_term, f"{op} without '->' takes an axis list, not a nested operation")
+            continue
+        dims, marks, _ = build.dims(_axis_list(operand), brackets=arrowless_normalizer)
+        inputs.append(ir.AxisList(tuple(dims)))
+        bracketed.extend(marks)
+    lists = [x.output if isinstance(x, ir.Pattern) else x for x in inputs]
+
+    if output_terms is None:
+        output = lists[0] if arrowless_normalizer else _implicit_output(lists)
+    else:
+        dims, marks, located = build.dims(output_terms, brackets=normalizer)
+        bracketed.extend(marks)
+        seen: set[str] = set()
+        for name, term in located:
+            if name in seen:
+                raise build.error(term, f"axis {name!r} appears twice in the output")
+            seen.add(name)
+        if (ir.ELLIPSIS,) in dims and not any(x.has_ellipsis for x in lists):
+            ell = next(t for t in output_terms if t.kind == "ellipsis")
+            raise build.error(ell, "the output has '...' but no input has")
+        output = ir.AxisList(tuple(dims))
+
+    if normalizer and not bracketed:
+        raise build.error(op_term, f"{op} needs the normalized axes in brackets, e.g. '{op}(b [c])'")
+    if op == "prod" and len(inputs) > 1:
+        raise build.error(
+            op_term, "prod takes one operand only (products of several operands have no reduction semiring)"
+        )
+    scale = tuple(_factor(build, t) for t in _trees(tree, "scale"))
+    if scale:
+        first = _trees(tree, "scale")[0]
+        where = _Term("axis", *_span(first))
+        if op not in ir.SCALED_OPS:
+            raise build.error(
+                where, f"a scale applies to sums of products and the logits of softmax/log_softmax, not to {op}(...)"
+            )
+        known = {a for x in lists for a in x.axes} | set(output.axes)
+        for factor, factor_tree in zip(scale, _trees(tree, "scale")):
+            if isinstance(factor.value, str) and factor.value not in known:
+                raise build.error(_Term("axis", *_span(factor_tree)),
+                                  f"scale factor axis {factor.value!r} is not an axis of this contraction")
+    return ir.Pattern(
+        inputs=tuple(inputs),
+        output=output,
+        op=op,
+        normalized=tuple(dict.fromkeys(bracketed)),
+        compact=build.compact,
+        scale=scale,
+    )
+
+
+def _op_call(build: _Builder, tree: Tree) -> ir.Pattern:
+    token = tree.children[0]
+    op_term = _Term("axis", token.start_pos, token.end_pos, name=str(token))
+    (body,) = _trees(tree, "contraction")
+    return _contraction(build, body, str(token), op_term)
+
+
 def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
     """Parse ``pattern`` into an :class:`einc.ir.Pattern`.
 
@@ -210,6 +329,8 @@ def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
     (('b',), ('h',), ('q',), ('k',))
     >>> parse("logsumexp(b (h d) -> b h)").op
     'logsumexp'
+    >>> parse("softmax(b q d, b k d -> b q [k] / sqrt(d)), b k e -> b q e").render()
+    'softmax(b q d, b k d -> b q [k] / sqrt(d)), b k e -> b q e'
     """
     if not isinstance(pattern, str):
         raise EincError(f"a pattern must be a string, not {type(pattern).__name__}")
@@ -221,59 +342,12 @@ def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
         raise _syntax_error(pattern, err) from None
 
     (root,) = tree.children
-    op: str | None = None
-    op_term = _Term("axis", 0, len(pattern))
-    if root.data == "op_call":
-        token = root.children[0]
-        op = str(token)
-        op_term = _Term("axis", token.start_pos, token.end_pos, name=op)
-        root = next(c for c in root.children if isinstance(c, Tree))
-    inputs_tree = next(c for c in root.children if isinstance(c, Tree) and c.data == "inputs")
-    output_tree = next((c for c in root.children if isinstance(c, Tree) and c.data == "output"), None)
-
-    input_terms = [_axis_list(t) for t in inputs_tree.children if isinstance(t, Tree)]
-    output_terms = _axis_list(output_tree.children[0]) if output_tree is not None else None
-    all_lists = input_terms + ([output_terms] if output_terms is not None else [])
-    compact = notation == "compact" or (notation == "auto" and not _is_spaced(all_lists))
+    compact = notation == "compact" or (notation == "auto" and not _is_spaced(_all_axis_lists(root)))
     build = _Builder(pattern, compact)
-
-    normalizer = op in ir.NORMALIZERS
-    arrowless_normalizer = normalizer and output_terms is None
-    if arrowless_normalizer and len(input_terms) != 1:
-        raise build.error(op_term, f"{op} without '->' takes exactly one operand")
-
-    inputs: list[ir.AxisList] = []
-    bracketed: list[str] = []
-    for terms in input_terms:
-        dims, marks, _ = build.dims(terms, brackets=arrowless_normalizer)
-        inputs.append(ir.AxisList(tuple(dims)))
-        bracketed.extend(marks)
-
-    if output_terms is None:
-        output = inputs[0] if arrowless_normalizer else _implicit_output(inputs)
-    else:
-        dims, marks, located = build.dims(output_terms, brackets=normalizer)
-        bracketed.extend(marks)
-        seen: set[str] = set()
-        for name, term in located:
-            if name in seen:
-                raise build.error(term, f"axis {name!r} appears twice in the output")
-            seen.add(name)
-        if (ir.ELLIPSIS,) in dims and not any(x.has_ellipsis for x in inputs):
-            ell = next(t for t in output_terms if t.kind == "ellipsis")
-            raise build.error(ell, "the output has '...' but no input has")
-        output = ir.AxisList(tuple(dims))
-
-    if normalizer and not bracketed:
-        raise build.error(op_term, f"{op} needs the normalized axes in brackets, e.g. '{op}(b [c])'")
-    if op == "prod" and len(inputs) > 1:
-        raise build.error(
-            op_term, "prod takes one operand only (products of several operands have no reduction semiring)"
-        )
-    return ir.Pattern(
-        inputs=tuple(inputs),
-        output=output,
-        op=op,
-        normalized=tuple(dict.fromkeys(bracketed)),
-        compact=compact,
-    )
+    (inputs,) = _trees(root, "inputs")
+    operands = [c for c in inputs.children if isinstance(c, Tree)]
+    if len(operands) == 1 and operands[0].data == "op_call" and not _trees(root, "output") \
+            and not _trees(root, "scale"):
+        # `softmax(...)` alone: the operation is the whole pattern.
+        return _op_call(build, operands[0])
+    return _contraction(build, root, None, _Term("axis", 0, len(pattern)))

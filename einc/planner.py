@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import opt_einsum as oe
@@ -38,6 +38,8 @@ class Prep:
     """``torch.diagonal(x, 0, d1, d2)`` calls, applied in order (the diagonal goes last)."""
     axes: tuple[str, ...]
     """The distinct axes of the prepared tensor, in dimension order."""
+    split: tuple[str, ...] = ()
+    """The axes of the reshaped tensor, before diagonals (repeats kept)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +88,22 @@ class Program:
     """Number of elements summed into each output element (``mean`` divides by it)."""
     constants: frozenset[int] = frozenset()
     """Input positions given as constants: what depends on them alone is folded once."""
+    input_dims: tuple[tuple[tuple[str, ...], ...], ...] = ()
+    """Each operand's dimensions as axis groups, the ellipsis spelled out."""
+    output_dims: tuple[tuple[str, ...], ...] = ()
+    keyword: tuple[tuple[str, int], ...] = ()
+    """Sizes given by keyword: shape-generic code keeps these, reads the rest from shapes."""
+    reduced: tuple[str, ...] = ()
+    """Axes reduced away (``mean`` divides by the product of their sizes)."""
+    nested: tuple[tuple[int, Program], ...] = ()
+    """(operand position, program) of each nested operation, which computes that operand."""
+    scaled: int | None = None
+    """The operand the pattern's scale multiplies (the smallest), or ``None`` for no scale."""
+
+    def programs(self) -> tuple[Program, ...]:
+        """This program's nested programs (depth first, in operand order), then itself."""
+        inner = tuple(p for _, sub in self.nested for p in sub.programs())
+        return inner + (self,)
 
     def constant_values(self) -> frozenset[int]:
         """Value ids (inputs, then one per step) that depend on constants alone."""
@@ -146,6 +164,8 @@ class Plan:
     dtype: str = "float32"
     itemsize: int = 4
     constants: tuple[int, ...] = ()
+    rewrite: str = ""
+    """The fused kernel that replaced the steps (``"sdpa"``), or ``""``."""
 
     @property
     def speedup(self) -> float:
@@ -170,6 +190,7 @@ class Plan:
             "largest_intermediate": self.largest_intermediate,
             "largest_intermediate_bytes": self.largest_intermediate_bytes,
             "steps": [step.to_dict() for step in self.steps],
+            "rewrite": self.rewrite,
             "source": self.source,
         }
 
@@ -184,6 +205,10 @@ class Plan:
             f"  flops:                 {self.flops:,} (naive {self.naive_flops:,}, speedup {self.speedup:.3g}x)",
             f"  largest intermediate:  {self.largest_intermediate:,} elements "
             f"({_bytes(self.largest_intermediate_bytes)} as {self.dtype})",
+        ]
+        if self.rewrite:
+            lines.append(f"  rewrite:               {self.rewrite} (one fused call replaces the steps below)")
+        lines += [
             "",
         ]
         rows = [("step", "operands", "equation", "output", "flops", "kernel")]
@@ -218,10 +243,6 @@ def check_sizes(sizes: Mapping[str, Any]) -> None:
             raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
 
 
-def _operand_name(index: int) -> str:
-    return f"operand {index}"
-
-
 class _Sizes:
     """Axis sizes with where each was learned, so conflicts can name both places."""
 
@@ -249,7 +270,7 @@ def _show(axis: str) -> str:
 
 
 def _expand_ellipsis(
-    pattern: ir.Pattern, shapes: Sequence[Shape]
+    pattern: ir.Pattern, shapes: Sequence[Shape], labels: Sequence[str]
 ) -> tuple[list[list[tuple[str, ...]]], list[tuple[str, ...]], dict[str, int], set[tuple[int, int]]]:
     """Replace ``...`` by named ellipsis axes; returns (input dims, output dims, sizes, dropped).
 
@@ -257,12 +278,12 @@ def _expand_ellipsis(
     larger size: they leave the operand like a unit dimension.
     """
     ranks: list[int] = []
-    for index, (operand, shape) in enumerate(zip(pattern.inputs, shapes)):
+    for index, (operand, shape) in enumerate(zip(pattern.operands, shapes)):
         named = len(operand.dims) - operand.has_ellipsis
         if len(shape) < named or (not operand.has_ellipsis and len(shape) != named):
             spelled = operand.render(pattern.compact) or "(scalar)"
             raise EincError(
-                f"{_operand_name(index)} has {len(shape)} dimensions (shape {list(shape)}) "
+                f"{labels[index]} has {len(shape)} dimensions (shape {list(shape)}) "
                 f"but its axis list '{spelled}' has {named}"
             )
         ranks.append(len(shape) - named if operand.has_ellipsis else 0)
@@ -273,7 +294,7 @@ def _expand_ellipsis(
     origin: dict[str, int] = {}
     inputs: list[list[tuple[str, ...]]] = []
     per_operand: list[list[tuple[int, str]]] = []
-    for index, (operand, shape) in enumerate(zip(pattern.inputs, shapes)):
+    for index, (operand, shape) in enumerate(zip(pattern.operands, shapes)):
         dims: list[tuple[str, ...]] = []
         mine: list[tuple[int, str]] = []
         position = 0
@@ -286,8 +307,8 @@ def _expand_ellipsis(
                     if size != 1:
                         if sizes.get(name, 1) not in (1, size):
                             raise EincError(
-                                f"axis {_show(name)} has size {size} in {_operand_name(index)} "
-                                f"but {sizes[name]} in {_operand_name(origin[name])}, and they do not broadcast"
+                                f"axis {_show(name)} has size {size} in {labels[index]} "
+                                f"but {sizes[name]} in {labels[origin[name]]}, and they do not broadcast"
                             )
                         sizes[name] = size
                         origin[name] = index
@@ -319,20 +340,19 @@ def _resolve(
     shapes: Sequence[Shape],
     ellipsis_sizes: Mapping[str, int],
     keyword: Mapping[str, int],
+    names: Sequence[str],
+    known: Mapping[str, tuple[int, str]],
 ) -> dict[str, int]:
-    known_axes = pattern.input_axes | set(pattern.output.axes)
-    for name in keyword:
-        if name not in known_axes:
-            raise EincError(f"size given for axis {name!r}, which is not in the pattern")
-    check_sizes(keyword)
     sizes = _Sizes(keyword)
+    for name, (value, where) in known.items():
+        sizes.learn(name, value, where)
     for name, value in ellipsis_sizes.items():
         sizes.learn(name, value, "the broadcast ellipsis")
 
     pending: list[tuple[tuple[str, ...], int, str]] = []
     for index, (dims, shape) in enumerate(zip(inputs, shapes)):
         for position, (dim, extent) in enumerate(zip(dims, shape)):
-            where = f"{_operand_name(index)} (dimension {position})"
+            where = f"{names[index]} (dimension {position})"
             if not dim:
                 if extent != 1:
                     raise EincError(f"{where} is the unit axis '1' but has size {extent}")
@@ -396,6 +416,7 @@ def _prep(dims: list[tuple[str, ...]], shape: Shape, dropped: set[int], sizes: M
         reshape=None if split == tuple(shape) else split,
         diagonals=tuple(diagonals),
         axes=tuple(atoms),
+        split=tuple(a for position, dim in enumerate(dims) if position not in dropped for a in dim),
     )
 
 
@@ -644,13 +665,116 @@ def plan(
     """Plan ``pattern`` for tensors of ``shapes`` (with keyword ``sizes``).
 
     ``memory_limit`` bounds the elements of every intermediate (opt_einsum's meaning);
-    ``constants`` are the input positions whose values are folded once.
+    ``constants`` are the input positions whose values are folded once.  A nested
+    operation is planned first, as a program of its own, and its result is an operand
+    of the enclosing contraction; one axis name has one size throughout.
     """
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
-    if len(shapes) != len(pattern.inputs):
-        raise EincError(f"the pattern has {len(pattern.inputs)} operands but {len(shapes)} tensors were given")
-    inputs, output_dims, ellipsis_sizes, dropped = _expand_ellipsis(pattern, shapes)
-    size = _resolve(pattern, inputs, shapes, ellipsis_sizes, sizes)
+    if len(shapes) != pattern.leaves:
+        raise EincError(f"the pattern has {pattern.leaves} operands but {len(shapes)} tensors were given")
+    everywhere = _all_axes(pattern)
+    for name in sizes:
+        if name not in everywhere:
+            raise EincError(f"size given for axis {name!r}, which is not in the pattern")
+    check_sizes(sizes)
+    if pattern.nested and constants:
+        raise EincError("constants are not supported in patterns with nested operations")
+    known: dict[str, tuple[int, str]] = {}
+    if pattern.nested:
+        _learn_leaf_sizes(pattern, shapes, sizes, known)
+    return _plan_node(pattern, shapes, sizes, known, 0, optimize, memory_limit, constants)
+
+
+def _all_axes(pattern: ir.Pattern) -> set[str]:
+    axes = set(pattern.output.axes) | set(pattern.input_axes)
+    for operand in pattern.inputs:
+        if isinstance(operand, ir.Pattern):
+            axes |= _all_axes(operand)
+    return axes
+
+
+def _leaves(pattern: ir.Pattern, first: int = 0) -> list[tuple[int, ir.AxisList]]:
+    """(tensor position, axis list) of every tensor operand, nested ones included."""
+    out: list[tuple[int, ir.AxisList]] = []
+    for operand in pattern.inputs:
+        position = first + len(out)
+        if isinstance(operand, ir.Pattern):
+            out.extend(_leaves(operand, position))
+        else:
+            out.append((position, operand))
+    return out
+
+
+def _learn_leaf_sizes(pattern: ir.Pattern, shapes: Sequence[Shape], keyword: Mapping[str, int],
+                      known: MutableMapping[str, tuple[int, str]]) -> None:
+    """Sizes of plain axes of every tensor, so a nested level can use what another
+    operand says (``h`` learned from ``v`` splits ``(h d)`` in the nested ``q``)."""
+    table = _Sizes(keyword)
+    for position, operand in _leaves(pattern):
+        shape = shapes[position]
+        named = len(operand.dims) - operand.has_ellipsis
+        if len(shape) < named or (not operand.has_ellipsis and len(shape) != named):
+            continue  # the level's own planning reports it
+        cut = next((i for i, d in enumerate(operand.dims) if d == (ir.ELLIPSIS,)), len(operand.dims))
+        placed = list(enumerate(operand.dims[:cut])) + [
+            (len(shape) - (len(operand.dims) - i), d) for i, d in enumerate(operand.dims) if i > cut
+        ]
+        for dim_index, dim in placed:
+            if len(dim) == 1:
+                table.learn(dim[0], shape[dim_index], f"operand {position} (dimension {dim_index})")
+    for name, value in table.size.items():
+        if name not in keyword:
+            known[name] = (value, table.source[name])
+
+
+def _plan_node(
+    pattern: ir.Pattern,
+    shapes: Sequence[Shape],
+    sizes: Mapping[str, int],
+    known: dict[str, tuple[int, str]],
+    first: int,
+    optimize: Optimize,
+    memory_limit: int | None,
+    constants: frozenset[int],
+) -> Program:
+    nested: list[tuple[int, Program]] = []
+    operand_shapes: list[Shape] = []
+    names: list[str] = []
+    position = first
+    for index, operand in enumerate(pattern.inputs):
+        if isinstance(operand, ir.Pattern):
+            inner = _plan_node(operand, shapes[position - first:position - first + operand.leaves], sizes, known,
+                               position, optimize, memory_limit, constants)
+            nested.append((index, inner))
+            operand_shapes.append(inner.output_shape)
+            names.append(f"the result of {operand.op}(...) (operand {index} of {pattern.render()!r})")
+            for name, value in inner.sizes:
+                if not name.startswith(ir.ELLIPSIS):
+                    known.setdefault(name, (value, f"{operand.op}(...) of operands {position}.."
+                                                   f"{position + operand.leaves - 1}"))
+            position += operand.leaves
+        else:
+            operand_shapes.append(shapes[position - first])
+            names.append(f"operand {position}")
+            position += 1
+    own = pattern.input_axes | set(pattern.output.axes)
+    keyword = {name: value for name, value in sizes.items() if name in own}
+    program = _plan_level(pattern, tuple(operand_shapes), keyword, names, known, optimize, memory_limit, constants)
+    return replace(program, nested=tuple(nested)) if nested else program
+
+
+def _plan_level(
+    pattern: ir.Pattern,
+    shapes: tuple[Shape, ...],
+    sizes: Mapping[str, int],
+    names: Sequence[str],
+    known: Mapping[str, tuple[int, str]],
+    optimize: Optimize,
+    memory_limit: int | None,
+    constants: frozenset[int],
+) -> Program:
+    inputs, output_dims, ellipsis_sizes, dropped = _expand_ellipsis(pattern, shapes, names)
+    size = _resolve(pattern, inputs, shapes, ellipsis_sizes, sizes, names, known)
     preps = tuple(
         _prep(dims, shape, {d for op, d in dropped if op == index}, size)
         for index, (dims, shape) in enumerate(zip(inputs, shapes))
@@ -687,7 +811,11 @@ def plan(
                 f"memory_limit={memory_limit:,} elements is too small: the output "
                 f"({'x'.join(map(str, output_shape))}) has {math.prod(output_shape):,} elements"
             )
-    used = set(output_axes) | present
+    used = set(output_axes) | present | {f.value for f in pattern.scale if isinstance(f.value, str)}
+    scaled = None
+    if pattern.scale:
+        # Scaling the smallest operand costs least; a sum of products is linear in each.
+        scaled = min(range(len(preps)), key=lambda i: (i in constants, math.prod(size[a] for a in preps[i].axes)))
     return Program(
         pattern=pattern,
         shapes=shapes,
@@ -704,4 +832,9 @@ def plan(
                                                                      for step in steps]),
         reduced_count=math.prod(size[a] for a in reduced),
         constants=constants,
+        input_dims=tuple(tuple(dims) for dims in inputs),
+        output_dims=tuple(output_dims),
+        keyword=tuple(sorted(sizes.items())),
+        reduced=tuple(sorted(reduced)),
+        scaled=scaled,
     )

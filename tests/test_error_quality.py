@@ -95,10 +95,18 @@ ROWS = {
     # A NUL byte is shown escaped in the message.
     "syntax-nul": _syntax("a\x00b", 1, "unexpected character '\\x00'"),
     # Operations do not nest.
-    "syntax-nested-op": _syntax("sum(sum(a->a))", 9, "unexpected '->'"),
+    # A normalizer without an arrow takes an axis list, not a nested operation.
+    "semantic-nested-arrowless-normalizer": _semantic(
+        "softmax(sum(a b -> a))", 0, 7, "softmax without '->' takes an axis list, not a nested operation"),
+    # A scale names an axis the contraction does not have.
+    "semantic-scale-unknown-axis": _semantic("a b -> a / sqrt(e)", 9, 9, "scale factor axis 'e' is not an axis"),
+    # A zero scale factor.
+    "semantic-scale-zero": _semantic("a b -> a * 0", 11, 1, "a scale factor must be positive"),
+    # A scale on a reduction other than a sum of products.
+    "semantic-scale-on-logsumexp": _semantic("logsumexp(a b -> a / 2)", 19, 3, "a scale applies to sums of products"),
     # Text after a normalizer's closing parenthesis.
     "syntax-text-after-normalizer": _syntax(
-        "log_softmax(a [b]) x", 19, "unexpected 'x' (expected the end of the pattern)"),
+        "log_softmax(a [b]) x", 19, "unexpected 'x'"),
     # A normalizer left open ends too early: the caret just past the end.
     "syntax-open-normalizer": _syntax("softmax(a b -> a [b]", 20, "the pattern ends too early (expected ')')"),
     # A second arrow on a new line: newlines show as spaces, so the caret stays in its column.

@@ -49,7 +49,7 @@ SYNTAX = [
     ("i j -> i j]", 10, 1, "unexpected ']'"),  # stray bracket
     ("ij,jk->ik,", 9, 1, "unexpected ','"),  # comma in the output
     ("a, b -> a b)", 11, 1, "unexpected ')'"),  # stray close paren, spaced
-    ("sum(a b -> a) b", 14, 1, "unexpected 'b' (expected the end of the pattern)"),  # text after an op call
+    ("sum(a b -> a) b", 14, 1, "unexpected 'b' (expected '*' or '/', ',', '->', the end of the pattern)"),  # text after an op call
 ]
 
 
@@ -245,7 +245,7 @@ def test_errors_are_not_chained():
 def _tensors_for(expr: einc.Expression) -> list[torch.Tensor]:
     """Tensors that fit the parsed pattern: every axis of size 2, empty ellipsis."""
     shapes = []
-    for operand in expr.ir.inputs:
+    for operand in expr.ir.operands:
         shapes.append([2 ** len(dim) for dim in operand.dims if dim != (ir.ELLIPSIS,)])
     return [torch.randn(shape) for shape in shapes]
 

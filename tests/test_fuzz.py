@@ -193,7 +193,35 @@ def check_source(source: str, axes=()) -> None:
 
 
 def pattern_axes(pattern: ir.Pattern) -> set[str]:
-    return set(pattern.input_axes) | set(pattern.output.axes)
+    axes = set(pattern.input_axes) | set(pattern.output.axes)
+    for operand in pattern.inputs:
+        if isinstance(operand, ir.Pattern):
+            axes |= pattern_axes(operand)
+    return axes
+
+
+def leaf_lists(pattern: ir.Pattern) -> list[ir.AxisList]:
+    """The axis list of each tensor the pattern takes (nested operations' included)."""
+    out: list[ir.AxisList] = []
+    for operand in pattern.inputs:
+        out.extend(leaf_lists(operand) if isinstance(operand, ir.Pattern) else [operand])
+    return out
+
+
+def all_new_axes(pattern: ir.Pattern) -> set[str]:
+    """Output axes no input has, at every level: their sizes come by keyword."""
+    axes = set(pattern.new_axes)
+    for operand in pattern.inputs:
+        if isinstance(operand, ir.Pattern):
+            axes |= all_new_axes(operand)
+    return axes
+
+
+def all_lists(pattern: ir.Pattern) -> list[ir.AxisList]:
+    out = [pattern.output]
+    for operand in pattern.inputs:
+        out.extend(all_lists(operand) if isinstance(operand, ir.Pattern) else [operand])
+    return out
 
 
 # --------------------------------------------------------------- strategies
@@ -485,10 +513,10 @@ def _fitted(expr: einc.Expression, case: Case, data) -> tuple[dict, list[tuple[i
             atom_sizes[a] = size
             total *= max(size, 1)
         batch = tuple(data.draw(st.lists(st.sampled_from([2, 1, 3]), max_size=2), label="batch"))
-        grouped = {a for x in (*pattern.inputs, pattern.output) for d in x.dims if len(d) > 1 for a in d}
-        sizes = {a: atom_sizes[a] for a in set(pattern.new_axes) | grouped if a not in _UNSIZABLE}
+        grouped = {a for x in all_lists(pattern) for d in x.dims if len(d) > 1 for a in d}
+        sizes = {a: atom_sizes[a] for a in all_new_axes(pattern) | grouped if a not in _UNSIZABLE}
     shapes = []
-    for operand in pattern.inputs:
+    for operand in leaf_lists(pattern):
         shape = []
         for dim in operand.dims:
             if dim == (ir.ELLIPSIS,):
@@ -557,7 +585,7 @@ def exercise(case: Case, data) -> None:
     event(f"{kind}: compiled")
 
     # Random shapes, with a random number of operands around the right one.
-    n = len(expr.ir.inputs)
+    n = expr.ir.leaves
     count = data.draw(st.sampled_from([n, n, n, max(0, n - 1), n + 1]), label="operand count")
     shapes = data.draw(st.lists(RANDOM_SHAPE, min_size=count, max_size=count), label="random shapes")
     _explain_and_call(expr, shapes)
@@ -761,7 +789,11 @@ def test_non_identifiers_are_einc_errors(name):
         "a -> a[0]",
         "x0 -> x0.__globals__",
         "torch.load -> torch",
-        "a, b -> a * b",
+        "a, b -> a * -b",
+        "a -> a * 0.5",  # scale factors are ints and axis sizes, no float literals
+        "a -> a * 1e3",
+        "a -> a / sqrt(a) ** 2",
+        "a -> a * __import__",
         "a -> -a",
         "i j -> j i\x00",
         "\u0430 b -> b \u0430",  # Cyrillic a
