@@ -360,6 +360,41 @@ class Expression:
             rewrite=code.rewrite,
         )
 
+    def module(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | None = None
+               ) -> torch.nn.Module:
+        """A ``torch.nn.Module`` computing this pattern for any shapes of the example's ranks.
+
+        Its code reads sizes from the inputs' shapes at run time (sizes given by keyword
+        stay fixed), so one module serves every batch size and sequence length: it works
+        eagerly, under ``torch.jit.script`` and under ``torch.compile(fullgraph=True)``.
+        The contraction path is planned once, for the example shapes.  Half-float
+        reductions and normalizers compute in float32, decided from the inputs' dtype.
+
+        >>> import torch, einc
+        >>> m = einc.compile("b t (h d), h d e -> b t h e", h=2).module((1, 1, 8), (2, 4, 3))
+        >>> scripted = torch.jit.script(m)
+        >>> scripted(torch.randn(5, 7, 8), torch.randn(2, 4, 3)).shape
+        torch.Size([5, 7, 2, 3])
+        """
+        if self._constants:
+            raise EincError(f"pattern {self.pattern!r}: module() does not take constants")
+        shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
+        if dtype is None:
+            dtype = next((x.dtype for x in tensors_or_shapes if isinstance(x, torch.Tensor)), torch.float32)
+        program = self._plan_for(shapes, dtype)
+        for level in program.programs():
+            for preps, dims, shape in zip(level.preps, level.input_dims, level.shapes):
+                # Broadcasting a size-1 ellipsis dimension is decided per shape; generic
+                # code could not tell a broadcast 1 from a real one.
+                if len(preps.split) != sum(len(d) for d, n in zip(dims, shape) if d != () or n != 1):
+                    raise self._context(shapes, EincError(
+                        "module() cannot broadcast size-1 '...' dimensions (its code serves every shape); "
+                        "expand the operand first"))
+        code = generate(program, dtype, generic=True, fuse=self.fuse, module=True)
+        module: torch.nn.Module = code.namespace()[MODULE_NAME]()
+        module.einc_source = code.source  # type: ignore[assignment]
+        return module
+
     def reference(self, *tensors: torch.Tensor, absolute: bool = False, widen: bool = True) -> torch.Tensor:
         """The pattern evaluated the plain way, in float64 (complex128) unless ``widen=False``.
 
@@ -617,9 +652,9 @@ def configure(
 
 @functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)
 def _cached(pattern: str, backend: str, optimize: Any, notation: str, memory_limit: int | str | None,
-            sizes: tuple[tuple[str, int], ...]) -> Expression:
+            fuse: bool, sizes: tuple[tuple[str, int], ...]) -> Expression:
     return _expression(pattern, {"backend": backend, "optimize": optimize, "notation": notation,
-                                 "memory_limit": memory_limit}, dict(sizes))
+                                 "memory_limit": memory_limit, "fuse": fuse}, dict(sizes))
 
 
 
@@ -632,6 +667,7 @@ def compile(  # noqa: A001 - the name is the API
     notation: Notation = "auto",
     memory_limit: int | str | None = None,
     constants: Mapping[int, torch.Tensor] | None = None,
+    fuse: bool = True,
     **sizes: int,
 ) -> Expression:
     """Compile ``pattern`` into a callable :class:`Expression` (cached by pattern and options).
@@ -644,7 +680,8 @@ def compile(  # noqa: A001 - the name is the API
     # Checked before the cache, which would take 2.0 for 2 and True for 1.
     check_sizes(sizes)
     _memory_limit(memory_limit)
-    options: dict[str, Any] = {"backend": backend, "notation": notation, "memory_limit": memory_limit}
+    options: dict[str, Any] = {"backend": backend, "notation": notation, "memory_limit": memory_limit,
+                               "fuse": fuse}
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
         return _expression(pattern, {"optimize": optimize, "constants": constants, **options}, sizes)
@@ -658,7 +695,9 @@ def compile(  # noqa: A001 - the name is the API
         hash(optimize)
     except TypeError:
         return _expression(pattern, {"optimize": optimize, **options}, sizes)
-    return _cached(pattern, backend, optimize, notation, memory_limit, tuple(sorted(sizes.items())))
+    if not isinstance(fuse, bool):
+        raise EincError(f"fuse must be True or False, not {fuse!r}")
+    return _cached(pattern, backend, optimize, notation, memory_limit, fuse, tuple(sorted(sizes.items())))
 
 
 def einsum(pattern: str, /, *tensors: torch.Tensor, **sizes: int) -> torch.Tensor:

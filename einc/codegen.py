@@ -61,6 +61,14 @@ class Generated:
         """The module's functions as plain Python, its source registered in ``linecache``."""
         namespace = dict(self.globals)
         exec(compile(self.source, self.filename, "exec"), namespace)  # noqa: S102 - generated, validated
+        # TorchScript names what it compiles by __module__ (None after exec); a name per
+        # source keeps two generated modules apart.  No __name__ in the namespace itself:
+        # torch.compile would try to import it.
+        owner = "einc.generated_" + self.filename.removeprefix("<einc-generated-").removesuffix(">")
+        for value in namespace.values():
+            if getattr(value, "__code__", None) is not None and value.__code__.co_filename == self.filename \
+                    or isinstance(value, type) and value.__module__ == "builtins":
+                value.__module__ = owner
         return namespace
 
     def eager(self) -> Callable[..., torch.Tensor]:
