@@ -1,0 +1,304 @@
+"""Modules written with einc: :class:`Einsum` and :class:`MultiheadAttention`.
+
+Their computations are einc patterns compiled to shape-generic generated modules
+(:meth:`einc.Expression.module`), held as submodules: the layers run eagerly, under
+``torch.jit.script`` and under ``torch.compile(fullgraph=True)``, for any batch size
+and sequence length.
+"""
+
+# No `from __future__ import annotations`: TorchScript reads these annotations as objects.
+
+import math
+from collections.abc import Mapping
+from typing import Final, List, Optional, Tuple  # noqa: UP035 - TorchScript reads typing's names
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - torch's own spelling
+
+from . import ir
+from .api import compile as _compile
+from .errors import EincError
+from .parser import parse
+
+__all__ = ["Einsum", "MultiheadAttention"]
+
+EXAMPLE_SIZE = 8
+"""Size assumed, when planning a module's contraction path, for axes whose size is
+not fixed (batch, sequence); the generated code reads the real sizes at run time."""
+
+
+def _example_shape(axes: ir.AxisList, sizes: Mapping[str, int], ellipsis_ndim: int) -> tuple[int, ...]:
+    shape: list[int] = []
+    for dim in axes.dims:
+        if dim == (ir.ELLIPSIS,):
+            shape.extend([EXAMPLE_SIZE] * ellipsis_ndim)
+        else:
+            shape.append(math.prod(sizes.get(a, EXAMPLE_SIZE) for a in dim))
+    return tuple(shape)
+
+
+def _fixed_shape(axes: ir.AxisList, sizes: Mapping[str, int], what: str) -> tuple[int, ...]:
+    """The shape of a weight or bias: every axis's size must come by keyword."""
+    shape: list[int] = []
+    for dim in axes.dims:
+        if dim == (ir.ELLIPSIS,):
+            raise EincError(f"Einsum: the {what} cannot have '...'")
+        for axis in dim:
+            if axis not in sizes:
+                raise EincError(f"Einsum: give the size of {what} axis {axis!r} by keyword, e.g. {axis}=64")
+        shape.append(math.prod(sizes[a] for a in dim))
+    return tuple(shape)
+
+
+class Einsum(torch.nn.Module):
+    """A layer ``y = einsum(pattern, x, weight) + bias`` with named axes (as einops' EinMix).
+
+    ``pattern`` maps the input to the output; ``weight`` and ``bias`` are axis lists
+    whose sizes are given by keyword.  The weight joins the contraction as a second
+    operand; the bias is added to the output and must name whole output dimensions,
+    in output order.  Both start uniform in ``±1/sqrt(fan_in)``, where ``fan_in`` is
+    the number of weight elements summed into each output element (as
+    ``torch.nn.Linear``).  Without ``weight`` the layer is a parameter-free
+    rearrange/reduce.
+
+    >>> import torch, einc.nn
+    >>> layer = einc.nn.Einsum("b t (h d) -> b t h e", weight="h d e", bias="h e", h=4, d=16, e=8)
+    >>> layer(torch.randn(2, 10, 64)).shape
+    torch.Size([2, 10, 4, 8])
+    >>> torch.jit.script(layer)(torch.randn(3, 5, 64)).shape
+    torch.Size([3, 5, 4, 8])
+    """
+
+    has_weight: Final[bool]
+    has_bias: Final[bool]
+    bias_view: List[int]
+
+    def __init__(self, pattern: str, weight: str | None = None, bias: str | None = None, *,
+                 ellipsis_ndim: int = 1, fuse: bool = True, **sizes: int) -> None:
+        super().__init__()
+        parsed = parse(pattern)
+        notation = "compact" if parsed.compact else "spaced"
+        self.pattern = pattern
+        self.has_weight = weight is not None
+        self.has_bias = bias is not None
+        if weight is not None:
+            if parsed.op is not None or parsed.nested or len(parsed.inputs) != 1 or "->" not in pattern:
+                raise EincError(f"Einsum: with a weight, the pattern must be one operand and an output, "
+                                f"'x -> y', not {pattern!r}")
+            weight_axes = parse(weight, notation).operands[0]
+            full = ir.Pattern((parsed.inputs[0], weight_axes), parsed.output, compact=parsed.compact,
+                              scale=parsed.scale)
+            weight_shape = _fixed_shape(weight_axes, sizes, "weight")
+            summed = [a for a in weight_axes.axes if a not in parsed.output.axes]
+            fan_in = math.prod(sizes[a] for a in summed)
+            self.weight = torch.nn.Parameter(torch.empty(weight_shape))
+            operands = [parsed.operands[0], weight_axes]
+            pattern_text = full.render()
+        else:
+            fan_in = 1
+            self.register_parameter("weight", None)
+            operands = list(parsed.operands)
+            if len(operands) != 1:
+                raise EincError(f"Einsum: the pattern takes one input, not {len(operands)}: {pattern!r}")
+            pattern_text = pattern
+        self.bias_view = []
+        if bias is not None:
+            bias_axes = parse(bias, notation).operands[0]
+            bias_shape = _fixed_shape(bias_axes, sizes, "bias")
+            self.bias_view = self._bias_view(parsed.output, bias_axes, sizes)
+            self.bias = torch.nn.Parameter(torch.empty(bias_shape))
+        else:
+            self.register_parameter("bias", None)
+        self._bound = 1 / math.sqrt(fan_in)
+        expression = _compile(pattern_text, notation=notation, fuse=fuse,
+                              **{a: n for a, n in sizes.items() if a in _axes_of(operands, parsed.output)})
+        examples = [_example_shape(axes, sizes, ellipsis_ndim) for axes in operands]
+        examples[1:] = [tuple(p.shape) for p in (self.weight,) if p is not None]
+        self.core = expression.module(*examples)
+        self.reset_parameters()
+
+    @staticmethod
+    def _bias_view(output: ir.AxisList, bias: ir.AxisList, sizes: Mapping[str, int]) -> List[int]:
+        """The shape that broadcasts the bias against the output (dims after any '...')."""
+        dims = list(output.dims)
+        if (ir.ELLIPSIS,) in dims:
+            dims = dims[dims.index((ir.ELLIPSIS,)) + 1:]
+        wanted = [a for a in bias.axes]
+        view: List[int] = []
+        covered: list[str] = []
+        for dim in dims:
+            inside = [a for a in dim if a in wanted]
+            if inside and len(inside) != len(dim):
+                raise EincError(f"Einsum: the bias must cover whole output dimensions; it has only "
+                                f"{', '.join(inside)} of ({' '.join(dim)})")
+            view.append(math.prod(sizes[a] for a in dim) if inside else 1)
+            covered.extend(inside)
+        if covered != wanted:
+            raise EincError(f"Einsum: bias axes {' '.join(wanted)} must be output axes (after any '...'), "
+                            "in output order")
+        return view
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            for parameter in (self.weight, self.bias):
+                if parameter is not None:
+                    parameter.uniform_(-self._bound, self._bound)
+
+    def extra_repr(self) -> str:
+        return f"{self.pattern!r}" + "".join(
+            f", {name}={tuple(p.shape)}" for name, p in (("weight", self.weight), ("bias", self.bias)) if p is not None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.has_weight:
+            y = self.core(x, self.weight)
+        else:
+            y = self.core(x)
+        if self.has_bias:
+            y = y + self.bias.reshape(self.bias_view)
+        return y
+
+
+def _axes_of(operands: list[ir.AxisList], output: ir.AxisList) -> set[str]:
+    return {a for x in operands for a in x.axes} | set(output.axes)
+
+
+class MultiheadAttention(torch.nn.Module):
+    """Multi-head attention written with einc; loads ``torch.nn.MultiheadAttention``'s weights.
+
+    Same constructor arguments (the common subset), parameters (``in_proj_weight``,
+    ``in_proj_bias``, ``out_proj``), ``forward`` signature and outputs as torch's layer,
+    so ``layer.load_state_dict(torch_layer.state_dict())`` makes the two compute the
+    same thing.  Heads are split and merged by composition inside einc patterns; with
+    no mask, no returned weights and no dropout, the attention is one pattern that
+    einc lowers to ``scaled_dot_product_attention``::
+
+        softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)
+
+    Otherwise scores, masks, softmax, dropout and the weighted sum run as separate
+    steps (two einc patterns around torch's softmax), as torch's layer does.
+
+    Not supported: ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv``,
+    ``add_zero_attn``.
+
+    >>> import torch, einc.nn
+    >>> reference = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    >>> layer = einc.nn.MultiheadAttention(32, 4, batch_first=True)
+    >>> _ = layer.load_state_dict(reference.state_dict())
+    >>> x = torch.randn(2, 6, 32)
+    >>> torch.allclose(layer(x, x, x)[0], reference(x, x, x)[0], atol=1e-5)
+    True
+    """
+
+    batch_first: Final[bool]
+    num_heads: Final[int]
+    has_bias: Final[bool]
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if add_bias_kv or add_zero_attn:
+            raise EincError("einc.nn.MultiheadAttention does not support add_bias_kv or add_zero_attn")
+        if kdim not in (None, embed_dim) or vdim not in (None, embed_dim):
+            raise EincError("einc.nn.MultiheadAttention needs kdim == vdim == embed_dim")
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+            raise EincError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = float(dropout)
+        self.batch_first = batch_first
+        self.has_bias = bias
+        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        if bias:
+            self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+        h, e = num_heads, embed_dim
+        seq = "b l" if batch_first else "l b"
+        example = (EXAMPLE_SIZE, EXAMPLE_SIZE, e)
+        heads = (EXAMPLE_SIZE, EXAMPLE_SIZE, e)
+        # Projections land in (b, l, (h d)): the attention patterns split the heads.
+        self.project = _compile(f"{seq} e, f e -> b l f").module(example, (e, e))
+        self.attend = _compile(
+            "softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)", h=h
+        ).module(heads, heads, heads)
+        self.scores = _compile("b q (h d), b k (h d) -> b h q k / sqrt(d)", h=h).module(heads, heads)
+        self.mix = _compile("b h q k, b k (h d) -> b q (h d)", h=h).module(
+            (EXAMPLE_SIZE, h, EXAMPLE_SIZE, EXAMPLE_SIZE), heads)
+        self.output = _compile(f"b l f, e f -> {seq} e").module(heads, (e, e))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # torch.nn.MultiheadAttention's initialisation.
+        torch.nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_bias is not None:
+            torch.nn.init.constant_(self.in_proj_bias, 0.0)
+            torch.nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def _projected(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        e = self.embed_dim
+        y = self.project(x, self.in_proj_weight[index * e:(index + 1) * e])
+        if self.has_bias:
+            bias = self.in_proj_bias
+            assert bias is not None
+            y = y + bias[index * e:(index + 1) * e]
+        return y
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,  # noqa: UP045 - TorchScript
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,  # noqa: UP045
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:  # noqa: UP006, UP045
+        """As ``torch.nn.MultiheadAttention.forward``; ``is_causal`` is a hint, as there
+        (the mask in ``attn_mask`` is what applies)."""
+        batched = query.dim() == 3
+        if not batched:
+            axis = 0 if self.batch_first else 1
+            query, key, value = query.unsqueeze(axis), key.unsqueeze(axis), value.unsqueeze(axis)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        q = self._projected(query, 0)
+        k = self._projected(key, 1)
+        v = self._projected(value, 2)
+        dropout = self.dropout if self.training else 0.0
+        weights: Optional[torch.Tensor] = None  # noqa: UP045
+        if attn_mask is None and key_padding_mask is None and not need_weights and dropout == 0.0:
+            attended = self.attend(q, k, v)
+        else:
+            scores = self.scores(q, k)
+            n, h, length, source = scores.shape[0], scores.shape[1], scores.shape[2], scores.shape[3]
+            if attn_mask is not None:
+                mask = attn_mask.reshape([n, h, length, source]) if attn_mask.dim() == 3 else attn_mask
+                scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            if key_padding_mask is not None:
+                padding = key_padding_mask.reshape([n, 1, 1, source])
+                if padding.dtype == torch.bool:
+                    scores = scores.masked_fill(padding, float("-inf"))
+                else:
+                    scores = scores + padding
+            probabilities = torch.softmax(scores, -1)
+            if dropout > 0.0:
+                probabilities = F.dropout(probabilities, p=dropout)
+            attended = self.mix(probabilities, v)
+            if need_weights:
+                weights = probabilities.mean(1) if average_attn_weights else probabilities
+        out = self.output(attended, self.out_proj.weight)
+        if self.has_bias:
+            out = out + self.out_proj.bias
+        if not batched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
