@@ -231,6 +231,10 @@ def _einsum_equation(pattern: ir.Pattern) -> tuple[str | None, str]:
     """``(torch.einsum equation, "")``, or ``(None, why not)`` where torch.einsum cannot spell it."""
     if pattern.op not in (None, "sum"):
         return None, f"cannot express {pattern.op}(...)"
+    if pattern.nested:
+        return None, "cannot express nested operations"
+    if pattern.scale:
+        return None, "cannot express a scale"
     lists = [*pattern.inputs, pattern.output]
     if any(len(dim) != 1 for axes in lists for dim in axes.dims):
         return None, "cannot express compositions or unit axes"

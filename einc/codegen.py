@@ -126,6 +126,10 @@ _SEMIRING = {"logsumexp": "log", "max": "max", "min": "min"}
 _LOW_PRECISION = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
 
 
+def _integral(factors: Sequence[Factor]) -> bool:
+    return all(not f.divide and not f.sqrt for f in factors)
+
+
 class _Module:
     """What the levels of one generated module share: names, helpers, kernels, mode."""
 
@@ -172,6 +176,10 @@ class _Emitter:
         self.sizes = dict(program.sizes)
         self.keyword = dict(program.keyword)
         self.size_vars: dict[str, str] = {}
+        # Scaling the smallest operand is cheapest, but a fractional scale would turn an
+        # integer operand into floats before the product: scale the result then.
+        exact = dtype.is_floating_point or dtype.is_complex or self.generic
+        self.scale_result = bool(program.pattern.scale) and not exact and not _integral(program.pattern.scale)
 
     # ------------------------------------------------------------------ sizes
 
@@ -265,7 +273,7 @@ class _Emitter:
         A product of integers stays an int (integer tensors stay integer); a division
         or a square root makes it a float, as ``x / 2`` does in torch.
         """
-        integral = all(not f.divide and not f.sqrt for f in factors)
+        integral = _integral(factors)
         values = [str(int(f.value)) if isinstance(f.value, int) else self.size(f.value) for f in factors]
         if integral and not as_float:
             return "(" + " * ".join(values or ["1"]) + ")"
@@ -287,7 +295,7 @@ class _Emitter:
         value = self.reshape(value, self.program.input_dims[index], _singles(prep.split))
         for d1, d2 in prep.diagonals:
             value = self.assign(f"torch.diagonal({value}, 0, {int(d1)}, {int(d2)})")
-        if scale and self.program.scaled == index:
+        if scale and self.program.scaled == index and not self.scale_result:
             value = self.assign(f"{value} * {self.scale(self.program.pattern.scale)}")
         return value
 
@@ -385,6 +393,8 @@ class _Emitter:
             with_new = [(a,) if a in axes else () for a in target]
             value = self.reshape(value, _singles(present), with_new)
             value = self.assign(f"{value}.expand({self.dims(_singles(target))})")
+        if self.scale_result:
+            value = self.assign(f"{value} * {self.scale(program.pattern.scale)}")
         if program.pattern.op in NORMALIZERS:
             value = self.normalize(value, target)
         value = self.reshape(value, _singles(target), program.output_dims)
@@ -405,6 +415,8 @@ def _attention(module: _Module, program: Program, roles: Attention, leaves: list
     inner_emit = _Emitter(inner, torch.float32, module, lines, inner_operands)
     outer_operands: list[str | None] = [None, tensors[2]] if roles.v == 2 else [tensors[0], None]
     outer = _Emitter(program, torch.float32, module, lines, outer_operands, fallback=inner_emit)
+    # q and k's own axes (the head) are the inner level's: the outer reshapes them too.
+    outer.sizes = {**inner_emit.sizes, **outer.sizes}
     first_inner = 0 if roles.v == 2 else 1
     where = {roles.q: (inner_emit, roles.q - first_inner), roles.k: (inner_emit, roles.k - first_inner),
              roles.v: (outer, 1 - first_inner)}

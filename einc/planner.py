@@ -207,7 +207,8 @@ class Plan:
             f"({_bytes(self.largest_intermediate_bytes)} as {self.dtype})",
         ]
         if self.rewrite:
-            lines.append(f"  rewrite:               {self.rewrite} (one fused call replaces the steps below)")
+            lines.append(f"  rewrite:               {self.rewrite}: one fused call replaces the steps below "
+                         "(flops and intermediates above are the unfused plan's)")
         lines += [
             "",
         ]
