@@ -235,7 +235,7 @@ def _einsum_equation(pattern: ir.Pattern) -> tuple[str | None, str]:
         return None, "cannot express nested operations"
     if pattern.scale:
         return None, "cannot express a scale"
-    lists = [*pattern.inputs, pattern.output]
+    lists = [*pattern.operands, pattern.output]
     if any(len(dim) != 1 for axes in lists for dim in axes.dims):
         return None, "cannot express compositions or unit axes"
     if pattern.new_axes:
@@ -246,7 +246,7 @@ def _einsum_equation(pattern: ir.Pattern) -> tuple[str | None, str]:
     letter = {a: a for a in names} if pattern.compact else dict(zip(names, _LETTERS))
     letter[ir.ELLIPSIS] = ir.ELLIPSIS
     spell = lambda axes: "".join(letter[dim[0]] for dim in axes.dims)  # noqa: E731
-    return ",".join(spell(axes) for axes in pattern.inputs) + "->" + spell(pattern.output), ""
+    return ",".join(spell(axes) for axes in pattern.operands) + "->" + spell(pattern.output), ""
 
 
 def _peers(pattern: ir.Pattern, reference: Callable[[], torch.Tensor], tensors: Sequence[torch.Tensor],
@@ -266,7 +266,7 @@ def _peers(pattern: ir.Pattern, reference: Callable[[], torch.Tensor], tensors: 
         import einops
     except ImportError:
         return peers, ["einops.einsum: einops is not installed (pip install 'einc[bench]')"]
-    spaced = ", ".join(axes.render(False) for axes in pattern.inputs) + " -> " + pattern.output.render(False)
+    spaced = ", ".join(axes.render(False) for axes in pattern.operands) + " -> " + pattern.output.render(False)
     peers["einops.einsum"] = lambda: einops.einsum(*tensors, spaced)  # type: ignore[call-overload]
     return peers, []
 

@@ -10,7 +10,7 @@ and sequence length.
 
 import math
 from collections.abc import Mapping
-from typing import Final, List, Optional, Tuple  # noqa: UP035 - TorchScript reads typing's names
+from typing import Any, Final, List, Optional, Tuple  # noqa: UP035 - TorchScript reads typing's names
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch's own spelling
@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 from . import ir
 from .api import compile as _compile
 from .errors import EincError
-from .parser import parse
+from .parser import Notation, parse
 
 __all__ = ["Einsum", "MultiheadAttention"]
 
@@ -77,7 +77,7 @@ class Einsum(torch.nn.Module):
                  ellipsis_ndim: int = 1, fuse: bool = True, **sizes: int) -> None:
         super().__init__()
         parsed = parse(pattern)
-        notation = "compact" if parsed.compact else "spaced"
+        notation: Notation = "compact" if parsed.compact else "spaced"
         self.pattern = pattern
         self.has_weight = weight is not None
         self.has_bias = bias is not None
@@ -205,7 +205,7 @@ class MultiheadAttention(torch.nn.Module):
             raise EincError("einc.nn.MultiheadAttention needs kdim == vdim == embed_dim")
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise EincError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
-        factory = {"device": device, "dtype": dtype}
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads

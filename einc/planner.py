@@ -342,10 +342,10 @@ def _resolve(
     ellipsis_sizes: Mapping[str, int],
     keyword: Mapping[str, int],
     names: Sequence[str],
-    known: Mapping[str, tuple[int, str]],
+    learned: Mapping[str, tuple[int, str]],
 ) -> dict[str, int]:
     sizes = _Sizes(keyword)
-    for name, (value, where) in known.items():
+    for name, (value, where) in learned.items():
         sizes.learn(name, value, where)
     for name, value in ellipsis_sizes.items():
         sizes.learn(name, value, "the broadcast ellipsis")
