@@ -22,7 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import einc  # noqa: E402
-from common import Case, Contender, Target, check_targets, markdown_report, parse_args, run_case, write_section  # noqa: E402
+from common import (  # noqa: E402
+    Case, Contender, Target, check_targets, markdown_report, parse_args, print_targets, run_case, write_section,
+)
 
 try:
     import einx
@@ -183,9 +185,7 @@ def main(argv=None) -> int:
             continue
         results[case.name] = run_case(case, args.min_run_time, args.rounds)
     checked = check_targets(TARGETS, results)
-    print("Targets:")
-    for target, ratio, ok in checked:
-        print(f"  [{'met' if ok else 'MISSED'}] {target.text}: {ratio:.2f}x")
+    print_targets(checked)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.markdown:
         intro = [

@@ -31,8 +31,6 @@ import datetime
 import json
 import os
 import platform
-import re
-import resource
 import shlex
 import subprocess
 import sys
@@ -43,7 +41,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.benchmark as tbench
 
-from common import format_time, render_console, render_markdown, write_section  # noqa: E402 - the script's folder is on sys.path
+from common import (  # noqa: E402 - the script's folder is on sys.path
+    format_time,
+    peak_rss_growth,
+    render_console,
+    render_markdown,
+    run_memory_probe,
+    write_section,
+)
 import einc
 
 try:
@@ -304,11 +309,6 @@ def validate_logmm_rows(n: int, rows: int = 8) -> str:
 # --------------------------------------------------------------------------- memory probe
 
 
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
 def memory_probe(kind: str, n: int) -> dict:
     """Run in a fresh subprocess: peak RSS growth (bytes) of one call, inputs excluded."""
     torch.set_num_threads(1)
@@ -322,27 +322,12 @@ def memory_probe(kind: str, n: int) -> dict:
         call = lambda: fn(a, b)  # noqa: E731
     else:
         call = lambda: _logmm_naive(a, b)  # noqa: E731
-    method = "VmHWM after clear_refs"
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _status_kib("VmRSS")
-        out = call()
-        peak = _status_kib("VmHWM")
-    except OSError:
-        method = "ru_maxrss growth"
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = call()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    del out
-    return {"kind": kind, "n": n, "bytes": (peak - base) * 1024, "method": method}
+    nbytes, method = peak_rss_growth(call)
+    return {"kind": kind, "n": n, "bytes": nbytes, "method": method}
 
 
 def run_probe(kind: str, n: int) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-probe", kind, str(n)],
-                          capture_output=True, text=True, env=env, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_memory_probe(__file__, kind, str(n))
 
 
 # --------------------------------------------------------------------------- allocator

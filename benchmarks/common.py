@@ -18,8 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import os
 import platform
+import re
+import resource
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +32,7 @@ import torch
 import torch.utils.benchmark as tbench
 
 __all__ = [
+    "PREAMBLE",
     "Contender",
     "Case",
     "Result",
@@ -39,7 +44,18 @@ __all__ = [
     "markdown_report",
     "console_table",
     "check_targets",
+    "print_targets",
+    "peak_rss_growth",
+    "run_memory_probe",
 ]
+
+PREAMBLE = (
+    "# einc benchmarks\n\n"
+    "Each section is written by one benchmark script (`python benchmarks/<script>.py --markdown "
+    "benchmarks/RESULTS.md` replaces only its own section). Ratios are einc's time divided by the "
+    "contender's: below 1x einc is faster.\n"
+)
+"""What ``write_section`` starts RESULTS.md with when the file does not exist yet."""
 
 
 @dataclass
@@ -95,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None, description: str = "") -> argp
     parser.add_argument("--markdown", metavar="PATH", default=None,
                         help="write the results as markdown to PATH (replacing this script's section)")
     parser.add_argument("--only", metavar="SUBSTRING", default=None, help="run only cases whose name contains this")
+    parser.add_argument("--memory-probe", nargs="+", metavar="ARG", help=argparse.SUPPRESS)  # run_memory_probe
     args = parser.parse_args(argv)
     if args.min_run_time is None:
         args.min_run_time = 0.05 if args.quick else 0.4
@@ -214,8 +231,6 @@ def _cpu_model() -> str:
 
 def _einc_revision() -> str:
     """The git commit of the einc checkout, flagged when einc/ has uncommitted changes."""
-    import subprocess
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -248,6 +263,13 @@ def machine_info() -> dict[str, str]:
 
 def check_targets(targets: Sequence[Target], results: Mapping[str, Result]) -> list[tuple[Target, float, bool]]:
     return [(t, *t.evaluate(results)) for t in targets if t.case in results]
+
+
+def print_targets(checked: Sequence[tuple[Target, float, bool]]) -> None:
+    """Print ``check_targets``'s verdicts, one line each."""
+    print("Targets:")
+    for target, ratio, ok in checked:
+        print(f"  [{'met' if ok else 'MISSED'}] {target.text}: {ratio:.2f}x")
 
 
 def markdown_report(
@@ -302,3 +324,44 @@ def write_section(path: str, heading: str, section: str, preamble: str) -> None:
         new = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
     with open(path, "w") as f:
         f.write(new)
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field_name}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def peak_rss_growth(call: Callable[[], object]) -> tuple[int, str]:
+    """Bytes by which the process's peak RSS grows during ``call()``, and how that was measured.
+
+    The peak (``VmHWM``) is reset through ``/proc/self/clear_refs`` right before the call, so
+    what the process already holds (torch, the inputs) is not counted and what ``call``
+    returns is.  Where ``clear_refs`` is unavailable, the growth of ``ru_maxrss`` is used: it
+    only sees a new all-time peak.  Meant for a fresh process: see ``run_memory_probe``.
+    """
+    method = "VmHWM after clear_refs"
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_kib("VmRSS")
+        out = call()
+        peak = _status_kib("VmHWM")
+    except OSError:
+        method = "ru_maxrss growth"
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = call()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del out
+    return (peak - base) * 1024, method
+
+
+def run_memory_probe(script: str, *args: str) -> dict:
+    """Run ``script --memory-probe ARGS...`` in a fresh interpreter; return the JSON its last line prints.
+
+    glibc's mmap threshold is pinned (``MALLOC_MMAP_THRESHOLD_``) so that freed temporaries go
+    back to the kernel and each call's own footprint is seen; OpenMP gets one thread.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--memory-probe", *args],
+                          capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
