@@ -253,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_case(case, args.min_run_time, args.rounds, rtol=RTOL, verbose=False)
         case.notes = ["max |error| / max |float64 reference|: "
                       + ", ".join(f"{name} {err:.1e}" for name, err in result.max_errors.items())]
+        if SDPA in result.medians and EINSUM in result.medians:
+            # einc calls SDPA: this is how far the rewrite can go against einsum.
+            case.notes.append(f"bound of the rewrite: {SDPA} / {EINSUM} = {result.ratio(SDPA, EINSUM):.2f}x "
+                              "(einc's fused form is this plus its own permutes/reshapes)")
         print(console_table(result), "\n", flush=True)
         results[case.name] = result
     memory = None
