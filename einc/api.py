@@ -211,7 +211,7 @@ class Expression:
         self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
         # Validate keyword sizes now, so a typo surfaces at compile time.
         check_sizes(sizes)
-        everywhere = _all_axes(self.ir)
+        everywhere = self.ir.all_axes
         for name in sizes:
             if name not in everywhere:
                 raise EincError(f"size given for axis {name!r}, which is not in the pattern {pattern!r}")
@@ -581,14 +581,6 @@ def _scale_value(factors: Sequence[ir.Factor], sizes: Mapping[str, int]) -> floa
         number = math.sqrt(number) if factor.sqrt else number
         value = value / number if factor.divide else value * number
     return value
-
-
-def _all_axes(pattern: ir.Pattern) -> set[str]:
-    axes = set(pattern.input_axes) | set(pattern.output.axes)
-    for operand in pattern.inputs:
-        if isinstance(operand, ir.Pattern):
-            axes |= _all_axes(operand)
-    return axes
 
 
 _SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] = {

@@ -204,6 +204,15 @@ class Pattern:
         return sum(x.leaves if isinstance(x, Pattern) else 1 for x in self.inputs)
 
     @property
+    def all_axes(self) -> frozenset[str]:
+        """Every axis named anywhere in the pattern, nested operations included."""
+        axes = self.input_axes | set(self.output.axes)
+        for operand in self.inputs:
+            if isinstance(operand, Pattern):
+                axes |= operand.all_axes
+        return frozenset(axes)
+
+    @property
     def input_axes(self) -> frozenset[str]:
         return frozenset(a for operand in self.operands for a in operand.axes)
 

@@ -673,7 +673,7 @@ def plan(
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
     if len(shapes) != pattern.leaves:
         raise EincError(f"the pattern has {pattern.leaves} operands but {len(shapes)} tensors were given")
-    everywhere = _all_axes(pattern)
+    everywhere = pattern.all_axes
     for name in sizes:
         if name not in everywhere:
             raise EincError(f"size given for axis {name!r}, which is not in the pattern")
@@ -684,14 +684,6 @@ def plan(
     if pattern.nested:
         _learn_leaf_sizes(pattern, shapes, sizes, known)
     return _plan_node(pattern, shapes, sizes, known, 0, optimize, memory_limit, constants)
-
-
-def _all_axes(pattern: ir.Pattern) -> set[str]:
-    axes = set(pattern.output.axes) | set(pattern.input_axes)
-    for operand in pattern.inputs:
-        if isinstance(operand, ir.Pattern):
-            axes |= _all_axes(operand)
-    return axes
 
 
 def _leaves(pattern: ir.Pattern, first: int = 0) -> list[tuple[int, ir.AxisList]]:

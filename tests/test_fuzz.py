@@ -193,11 +193,7 @@ def check_source(source: str, axes=()) -> None:
 
 
 def pattern_axes(pattern: ir.Pattern) -> set[str]:
-    axes = set(pattern.input_axes) | set(pattern.output.axes)
-    for operand in pattern.inputs:
-        if isinstance(operand, ir.Pattern):
-            axes |= pattern_axes(operand)
-    return axes
+    return set(pattern.all_axes)
 
 
 def leaf_lists(pattern: ir.Pattern) -> list[ir.AxisList]:
