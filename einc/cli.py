@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="how to read axis lists (default auto)")
     common.add_argument("--dtype", default="float32", choices=tuple(_DTYPES),
                         help="element type (default float32)")
+    common.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="allow fused rewrites such as attention -> scaled_dot_product_attention "
+                             "(default on; --no-fuse shows the plain lowering)")
 
     explain = commands.add_parser(
         "explain", parents=[common], epilog=_EXPLAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -180,7 +183,8 @@ def _expression(args: argparse.Namespace, backend: str) -> Expression:
         if sizes.setdefault(name, value) != value:
             raise EincError(f"--size {name} given twice, as {sizes[name]} and {value}")
     options: dict[str, Any] = {"backend": backend, "optimize": getattr(args, "optimize", "auto"),
-                               "notation": args.notation, "memory_limit": getattr(args, "memory_limit", None)}
+                               "notation": args.notation, "memory_limit": getattr(args, "memory_limit", None),
+                               "fuse": args.fuse}
     return Expression(args.pattern, **options, **sizes)
 
 

@@ -340,3 +340,26 @@ def test_module_compiles_fullgraph_with_dynamic_shapes():
     for b, lq, lk in [(2, 3, 4), (3, 5, 7)]:
         q, k, v = randn(b, lq, 8), randn(b, lk, 8), randn(b, lk, 8)
         torch.testing.assert_close(compiled(q, k, v), attention_reference(q, k, v, 2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "eager", pytest.param("compile", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_attention_on_every_backend(backend, fuse):
+    q, k, v = randn(2, 5, 8), randn(2, 7, 8), randn(2, 7, 8)
+    out = einc.compile(ATTENTION, h=2, backend=backend, fuse=fuse)(q, k, v)
+    torch.testing.assert_close(out, attention_reference(q, k, v, 2), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attention_on_cuda(device, dtype):
+    # Equal head dims and half floats: SDPA's flash kernels apply.
+    q, k, v = (randn(2, 64, 128, dtype=dtype, device=device) for _ in range(3))
+    out = einc.compile(ATTENTION, h=2)(q, k, v)
+    assert out.device.type == "cuda" and out.dtype == dtype
+    rtol, atol = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}[dtype]
+    torch.testing.assert_close(out.double().cpu(), attention_reference(q.cpu(), k.cpu(), v.cpu(), 2),
+                               rtol=rtol, atol=atol)

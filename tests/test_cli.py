@@ -26,6 +26,20 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
     return status, out, err
 
 
+ATTENTION = "softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)"
+
+
+@pytest.mark.parametrize("fuse, kernel", [("--fuse", "sdpa"), ("--no-fuse", "bmm")])
+def test_explain_attention_with_and_without_the_rewrite(capsys, fuse, kernel):
+    status, out, err = run_main(capsys, "explain", ATTENTION, "--shapes", "2x8x64", "2x8x64", "2x8x64",
+                                "--size", "h=4", fuse, "--json")
+    assert status == 0, err
+    plan = json.loads(out)
+    assert [step["kernel"] for step in plan["steps"]] == [kernel, kernel]
+    assert plan["rewrite"] == ("sdpa" if kernel == "sdpa" else "")
+    assert ("scaled_dot_product_attention(" in plan["source"]) is (kernel == "sdpa")
+
+
 # (pattern, shapes, extra arguments, operand shapes for opt_einsum or None)
 EXPLAIN = [
     ("bhqd,bhkd->bhqk", ["2x4x8x16", "2x4x8x16"], [], [(2, 4, 8, 16), (2, 4, 8, 16)]),  # compact attention
@@ -308,8 +322,10 @@ def test_bench_plain_times_every_contender(capsys, pattern, shapes):
         (["b q (h d), b k (h d) -> b h q k", "--shapes", "2x4x16", "2x3x16", "--size", "h=2"],
          "cannot express compositions or unit axes"),
         (["h w -> h w c", "--shapes", "3x4", "--size", "c=2"], "cannot create new output axes (c)"),
+        ([ATTENTION, "--shapes", "2x4x16", "2x3x16", "2x3x16", "--size", "h=2"], "cannot express nested operations"),
+        (["i j, j k -> i k / 2", "--shapes", "2x3", "3x4"], "cannot express a scale"),
     ],
-    ids=["logsumexp", "max", "softmax", "composition", "new-axis"],
+    ids=["logsumexp", "max", "softmax", "composition", "new-axis", "nested", "scale"],
 )
 def test_bench_beyond_einsum_times_einc_and_the_torch_form(capsys, argv, why):
     status, out, err = run_main(capsys, "bench", *argv, *TINY)
