@@ -32,12 +32,15 @@ glibc's mmap threshold so that freed temporaries leave the process.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
 import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -64,6 +67,7 @@ from common import (
 )
 
 import einc
+import einc.nn
 
 try:
     import einops
@@ -93,6 +97,10 @@ BACKWARD = "forward+backward"
 PASSES = [FORWARD, BACKWARD]
 """The timed cases, also the passes whose peak memory is measured."""
 MEMORY_CASE = "peak memory"
+LAYER = "MultiheadAttention layer"
+TORCH_LAYER = "torch.nn.MultiheadAttention"
+EINC_LAYER = "einc.nn.MultiheadAttention"
+SCRIPTED_LAYER = "einc.nn (torch.jit.script)"
 
 TARGETS = [
     target
@@ -196,6 +204,36 @@ def cases(shape: Sequence[int]) -> list[Case]:
     ]
 
 
+def layer_cases(shape: Sequence[int]) -> list[Case]:
+    """einc.nn.MultiheadAttention against torch's layer (same weights), batch_first, eval,
+    under ``torch.no_grad`` (so torch takes its native fast path where it can)."""
+    b, h, n, d = shape
+    reference = torch.nn.MultiheadAttention(h * d, h, batch_first=True).eval()
+    mine = einc.nn.MultiheadAttention(h * d, h, batch_first=True).eval()
+    mine.load_state_dict(reference.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(mine)
+    wide = copy.deepcopy(reference).double()
+    x = inputs(shape)[0][0]
+    layers = {TORCH_LAYER: reference, EINC_LAYER: mine, SCRIPTED_LAYER: scripted}
+
+    def output(layer: torch.nn.Module, x: torch.Tensor, need_weights: bool) -> Callable[[], torch.Tensor]:
+        return lambda: layer(x, x, x, need_weights=need_weights)[0]
+
+    return [
+        Case(
+            f"{LAYER} (need_weights={need_weights})",
+            f"self-attention `layer(x, x, x, need_weights={need_weights})[0]`, embed_dim {h * d}, {h} heads, "
+            f"x of shape {tuple(x.shape)}, float32, eval, no_grad",
+            {name: output(layer, x, need_weights) for name, layer in layers.items()},
+            reference=output(wide, x.double(), need_weights),
+            einc=[EINC_LAYER, SCRIPTED_LAYER],
+        )
+        for need_weights in (False, True)
+    ]
+
+
 def memory_probe(name: str, case: str, *shape: str) -> dict:
     """Run in a fresh subprocess: the peak RSS growth (bytes) of one call of one contender."""
     torch.set_num_threads(1)
@@ -247,10 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"einc.compile(pattern, h={shape[1]}).explain(q, k, v).rewrite == {rewrite!r}\n")
 
     results: dict[str, Result] = {}
-    for case in cases(shape):
+    for case in cases(shape) + layer_cases(shape):
         if args.only and args.only not in case.name:
             continue
-        result = run_case(case, args.min_run_time, args.rounds, rtol=RTOL, verbose=False)
+        with torch.no_grad() if case.name.startswith(LAYER) else contextlib.nullcontext():
+            result = run_case(case, args.min_run_time, args.rounds, rtol=RTOL, verbose=False)
         case.notes = ["max |error| / max |float64 reference|: "
                       + ", ".join(f"{name} {err:.1e}" for name, err in result.max_errors.items())]
         if SDPA in result.medians and EINSUM in result.medians:

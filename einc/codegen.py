@@ -176,6 +176,8 @@ class _Emitter:
         self.sizes = dict(program.sizes)
         self.keyword = dict(program.keyword)
         self.size_vars: dict[str, str] = {}
+        self.owned: set[str] = set()
+        """Variables holding contiguous intermediates nothing else refers to (see ``fresh``)."""
         # Scaling the smallest operand is cheapest, but a fractional scale would turn an
         # integer operand into floats before the product: scale the result then.
         exact = dtype.is_floating_point or dtype.is_complex or self.generic
@@ -242,6 +244,12 @@ class _Emitter:
     def helper(self, name: str) -> str:
         return self.module.helper(name)
 
+    def fresh(self, expr: str) -> str:
+        """Assign a kernel's result: a new contiguous tensor only this code refers to."""
+        name = self.assign(expr)
+        self.owned.add(name)
+        return name
+
     def permute(self, value: str, axes: Sequence[str], order: Sequence[str]) -> str:
         if tuple(axes) == tuple(order):
             return value
@@ -250,6 +258,8 @@ class _Emitter:
     def reshape(self, value: str, current: Sequence[Group], target: Sequence[Group]) -> str:
         if self.same(current, target):
             return value
+        if value in self.owned:  # a reshape of a contiguous tensor is a contiguous view of it
+            return self.fresh(f"{value}.reshape({self.dims(target)})")
         return self.assign(f"{value}.reshape({self.dims(target)})")
 
     def reduce(self, value: str, axes: Sequence[str], drop: Sequence[str]) -> tuple[str, tuple[str, ...]]:
@@ -260,11 +270,11 @@ class _Emitter:
         kind = self.reduce_kind
         if kind == "prod":
             for dim in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
-                value = self.assign(f"{value}.prod({int(dim)})")
+                value = self.fresh(f"{value}.prod({int(dim)})")
         elif kind == "lse":
-            value = self.assign(f"{self.helper('einc_lse')}({value}, {_ints(dims)}, {self.floor!r})")
+            value = self.fresh(f"{self.helper('einc_lse')}({value}, {_ints(dims)}, {self.floor!r})")
         else:
-            value = self.assign(f"{value}.{kind}({_ints(dims)})")
+            value = self.fresh(f"{value}.{kind}({_ints(dims)})")
         return value, tuple(a for a in axes if a not in drop)
 
     def scale(self, factors: Sequence[Factor], as_float: bool = False) -> str:
@@ -317,15 +327,15 @@ class _Emitter:
             b = self.permute(b, b_axes, batch + right)
             b = self.reshape(b, _singles(batch + right), _singles(batch) + [()] * len(left) + _singles(right))
             if self.semiring == "sum":
-                return self.assign(f"torch.mul({a}, {b})"), "mul"
-            return self.assign(f"torch.add({a}, {b})"), "add"
+                return self.fresh(f"torch.mul({a}, {b})"), "mul"
+            return self.fresh(f"torch.add({a}, {b})"), "add"
         if self.semiring == "sum" and batch and len(left) == len(right) == len(con) == 1 \
                 and self.folds(a_axes, [batch]) and self.folds(b_axes, [batch]):
             # (batch.., M, K) @ (batch.., K, N) with foldable batch axes: matmul folds
             # them in C++, saving Python-level reshapes (they dominate small calls).
             a = self.permute(a, a_axes, batch + left + con)
             b = self.permute(b, b_axes, batch + con + right)
-            return self.assign(f"torch.matmul({a}, {b})"), "matmul"
+            return self.fresh(f"torch.matmul({a}, {b})"), "matmul"
         # The semiring helpers always take stacks; mm/bmm by whether there is a batch.
         stack = bool(batch) or self.semiring != "sum"
         a = self.matrices(a, a_axes, batch, left, con, stack)
@@ -340,7 +350,7 @@ class _Emitter:
         else:
             kernel = "bmm" if batch else "mm"
             call = f"torch.{kernel}({a}, {b})"
-        return self.reshape(self.assign(call), flat, _singles(batch + left + right)), kernel
+        return self.reshape(self.fresh(call), flat, _singles(batch + left + right)), kernel
 
     def folds(self, axes: Sequence[str], groups: Sequence[Sequence[str]]) -> bool:
         """Whether permuting ``axes`` (taken as contiguous) into ``groups`` and merging
@@ -374,7 +384,16 @@ class _Emitter:
         fn = f"torch.{pattern.op}"
         marked = tuple(a for a in axes if a in pattern.normalized)
         if len(marked) == 1:
-            return self.assign(f"{fn}({value}, {axes.index(marked[0])})")
+            dim = axes.index(marked[0])
+            if value not in self.owned:
+                return self.assign(f"{fn}({value}, {dim})")
+            # Normalize our own intermediate in place when autograd does not need it: a
+            # fresh output as large as the scores costs more in page faults than the
+            # softmax itself (torch's native attention does the same).
+            name = self.names.create("t")
+            self.lines += [f"    if {value}.requires_grad:", f"        {name} = {fn}({value}, {dim})",
+                           "    else:", f"        {name} = {fn}({value}, {dim}, out={value})"]
+            return name
         # Several axes normalize jointly: bring them last and flatten them into one.
         rest = tuple(a for a in axes if a not in marked)
         value = self.permute(value, axes, rest + marked)

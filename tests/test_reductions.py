@@ -1146,3 +1146,35 @@ def test_one_expression_across_dtypes(order):
         out = f(a, b)
         ref = torch.logsumexp(a.double()[:, :, None] + b.double()[None], dim=1)
         assert_matches(out, ref, bound=torch.full_like(ref, 100.0), tol=TOL[dtype], dtype=dtype)
+
+
+# ------------------------------------------------ in-place normalization of intermediates
+
+INPLACE = [
+    # (pattern, shapes, normalizes an intermediate of its own in place when no grad is needed)
+    ("softmax(b [c])", [(3, 5)], False),                                   # the user's tensor: never in place
+    ("log_softmax(b c -> b [c])", [(3, 5)], False),                        # the same, with an arrow
+    ("softmax(b c -> c [b])", [(3, 5)], False),                            # a transposed view of the input
+    ("softmax(b h q d, b h k d -> b h q [k])", [(2, 2, 3, 4), (2, 2, 5, 4)], True),  # matmul result
+    ("log_softmax(i j, j k -> i [k])", [(3, 4), (4, 5)], True),           # mm result
+    ("softmax(b i j -> b [i])", [(2, 3, 4)], True),                        # a sum's result
+    ("softmax(b i, b j -> [b] i j)", [(2, 3), (2, 4)], True),              # a broadcast product's result
+    ("softmax(b i, b j -> i j [b])", [(2, 3), (2, 4)], False),             # the product, then a permute
+]
+
+
+@pytest.mark.parametrize("pattern, shapes, inplace", INPLACE, ids=[row[0] for row in INPLACE])
+def test_normalizers_never_modify_inputs_and_match_torch(pattern, shapes, inplace):
+    f = einc.compile(pattern)
+    assert ("out=" in f.explain(*shapes).source) is inplace
+    tensors = [torch.randn(s) for s in shapes]
+    kept = [t.clone() for t in tensors]
+    with torch.no_grad():
+        first = f(*tensors)
+    assert all(torch.equal(t, k) for t, k in zip(tensors, kept))
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    second = f(*leaves)
+    second.sum().backward()  # the out-of-place branch keeps autograd working
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    torch.testing.assert_close(first, second.detach(), rtol=0, atol=0)
+    assert f.validate(*tensors) < 1e-5
