@@ -288,7 +288,12 @@ class MultiheadAttention(torch.nn.Module):
                     scores = scores.masked_fill(padding, float("-inf"))
                 else:
                     scores = scores + padding
-            probabilities = torch.softmax(scores, -1)
+            if scores.requires_grad:
+                probabilities = torch.softmax(scores, -1)
+            else:
+                # The scores are this layer's own tensor: normalizing them in place spares
+                # a score-sized allocation (as torch's native attention does).
+                probabilities = torch.softmax(scores, -1, out=scores)
             if dropout > 0.0:
                 probabilities = F.dropout(probabilities, p=dropout)
             attended = self.mix(probabilities, v)
