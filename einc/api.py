@@ -330,21 +330,26 @@ class Expression:
         # Nested programs come first, as they run (and as code.kernels lists them).
         levels = program.programs()
         located = [(level, step) for level in levels for step in level.steps]
+        path = _tree_path(program)
+        # Steps name their operands as the whole pattern's path does (a nested level's own
+        # positions would not say which tensors they are).
+        entries = iter(path)
+        operands = [next(entries) if step.operands else () for _, step in located]
         steps = tuple(
             PlanStep(
-                operands=step.operands,
+                operands=position,
                 equation=_step_equation(level.pattern, step.inputs, step.output),
                 shapes=tuple(level.shape_of(axes) for axes in step.inputs),
                 output_shape=level.shape_of(step.output),
                 flops=step.flops,
                 kernel=kernel,
             )
-            for (level, step), kernel in zip(located, code.kernels)
+            for (level, step), kernel, position in zip(located, code.kernels, operands)
         )
         return Plan(
             pattern=self.pattern,
             shapes=tuple(self._with_constants(shapes, lambda t: tuple(t.shape))),
-            path=[tuple(p) for p in program.path],
+            path=path,
             steps=steps,
             flops=sum(level.flops for level in levels),
             naive_flops=sum(level.naive_flops for level in levels),
@@ -462,6 +467,34 @@ def compare(result: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor, 
     if bool((error > atol + rtol * bound.abs()[finite]).any()):
         raise EincError(f"differs from the float64 reference by up to {worst:.3g} (rtol={rtol}, atol={atol})")
     return worst
+
+
+def _tree_path(program: Program) -> list[tuple[int, ...]]:
+    """The path over all tensors in opt_einsum's linear format: for a nested pattern, each
+    nested operation's steps first (as they run), its result then an operand like any other."""
+    leaves = program.pattern.leaves
+    live = list(range(leaves))  # every tensor is live from the start, as in opt_einsum
+    tensors = iter(range(leaves))
+    results = iter(range(leaves, 10**9))
+    path: list[tuple[int, ...]] = []
+
+    def level(node: Program) -> int:
+        nested = dict(node.nested)
+        own = [level(nested[i]) if i in nested else next(tensors) for i in range(len(node.pattern.inputs))]
+        for step in node.path:
+            tokens = [own[i] for i in step]
+            for i in sorted(step, reverse=True):
+                own.pop(i)
+            path.append(tuple(live.index(t) for t in tokens))
+            for t in tokens:
+                live.remove(t)
+            own.append(next(results))
+            live.append(own[-1])
+        (result,) = own
+        return result
+
+    level(program)
+    return path
 
 
 def _step_equation(pattern: ir.Pattern, inputs: Sequence[tuple[str, ...]], output: tuple[str, ...]) -> str:

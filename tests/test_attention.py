@@ -363,3 +363,23 @@ def test_attention_on_cuda(device, dtype):
     rtol, atol = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-2, 2e-3), torch.bfloat16: (5e-2, 2e-2)}[dtype]
     torch.testing.assert_close(out.double().cpu(), attention_reference(q.cpu(), k.cpu(), v.cpu(), 2),
                                rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("pattern, sizes, shapes", [
+    (ATTENTION, {"h": 2}, [(2, 5, 8), (2, 7, 8), (2, 7, 8)]),                               # nested first
+    ("b k e, softmax(b q d, b k d -> b q [k]) -> b q e", {}, [(2, 8, 3), (2, 5, 4), (2, 8, 4)]),  # nested second
+    ("softmax(i j, j k -> i [k]), k l, l m -> i m", {}, [(2, 3), (3, 4), (4, 50), (50, 2)]),  # outer pair first
+])
+def test_plan_path_covers_every_tensor_in_opt_einsum_format(pattern, sizes, shapes):
+    """Replaying the path over the tensors meets each step's operands (by element count:
+    a step sees its operands with compositions split)."""
+    plan = einc.compile(pattern, fuse=False, **sizes).explain(*shapes)
+    live = [math.prod(s) for s in shapes]
+    assert len(plan.path) == len(plan.steps)
+    for contraction, step in zip(plan.path, plan.steps):
+        assert step.operands == contraction
+        assert sorted(live[i] for i in contraction) == sorted(math.prod(s) for s in step.shapes)
+        for i in sorted(contraction, reverse=True):
+            live.pop(i)
+        live.append(math.prod(step.output_shape))
+    assert live == [math.prod(plan.output_shape)]

@@ -194,8 +194,9 @@ def _read_png(path):
         ["b q (h d), b k (h d) -> b h q k", "--shapes", "2x8x64", "2x6x64", "--size", "h=8"],
         ["logsumexp(b h w -> b)", "--shapes", "2x3x4"],
         [",->", "--shapes", "scalar", "scalar"],
+        ["softmax(i j, j k -> i [k]), k l, l m -> i m", "--shapes", "2x3", "3x4", "4x50", "50x2"],
     ],
-    ids=["chain-5", "spaced", "reduce", "scalars"],
+    ids=["chain-5", "spaced", "reduce", "scalars", "nested"],
 )
 def test_explain_plot_writes_png(capsys, tmp_path, argv):
     pytest.importorskip("matplotlib")
