@@ -207,7 +207,7 @@ def cases(shape: Sequence[int]) -> list[Case]:
 def layer_cases(shape: Sequence[int]) -> list[Case]:
     """einc.nn.MultiheadAttention against torch's layer (same weights), batch_first, eval,
     under ``torch.no_grad`` (so torch takes its native fast path where it can)."""
-    b, h, n, d = shape
+    _, h, _, d = shape
     reference = torch.nn.MultiheadAttention(h * d, h, batch_first=True).eval()
     mine = einc.nn.MultiheadAttention(h * d, h, batch_first=True).eval()
     mine.load_state_dict(reference.state_dict())

@@ -96,7 +96,7 @@ def attention(pattern: ir.Pattern) -> Attention | None:
     )
     if not fits:
         return None
-    in_order = lambda axes: tuple(x for x in inner.output.axes if x in axes)  # noqa: E731
+    in_order = lambda axes: tuple(x for x in inner.output.axes if x in axes)
     first_leaf = 0 if inner_first else 1  # the softmax's two tensors, then v (or v first)
     return Attention(
         batch=in_order(batch),
