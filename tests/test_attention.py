@@ -383,3 +383,58 @@ def test_plan_path_covers_every_tensor_in_opt_einsum_format(pattern, sizes, shap
             live.pop(i)
         live.append(math.prod(step.output_shape))
     assert live == [math.prod(plan.output_shape)]
+
+
+REDUCE = {
+    "sum": lambda x, dims: x.sum(dims),
+    "mean": lambda x, dims: x.mean(dims),
+    "max": lambda x, dims: x.amax(dims),
+    "min": lambda x, dims: x.amin(dims),
+    "logsumexp": lambda x, dims: torch.logsumexp(x, dims),
+}
+
+
+@st.composite
+def nested_cases(draw):
+    """``op(inner) , B -> out`` with a random operation, random axes and sizes, and its
+    plain-torch float64 reference (the reduction or normalizer, then torch.einsum)."""
+    pool = "abcdef"
+    size = {a: draw(st.integers(1, 3), label=f"size {a}") for a in pool}
+    inner = draw(st.permutations(pool).map(lambda p: list(p[:draw(st.integers(2, 4))])), label="inner axes")
+    op = draw(st.sampled_from([*REDUCE, "softmax", "log_softmax"]), label="op")
+    if op in REDUCE:
+        kept = draw(st.permutations(inner).map(lambda p: list(p[:draw(st.integers(1, len(inner) - 1))])))
+        spelled = f"{op}({' '.join(inner)} -> {' '.join(kept)})"
+    else:
+        kept = draw(st.permutations(inner))
+        marked = draw(st.sampled_from(kept))
+        spelled = f"{op}({' '.join(inner)} -> {' '.join(f'[{a}]' if a == marked else a for a in kept)})"
+    other = draw(st.permutations(pool).map(lambda p: list(p[:draw(st.integers(1, 3))])), label="other axes")
+    union = list(dict.fromkeys(kept + other))
+    out = draw(st.permutations(union).map(lambda p: list(p[:draw(st.integers(0, len(union)))])), label="output")
+    first = draw(st.booleans(), label="nested first")
+    operands = [spelled, " ".join(other)] if first else [" ".join(other), spelled]
+    pattern = f"{', '.join(operands)} -> {' '.join(out)}"
+
+    def reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if op in REDUCE:
+            dropped = [i for i, a in enumerate(inner) if a not in kept]
+            left = [a for a in inner if a in kept]
+            r = REDUCE[op](x, dropped).permute([left.index(a) for a in kept])
+        else:
+            r = x.permute([inner.index(a) for a in kept])
+            r = getattr(torch, op)(r, kept.index(marked))
+        return E(f"{''.join(kept)},{''.join(other)}->{''.join(out)}", r, y)
+
+    shapes = [[size[a] for a in inner], [size[a] for a in other]]
+    return pattern, shapes, reference, first
+
+
+@settings(max_examples=examples(60))
+@given(nested_cases())
+def test_random_nested_operations_match_plain_torch(case):
+    pattern, shapes, reference, first = case
+    x, y = randn(*shapes[0]), randn(*shapes[1])
+    expected = reference(x, y)
+    out = einc.compile(pattern, backend="eager")(*((x, y) if first else (y, x)))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
