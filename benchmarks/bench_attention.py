@@ -318,10 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "`torch.einsum(\"bqhd,bkhd->bhqk\") * scale`, `.softmax(-1)`, `torch.einsum(\"bhqk,bkhd->bqhd\")` "
             "on `view`s. The reference (allclose, "
             f"rtol {RTOL:.0e}, atol {RTOL:.0e} x max |reference|) is {EINSUM} in float64, and its float64 "
-            "autograd gradients for forward+backward. A forward+backward call clears the inputs' `.grad`, "
+            "autograd gradients for forward+backward; for the layers, torch's layer in float64. "
+            "A forward+backward call clears the inputs' `.grad`, "
             "runs `out.backward(grad)` and returns the three gradients concatenated (a copy every row pays)."
         )]
-        section = markdown_report(HEADING, list(results.values()), checked, args, intro)
+        section = markdown_report(HEADING, list(results.values()), checked, args, intro,
+                                  reference="its float64 reference")
         if memory is not None:
             title, header, rows, notes = memory
             section += "\n" + "\n".join([f"### {title}", "", render_markdown(header, rows), "",
