@@ -9,6 +9,7 @@ pattern and the shapes, ``from None``, so users see one clear :class:`EincError`
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import re
 import warnings
@@ -388,10 +389,10 @@ class Expression:
             dtype = next((x.dtype for x in tensors_or_shapes if isinstance(x, torch.Tensor)), torch.float32)
         program = self._plan_for(shapes, dtype)
         for level in program.programs():
-            for preps, dims, shape in zip(level.preps, level.input_dims, level.shapes):
-                # Broadcasting a size-1 ellipsis dimension is decided per shape; generic
-                # code could not tell a broadcast 1 from a real one.
-                if len(preps.split) != sum(len(d) for d, n in zip(dims, shape) if d != () or n != 1):
+            for prep, dims in zip(level.preps, level.input_dims):
+                # Broadcasting a size-1 ellipsis dimension (dropped from the operand) is
+                # decided per shape; generic code could not tell a broadcast 1 from a real one.
+                if len(prep.split) != sum(len(d) for d in dims):
                     raise self._context(shapes, EincError(
                         "module() cannot broadcast size-1 '...' dimensions (its code serves every shape); "
                         "expand the operand first"))
@@ -475,7 +476,7 @@ def _tree_path(program: Program) -> list[tuple[int, ...]]:
     leaves = program.pattern.leaves
     live = list(range(leaves))  # every tensor is live from the start, as in opt_einsum
     tensors = iter(range(leaves))
-    results = iter(range(leaves, 10**9))
+    results = itertools.count(leaves)
     path: list[tuple[int, ...]] = []
 
     def level(node: Program) -> int:

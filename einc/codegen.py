@@ -185,9 +185,6 @@ class _Emitter:
 
     # ------------------------------------------------------------------ sizes
 
-    def shape(self, axes: Sequence[str]) -> tuple[int, ...]:
-        return tuple(self.sizes[a] for a in axes)
-
     def size(self, axis: str) -> str:
         """Code for the size of ``axis``: a literal, or (generic) a variable read from shapes."""
         if not self.generic or axis in self.keyword:
@@ -486,6 +483,7 @@ def _level(module: _Module, program: Program, dtype: torch.dtype, leaves: list[s
     for index, operand in enumerate(operands):
         emit.lines = folding if index in constant else main
         values[index] = emit.prep(index, str(operand))
+
     def take(value_id: int) -> str:
         name = values.pop(value_id)
         if value_id in constant and emit.lines is main:

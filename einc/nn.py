@@ -112,8 +112,8 @@ class Einsum(torch.nn.Module):
         self._bound = 1 / math.sqrt(fan_in)
         expression = _compile(pattern_text, notation=notation, fuse=fuse,
                               **{a: n for a, n in sizes.items() if a in _axes_of(operands, parsed.output)})
+        # Weight axes all have keyword sizes, so their example is the weight's shape.
         examples = [_example_shape(axes, sizes, ellipsis_ndim) for axes in operands]
-        examples[1:] = [tuple(p.shape) for p in (self.weight,) if p is not None]
         self.core = expression.module(*examples)
         self.reset_parameters()
 

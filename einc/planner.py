@@ -32,14 +32,13 @@ Shape = tuple[int, ...]
 class Prep:
     """How one input tensor becomes a tensor with one dimension per distinct axis."""
 
-    reshape: Shape | None
-    """Target of a split/squeeze reshape, or ``None`` when the shape already fits."""
+    split: tuple[str, ...]
+    """The axes after splitting compositions and dropping unit and broadcast dimensions,
+    before diagonals (repeats kept): one dimension each."""
     diagonals: tuple[tuple[int, int], ...]
     """``torch.diagonal(x, 0, d1, d2)`` calls, applied in order (the diagonal goes last)."""
     axes: tuple[str, ...]
     """The distinct axes of the prepared tensor, in dimension order."""
-    split: tuple[str, ...] = ()
-    """The axes of the reshaped tensor, before diagonals (repeats kept)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,12 +399,9 @@ def _resolve(
     return sizes.size
 
 
-def _prep(dims: list[tuple[str, ...]], shape: Shape, dropped: set[int], sizes: Mapping[str, int]) -> Prep:
-    atoms: list[str] = []
-    for position, dim in enumerate(dims):
-        if position not in dropped:
-            atoms.extend(dim)
-    split = tuple(sizes[a] for a in atoms)
+def _prep(dims: list[tuple[str, ...]], dropped: set[int]) -> Prep:
+    split = tuple(a for position, dim in enumerate(dims) if position not in dropped for a in dim)
+    atoms = list(split)
     diagonals: list[tuple[int, int]] = []
     while len(set(atoms)) != len(atoms):
         first = next(i for i, a in enumerate(atoms) if atoms.index(a) != i)
@@ -413,12 +409,7 @@ def _prep(dims: list[tuple[str, ...]], shape: Shape, dropped: set[int], sizes: M
         diagonals.append((original, first))
         name = atoms[first]
         atoms = [a for i, a in enumerate(atoms) if i not in (original, first)] + [name]
-    return Prep(
-        reshape=None if split == tuple(shape) else split,
-        diagonals=tuple(diagonals),
-        axes=tuple(atoms),
-        split=tuple(a for position, dim in enumerate(dims) if position not in dropped for a in dim),
-    )
+    return Prep(split=split, diagonals=tuple(diagonals), axes=tuple(atoms))
 
 
 # --------------------------------------------------------------------------- path
@@ -768,10 +759,7 @@ def _plan_level(
 ) -> Program:
     inputs, output_dims, ellipsis_sizes, dropped = _expand_ellipsis(pattern, shapes, names)
     size = _resolve(pattern, inputs, shapes, ellipsis_sizes, sizes, names, known)
-    preps = tuple(
-        _prep(dims, shape, {d for op, d in dropped if op == index}, size)
-        for index, (dims, shape) in enumerate(zip(inputs, shapes))
-    )
+    preps = tuple(_prep(dims, {d for op, d in dropped if op == index}) for index, dims in enumerate(inputs))
     output_axes = tuple(a for dim in output_dims for a in dim)
     present = set().union(*(set(p.axes) for p in preps))
     contracted_output = tuple(a for a in output_axes if a in present)
