@@ -27,8 +27,12 @@ def einc_shifted_exp(x: torch.Tensor, dims: List[int], floor: float) -> Tuple[to
     raw = torch.amax(x.detach(), dims, True)
     shift = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
     e = x - shift
-    e.clamp_(min=floor)
-    e.exp_()
+    if e.requires_grad:
+        # clamp's gradient is 0 at NaN; masked_fill passes it on, as torch.logsumexp does.
+        e = e.masked_fill(e < floor, floor).exp()
+    else:
+        e.clamp_(min=floor)
+        e.exp_()
     return e, shift, raw
 '''
 
@@ -42,13 +46,14 @@ def einc_lse_block(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tens
 
 
 def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
-    if x.numel() == 0:
+    numel = einc_prod(x.shape)
+    if numel == 0:
         return torch.logsumexp(x, dims)
     width = 1
     for d in dims:
         width *= x.shape[d]
     trailing = sorted(dims) == list(range(x.dim() - len(dims), x.dim()))
-    if not trailing or x.numel() <= 262144 or width > 65536 or not x.is_contiguous():
+    if not trailing or numel <= 262144 or width > 65536 or not x.is_contiguous():
         return einc_lse_block(x, dims, floor)
     # Row blocks of about 1 MiB keep the five passes in cache.
     rows = x.reshape(-1, width)
@@ -61,10 +66,10 @@ def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
 
 LOGMM = '''
 def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> torch.Tensor:
-    if a.numel() == 0 or b.numel() == 0:
+    if einc_prod(a.shape) == 0 or einc_prod(b.shape) == 0:
         return torch.logsumexp(a.unsqueeze(3) + b.unsqueeze(1), 2)
-    ea, sa, _ = einc_shifted_exp(a, [2], floor)
-    eb, sb, _ = einc_shifted_exp(b, [1], floor)
+    ea, sa, ra = einc_shifted_exp(a, [2], floor)
+    eb, sb, rb = einc_shifted_exp(b, [1], floor)
     r = torch.bmm(ea, eb)
     out = torch.log(torch.clamp(r, min=tiny)) + sa + sb
     lost = r < tiny
@@ -79,6 +84,11 @@ def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> t
         lost = lost & (r2 < tiny)
         if bool(lost.any()):
             out = einc_logmm_exact(a, b, out, lost, floor)
+    infinite = (ra == float("inf")) | (rb == float("inf"))
+    if bool(infinite.any()):
+        # The clamp made -inf a tiny exp(floor): where +inf meets it, inf + -inf is NaN
+        # in the naive form, so those entries are computed the naive way.
+        out = einc_logmm_exact(a, b, out, infinite.expand(out.shape), floor)
     return out
 '''
 
@@ -98,6 +108,24 @@ def einc_logmm_exact(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, lost: 
         j = rest - i * n
         parts.append(einc_lse(a[z, i, :] + b[z, :, j], [1], floor))
     return out.reshape(-1).index_copy(0, flat, torch.cat(parts)).reshape(out.shape)
+'''
+
+LOGMM_SAFE = '''
+def einc_logmm_safe(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> torch.Tensor:
+    # No branch on data (torch.func.vmap cannot take one): chunks of the naive
+    # broadcast form, merged stably.
+    z = a.shape[0]
+    m = a.shape[1]
+    k = a.shape[2]
+    n = b.shape[2]
+    if k == 0:
+        return torch.logsumexp(a.unsqueeze(3) + b.unsqueeze(1), 2)
+    chunk = max(1, 262144 // max(1, z * m * n))
+    out = torch.empty(0)
+    for start in range(0, k, chunk):
+        part = torch.logsumexp(a[:, :, start:start + chunk].unsqueeze(3) + b[:, start:start + chunk, :].unsqueeze(1), 2)
+        out = part if start == 0 else torch.logaddexp(out, part)
+    return out
 '''
 
 TROPICAL = '''
@@ -121,18 +149,62 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
 '''
 
 WIDEN = '''
-def einc_widen(x: torch.Tensor) -> torch.Tensor:
-    if x.dtype == torch.float16 or x.dtype == torch.bfloat16:
+def einc_widen(x: torch.Tensor, half: bool, sums: bool) -> torch.Tensor:
+    if half and (x.dtype == torch.float16 or x.dtype == torch.bfloat16):
         return x.float()
+    if sums and not x.is_floating_point() and not x.is_complex():
+        return x.long()
     return x
+'''
+
+NARROW = '''
+def einc_narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        return x.to(dtype)
+    return x
+'''
+
+PROD = '''
+def einc_prod(sizes: List[int]) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+'''
+
+RATIO = '''
+def einc_ratio(numerator: float, denominator: float) -> float:
+    # IEEE, as a tensor divided by 0: inf, or NaN for 0 / 0.
+    if denominator == 0.0:
+        return float("nan") if numerator == 0.0 else float("inf")
+    return numerator / denominator
+'''
+
+SCALES_EARLY = '''
+def einc_scales_early(x: torch.Tensor, scale: float) -> bool:
+    # A finite scale of floats goes on the operand; integers and inf/NaN on the result.
+    return (x.is_floating_point() or x.is_complex()) and abs(scale) < float("inf")
+'''
+
+INT_BMM = '''
+def einc_int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.is_cuda:
+        return (a.unsqueeze(3) * b.unsqueeze(1)).sum(2)
+    return torch.bmm(a, b)
 '''
 
 HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "einc_widen": (WIDEN, ()),
+    "einc_narrow": (NARROW, ()),
+    "einc_prod": (PROD, ()),
+    "einc_ratio": (RATIO, ()),
+    "einc_scales_early": (SCALES_EARLY, ()),
+    "einc_int_bmm": (INT_BMM, ()),
     "einc_shifted_exp": (SHIFTED_EXP, ()),
-    "einc_lse": (LSE, ("einc_shifted_exp",)),
+    "einc_lse": (LSE, ("einc_prod", "einc_shifted_exp")),
     "einc_logmm_exact": (LOGMM_EXACT, ("einc_lse",)),
-    "einc_logmm": (LOGMM, ("einc_shifted_exp", "einc_logmm_exact")),
+    "einc_logmm": (LOGMM, ("einc_prod", "einc_shifted_exp", "einc_logmm_exact")),
+    "einc_logmm_safe": (LOGMM_SAFE, ()),
     "einc_tropical": (TROPICAL, ()),
 }
 """name -> (source, helpers it calls)."""

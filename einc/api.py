@@ -1,4 +1,4 @@
-"""The public API: :func:`compile`, :func:`einsum`, :class:`Expression`.
+"""The public API: :func:`compile`, :func:`einsum`, :class:`Expression`, :func:`configure`.
 
 An :class:`Expression` parses its pattern once.  Per input signature (shapes and
 dtypes) it plans, generates and compiles once, then reuses the compiled function;
@@ -11,76 +11,22 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import re
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from . import ir
-from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, MODULE_NAME, Generated, generate
+from .backends import get_backend, namespace
+from .codegen import MODULE_NAME, Generated, generate
 from .errors import EincError
+from .options import EXPRESSION_CACHE_SIZE, Backend, Options, dtype_of, element_limit, settings
 from .parser import Notation, parse
-from .planner import Optimize, Plan, PlanStep, Program, check_sizes, plan
+from .planner import Optimize, Plan, PlanStep, Program, check_new_axes, check_path, check_sizes, plan
+from .reference import compare, reference, widen
 
-__all__ = ["Backend", "Expression", "compile", "configure", "einsum"]
-
-Backend = Literal["torchscript", "eager", "compile"]
-_BACKENDS = ("torchscript", "eager", "compile")
-
-PLAN_CACHE_SIZE = 256
-"""Default number of input signatures an :class:`Expression` keeps compiled (LRU)."""
-EXPRESSION_CACHE_SIZE = 512
-"""Default number of ``(pattern, options)`` that :func:`compile` and :func:`einsum` keep (LRU)."""
-
-
-class _Settings:
-    """Process-wide defaults, changed through :func:`configure`."""
-
-    plan_cache_size: int = PLAN_CACHE_SIZE
-    expression_cache_size: int = EXPRESSION_CACHE_SIZE
-    memory_limit: int | str | None = None
-
-
-_settings = _Settings()
-_UNSET: Any = object()
-
-
-_Functions = tuple[Callable[..., torch.Tensor], Callable[..., list[torch.Tensor]] | None]
-"""The compiled ``einc_fn`` and, for constant operands, ``einc_constants``."""
-
-
-def _compile_torchscript(code: Generated) -> _Functions:
-    # TorchScript cannot script exec-made functions (no source file); a
-    # CompilationUnit compiles the source text itself.  Its deprecation notice is
-    # about TorchScript in general and would repeat on every compile.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        unit = torch.jit.CompilationUnit(code.source)
-    folding = getattr(unit, CONSTANT_FUNCTION_NAME) if code.folds_constants else None
-    return getattr(unit, FUNCTION_NAME), folding
-
-
-def _compile_eager(code: Generated) -> _Functions:
-    namespace = code.namespace()
-    return namespace[FUNCTION_NAME], namespace.get(CONSTANT_FUNCTION_NAME)
-
-
-def _compile_torch_compile(code: Generated) -> _Functions:
-    # Shapes are baked into the source, so a dynamic-shape graph would buy nothing.
-    # Not fullgraph: the log-semiring guard branches on data (underflow recovery).
-    # Constants are folded once, so their function stays plain Python.
-    fn, folding = _compile_eager(code)
-    return torch.compile(fn, dynamic=False), folding
-
-
-_COMPILERS: dict[str, Callable[[Generated], _Functions]] = {
-    "torchscript": _compile_torchscript,
-    "eager": _compile_eager,
-    "compile": _compile_torch_compile,
-}
+__all__ = ["Expression", "compile", "configure", "einsum"]
 
 
 class _Compiled:
@@ -94,27 +40,6 @@ class _Compiled:
         self.code = code
         self.fn = fn
         self.folded = folded
-
-
-_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_BYTES = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]+)\s*\Z")
-
-
-def _memory_limit(value: int | str | None) -> tuple[int | None, bool]:
-    """``(limit, in_bytes)``: an int counts elements, a string such as ``"64MiB"`` bytes."""
-    if value is None:
-        return None, False
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value, False
-    if isinstance(value, str):
-        match = _BYTES.match(value.lower())
-        if match and match.group(2) in _BYTE_UNITS and float(match.group(1)) > 0:
-            return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)]), True
-    raise EincError(
-        f"memory_limit must be a positive int (elements) or a size in bytes such as '64MiB' "
-        f"(units {', '.join(_BYTE_UNITS)}), not {value!r}"
-    )
 
 
 def _constants(value: Mapping[int, torch.Tensor] | None, operands: int) -> tuple[tuple[int, torch.Tensor], ...]:
@@ -148,7 +73,88 @@ def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join("x".join(map(str, s)) if s else "()" for s in shapes)
 
 
+def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The common dtype of operands, by torch's type promotion (as ``a * b``)."""
+    return functools.reduce(torch.promote_types, dtypes)
+
+
 _NEEDS_FLOAT = ("logsumexp", "softmax", "log_softmax")
+_SEMIRINGS = ("logsumexp", "max", "min")
+
+_functorch_level = torch._C._functorch.maybe_current_level
+
+
+def _transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) or forward-mode AD is active:
+    their tensors take no in-place writes and no branches on data."""
+    return _functorch_level() is not None or _forward_ad._current_level >= 0
+
+
+def _check_dtype(pattern: ir.Pattern, dtype: torch.dtype) -> None:
+    """What each operation computes on: one rule for every level of a pattern."""
+    for level in _levels(pattern):
+        op = level.op
+        if dtype.is_complex and op not in (None, "sum", "mean", "prod"):
+            raise EincError(f"{op}(...) needs real tensors, got {dtype}")
+        if not (dtype.is_floating_point or dtype.is_complex) and op in _NEEDS_FLOAT:
+            raise EincError(f"{op}(...) needs floating-point tensors, got {dtype}")
+        if dtype == torch.bool and op in _SEMIRINGS and len(level.inputs) > 1:
+            raise EincError(f"{op}(...) of several operands adds them, which bool tensors cannot")
+
+
+def _levels(pattern: ir.Pattern) -> list[ir.Pattern]:
+    nested = [p for x in pattern.inputs if isinstance(x, ir.Pattern) for p in _levels(x)]
+    return nested + [pattern]
+
+
+def _merged_ellipsis(pattern: ir.Pattern, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Shapes with each operand's ``...`` dimensions merged into one, as generic code
+    sees them; every ``...`` must stand for the same dimensions."""
+    merged: list[tuple[int, ...]] = []
+    seen: tuple[int, ...] | None = None
+    first = 0
+    for index, (axes, shape) in enumerate(zip(_leaf_lists(pattern), shapes)):
+        named = len(axes.dims) - axes.has_ellipsis
+        if not axes.has_ellipsis or len(shape) < named:
+            merged.append(shape)  # planning reports a wrong rank
+            continue
+        start = axes.dims.index((ir.ELLIPSIS,))
+        end = len(shape) - (named - start)
+        own = shape[start:end]
+        if seen is not None and own != seen:
+            raise EincError(f"module() cannot broadcast size-1 '...' dimensions or '...' of different ranks: "
+                            f"'...' stands for {list(own)} in operand {index} but {list(seen)} in operand {first}; "
+                            "expand the operands first")
+        if seen is None:
+            seen, first = own, index
+        merged.append(shape[:start] + (math.prod(own),) + shape[end:])
+    return merged
+
+
+def _leaf_lists(pattern: ir.Pattern) -> list[ir.AxisList]:
+    return [a for x in pattern.inputs for a in (_leaf_lists(x) if isinstance(x, ir.Pattern) else [x])]
+
+
+def _options(pattern: str, **options: Any) -> Options:
+    try:
+        return Options(**options)
+    except EincError as err:
+        raise EincError(f"pattern {pattern!r}: {err}") from None
+
+
+def _restore(pattern: str, options: Options, constants: Mapping[int, torch.Tensor] | None,
+             sizes: dict[str, int]) -> Expression:
+    """An :class:`Expression` from validated options (also how one is unpickled:
+    compiled again from its pattern)."""
+    expression = Expression.__new__(Expression)
+    expression._setup(pattern, options, constants, sizes)
+    return expression
+
+
+def _restore_module(pattern: str, options: Options, sizes: dict[str, int], shapes: tuple[tuple[int, ...], ...],
+                    dtype: torch.dtype) -> torch.nn.Module:
+    """Unpickle a module made by :meth:`Expression.module`: generated again."""
+    return _restore(pattern, options, None, sizes).module(*shapes, dtype=dtype)
 
 
 class Expression:
@@ -177,45 +183,57 @@ class Expression:
         fuse: bool = True,
         **sizes: int,
     ) -> None:
-        options = {"backend": backend, "optimize": optimize, "notation": notation,
-                   "memory_limit": memory_limit, "constants": constants, "cache_size": cache_size,
-                   "fuse": fuse}
-        self._setup(pattern, options, sizes)
+        options = _options(pattern, backend=backend, optimize=optimize, notation=notation,
+                           memory_limit=memory_limit, fuse=fuse, cache_size=cache_size)
+        self._setup(pattern, options, constants, sizes)
 
-    def _setup(self, pattern: str, options: dict[str, Any], sizes: dict[str, int]) -> None:
-        backend = options.get("backend", "torchscript")
-        if backend not in _BACKENDS:
-            raise EincError(f"backend must be one of {', '.join(map(repr, _BACKENDS))}, not {backend!r}")
+    def _setup(self, pattern: str, options: Options, constants: Mapping[int, torch.Tensor] | None,
+               sizes: dict[str, int]) -> None:
         self.pattern = pattern
-        self.ir: ir.Pattern = parse(pattern, options.get("notation", "auto"))
-        self.backend = backend
-        self.optimize = options.get("optimize", "auto")
-        self.memory_limit = options.get("memory_limit")
-        _memory_limit(self.memory_limit)
-        self.fuse = options.get("fuse", True)
-        if not isinstance(self.fuse, bool):
-            raise EincError(f"fuse must be True or False, not {self.fuse!r}")
-        self._constants = _constants(options.get("constants"), self.ir.leaves)
+        self.options = options
+        self.ir: ir.Pattern = parse(pattern, options.notation)
+        self._constants = _constants(constants, self.ir.leaves)
         self._constant_positions = frozenset(position for position, _ in self._constants)
         if self._constants and self.ir.nested:
             raise EincError(f"pattern {pattern!r}: constants are not supported in patterns with nested operations")
-        self.sizes = dict(sizes)
-        self._compile_fn = _COMPILERS[backend]
-        cache_size = options.get("cache_size")
-        if cache_size is None:
-            cache_size = _settings.plan_cache_size
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
-            raise EincError(f"cache_size must be a positive int, not {cache_size!r}")
-        # functools.lru_cache: bounded, and safe to call from many threads at once (two
-        # threads missing on one signature may both build it; one result is kept).
-        self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
-        self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
-        # Validate keyword sizes now, so a typo surfaces at compile time.
+        if isinstance(options.optimize, tuple):
+            for level in _levels(self.ir):
+                try:
+                    check_path(options.optimize, len(level.inputs))
+                except EincError as err:
+                    raise EincError(f"pattern {pattern!r}: optimize={list(options.optimize)}: {err}") from None
         check_sizes(sizes)
         everywhere = self.ir.all_axes
         for name in sizes:
             if name not in everywhere:
                 raise EincError(f"size given for axis {name!r}, which is not in the pattern {pattern!r}")
+        try:
+            check_new_axes(self.ir, sizes)
+        except EincError as err:
+            raise EincError(f"pattern {pattern!r}: {err}") from None
+        self.sizes = dict(sizes)
+        self._compile_fn = get_backend(options.backend)
+        cache_size = settings.plan_cache_size if options.cache_size is None else options.cache_size
+        # functools.lru_cache: bounded, and safe to call from many threads at once (two
+        # threads missing on one signature may both build it; one result is kept).
+        self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
+        self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
+
+    @property
+    def backend(self) -> str:
+        return self.options.backend
+
+    @property
+    def optimize(self) -> Any:
+        return self.options.optimize
+
+    @property
+    def memory_limit(self) -> int | str | None:
+        return self.options.memory_limit
+
+    @property
+    def fuse(self) -> bool:
+        return self.options.fuse
 
     def __repr__(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.sizes.items())
@@ -224,6 +242,10 @@ class Expression:
         if self._constants:
             extra += f", constants={sorted(self._constant_positions)}"
         return f"einc.Expression({self.pattern!r}, backend={self.backend!r}{extra})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Caches and compiled functions are not data: pickle the recipe, compile on load.
+        return _restore, (self.pattern, self.options, dict(self._constants) or None, self.sizes)
 
     def _with_constants(self, given: Sequence[Any], of_constant: Callable[[torch.Tensor], Any]) -> list[Any]:
         """``given`` (one item per call operand) with ``of_constant(tensor)`` put in the
@@ -247,16 +269,7 @@ class Expression:
 
     def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> Program:
         # The dtype matters to the plan only through a memory limit given in bytes.
-        return self._plan_lookup(shapes, self._element_limit(dtype.itemsize))
-
-    def _element_limit(self, itemsize: int) -> int | None:
-        """The tighter of this expression's and the process-wide memory limit, in elements."""
-        limits = []
-        for value in (self.memory_limit, _settings.memory_limit):
-            limit, in_bytes = _memory_limit(value)
-            if limit is not None:
-                limits.append(limit // itemsize if in_bytes else limit)
-        return min(limits, default=None)
+        return self._plan_lookup(shapes, self.options.element_limit(dtype.itemsize))
 
     def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None) -> Program:
         try:
@@ -265,23 +278,27 @@ class Expression:
         except EincError as err:
             raise self._context(shapes, err) from None
 
-    def _build(self, signature: tuple[tuple[torch.Size, torch.dtype], ...]) -> _Compiled:
+    def _dtypes(self, dtypes: Sequence[torch.dtype], shapes: Sequence[tuple[int, ...]]) -> list[torch.dtype]:
+        """Every operand's dtype (constants included), checked against the pattern."""
+        everything = self._with_constants(dtypes, lambda t: t.dtype)
+        try:
+            _check_dtype(self.ir, _promoted(everything) if everything else torch.float32)
+        except EincError as err:
+            raise self._context(shapes, err) from None
+        return everything or [torch.float32]
+
+    def _build(self, key: tuple[tuple[tuple[torch.Size, torch.dtype], ...], bool, int]) -> _Compiled:
+        signature, transformed, _ = key
         for index, (_, dtype) in enumerate(signature):
             if not isinstance(dtype, torch.dtype):
                 raise EincError(f"pattern {self.pattern!r}: operand {index} is not a torch.Tensor")
         shapes = tuple(tuple(shape) for shape, _ in signature)
-        dtypes = {dtype for _, dtype in signature} | {t.dtype for _, t in self._constants}
-        if len(dtypes) > 1:
-            listed = ", ".join(f"operand {i}: {dtype}" for i, (_, dtype) in enumerate(signature))
-            listed += "".join(f", constant {i}: {t.dtype}" for i, t in self._constants)
-            raise self._context(shapes, EincError(f"operands must share one dtype ({listed})"))
-        (dtype,) = dtypes or {torch.float32}
-        if dtype.is_complex and self.ir.op not in (None, "sum", "mean", "prod"):
-            raise self._context(shapes, EincError(f"{self.ir.op}(...) needs real tensors, got {dtype}"))
-        if not (dtype.is_floating_point or dtype.is_complex) and self.ir.op in _NEEDS_FLOAT:
-            raise self._context(shapes, EincError(f"{self.ir.op}(...) needs floating-point tensors, got {dtype}"))
-        program = self._plan_for(shapes, dtype)
-        code = generate(program, dtype, fuse=self.fuse)
+        dtypes = self._dtypes([dtype for _, dtype in signature], shapes)
+        program = self._plan_for(shapes, _promoted(dtypes))
+        try:
+            code = generate(program, dtypes, fuse=self.fuse, safe=transformed)
+        except EincError as err:
+            raise self._context(shapes, err) from None
         fn, folding = self._compile_fn(code)
         folded: tuple[torch.Tensor, ...] = ()
         if folding is not None:
@@ -292,7 +309,8 @@ class Expression:
 
     def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:
         try:
-            return self._lookup(tuple([(t.shape, t.dtype) for t in tensors]))
+            key = (tuple([(t.shape, t.dtype) for t in tensors]), _transformed(), settings.version)
+            return self._lookup(key)
         except (AttributeError, EincError):
             # Tensor-likes (numpy arrays) get this far; name the culprit's type.
             bad = next((i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor)), None)
@@ -308,11 +326,21 @@ class Expression:
         entry = self._entry(tensors)
         return entry.fn(*tensors, *entry.folded)
 
-    def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | None = None) -> Plan:
+    def _shapes_and_dtype(self, tensors_or_shapes: Sequence[Any], dtype: torch.dtype | str | None
+                          ) -> tuple[tuple[tuple[int, ...], ...], list[torch.dtype]]:
+        shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
+        if dtype is not None:
+            given = [dtype_of(dtype)] * len(shapes)
+        else:
+            given = [x.dtype if isinstance(x, torch.Tensor) else torch.float32 for x in tensors_or_shapes]
+        return shapes, self._dtypes(given, shapes)
+
+    def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None
+                ) -> Plan:
         """The contraction plan for these tensors (or shapes): path, steps, FLOPs, source.
 
-        ``dtype`` (default: the tensors', else float32) sizes ``largest_intermediate_bytes``
-        and picks the code for half floats.
+        ``dtype`` (a torch dtype or its name; default: the tensors', else float32) sizes
+        ``largest_intermediate_bytes`` and picks the code for half floats and integers.
 
         >>> import einc
         >>> plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
@@ -323,11 +351,13 @@ class Expression:
         >>> plan.largest_intermediate, plan.largest_intermediate_bytes  # the 8x64 output
         (512, 2048)
         """
-        shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
-        if dtype is None:
-            dtype = next((x.dtype for x in tensors_or_shapes if isinstance(x, torch.Tensor)), torch.float32)
-        program = self._plan_for(shapes, dtype)
-        code = generate(program, dtype, fuse=self.fuse)
+        shapes, dtypes = self._shapes_and_dtype(tensors_or_shapes, dtype)
+        common = _promoted(dtypes)
+        program = self._plan_for(shapes, common)
+        try:
+            code = generate(program, dtypes, fuse=self.fuse)
+        except EincError as err:
+            raise self._context(shapes, err) from None
         # Nested programs come first, as they run (and as code.kernels lists them).
         levels = program.programs()
         located = [(level, step) for level in levels for step in level.steps]
@@ -360,19 +390,23 @@ class Expression:
                      + [math.prod(level.output_shape) for level in levels[:-1]]),
             source=code.source,
             output_shape=program.output_shape,
-            dtype=str(dtype).removeprefix("torch."),
-            itemsize=dtype.itemsize,
+            dtype=str(common).removeprefix("torch."),
+            itemsize=common.itemsize,
             constants=tuple(sorted(self._constant_positions)),
             rewrite=code.rewrite,
         )
 
-    def module(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | None = None
+    def module(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None
                ) -> torch.nn.Module:
-        """A ``torch.nn.Module`` computing this pattern for any shapes of the example's ranks.
+        """A ``torch.nn.Module`` computing this pattern for any shapes.
 
         Its code reads sizes from the inputs' shapes at run time (sizes given by keyword
-        stay fixed), so one module serves every batch size and sequence length: it works
-        eagerly, under ``torch.jit.script`` and under ``torch.compile(fullgraph=True)``.
+        stay fixed) and checks them as a call of the expression does (ranks, one name
+        one size, compositions, the memory limits in effect now), raising
+        :class:`EincError`; ``...`` may stand for any number of dimensions, the same in
+        every operand.  One module serves every batch size and sequence length: it
+        works eagerly, under ``torch.jit.script`` and under
+        ``torch.compile(fullgraph=True)``, and pickles (it is generated again on load).
         The contraction path is planned once, for the example shapes.  Half-float
         reductions and normalizers compute in float32, decided from the inputs' dtype.
 
@@ -384,20 +418,27 @@ class Expression:
         """
         if self._constants:
             raise EincError(f"pattern {self.pattern!r}: module() does not take constants")
-        shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
-        if dtype is None:
-            dtype = next((x.dtype for x in tensors_or_shapes if isinstance(x, torch.Tensor)), torch.float32)
-        program = self._plan_for(shapes, dtype)
+        shapes, dtypes = self._shapes_and_dtype(tensors_or_shapes, dtype)
+        try:
+            merged = tuple(_merged_ellipsis(self.ir, shapes))
+        except EincError as err:
+            raise self._context(shapes, err) from None
+        common = _promoted(dtypes)
+        program = self._plan_for(merged, common)
         for level in program.programs():
             for prep, dims in zip(level.preps, level.input_dims):
-                # Broadcasting a size-1 ellipsis dimension (dropped from the operand) is
-                # decided per shape; generic code could not tell a broadcast 1 from a real one.
+                # Broadcasting a size-1 dimension (dropped from the operand) is decided
+                # per shape; generic code could not tell a broadcast 1 from a real one.
                 if len(prep.split) != sum(len(d) for d in dims):
                     raise self._context(shapes, EincError(
                         "module() cannot broadcast size-1 '...' dimensions (its code serves every shape); "
                         "expand the operand first"))
-        code = generate(program, dtype, generic=True, fuse=self.fuse, module=True)
-        module: torch.nn.Module = code.namespace()[MODULE_NAME]()
+        code = generate(program, dtypes, generic=True, fuse=self.fuse, module=True,
+                        context=f"pattern {self.pattern!r}", limits=(self.options.limit, settings.limit))
+        cls = namespace(code)[MODULE_NAME]
+        recipe = (self.pattern, self.options, self.sizes, shapes, common)
+        cls.__reduce__ = lambda _: (_restore_module, recipe)  # type: ignore[method-assign]
+        module: torch.nn.Module = cls(list(code.messages))
         module.einc_source = code.source  # type: ignore[assignment]
         return module
 
@@ -414,10 +455,14 @@ class Expression:
         tensor(11., dtype=torch.float64)
         """
         entry = self._entry(tensors)
-        given = [_widen(t) if widen else t for t in self._with_constants(tensors, lambda t: t)]
+        given = self._with_constants(tensors, lambda t: t)
+        common = _promoted([t.dtype for t in given]) if given else torch.float64
+        given = [t.to(common) for t in given]
+        if widen:
+            given = [_widen_tensor(t) for t in given]
         if absolute and self.ir.op in (None, "sum", "mean"):
-            return _reference(entry.program, given, absolute=True)
-        result = _reference(entry.program, given)
+            return reference(entry.program, given, absolute=True)
+        result = reference(entry.program, given)
         return result.abs() if absolute else result
 
     def validate(
@@ -428,14 +473,14 @@ class Expression:
         The tolerance is per element: ``atol + rtol * bound``, where the bound of a sum of
         products is the contraction of absolute values (so cancellation in the reference
         does not cause false alarms) and otherwise the reference's magnitude.  Defaults
-        follow the inputs' dtype (:func:`tolerance`).
+        follow the inputs' dtype (:func:`einc.reference.tolerance`).
 
         >>> import torch, einc
         >>> einc.compile("ij,jk->ik").validate(torch.randn(3, 4), torch.randn(4, 5)) < 1e-5
         True
         """
         result = self(*tensors)
-        dtype = tensors[0].dtype if tensors else torch.float64
+        dtype = _promoted([t.dtype for t in tensors]) if tensors else torch.float64
         try:
             return compare(result, self.reference(*tensors), self.reference(*tensors, absolute=True),
                            dtype, rtol=rtol, atol=atol)
@@ -443,31 +488,7 @@ class Expression:
             raise EincError(f"pattern {self.pattern!r}: result {err}") from None
 
 
-def compare(result: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype, *,
-            rtol: float | None = None, atol: float | None = None) -> float:
-    """Max abs error of ``result`` against ``reference``; :class:`EincError` (saying how
-    the result is off) beyond
-    ``atol + rtol * bound`` per element or where inf/NaN entries differ.  ``rtol``/``atol``
-    default to :func:`tolerance` of ``dtype``."""
-    default_rtol, default_atol = tolerance(dtype)
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
-    if result.shape != reference.shape:
-        raise EincError(f"has shape {list(result.shape)} but the reference has {list(reference.shape)}")
-    if result.numel() == 0:
-        return 0.0
-    result = result.to(reference.dtype)
-    finite = torch.isfinite(reference)
-    # inf and NaN entries must agree exactly; finite ones within the bound.
-    if not bool((torch.isnan(result) == torch.isnan(reference)).all()) or not bool(
-        (result[torch.isinf(reference)] == reference[torch.isinf(reference)]).all()
-    ):
-        raise EincError("disagrees with the reference on inf/NaN entries")
-    error = (result - reference).abs()[finite]
-    worst = float(error.max()) if error.numel() else 0.0
-    if bool((error > atol + rtol * bound.abs()[finite]).any()):
-        raise EincError(f"differs from the float64 reference by up to {worst:.3g} (rtol={rtol}, atol={atol})")
-    return worst
+_widen_tensor = widen
 
 
 def _tree_path(program: Program) -> list[tuple[int, ...]]:
@@ -502,136 +523,14 @@ def _step_equation(pattern: ir.Pattern, inputs: Sequence[tuple[str, ...]], outpu
     sep = "" if pattern.compact else " "
     join = "," if pattern.compact else ", "
     arrow = "->" if pattern.compact else " -> "
-    return join.join(sep.join(axes) for axes in inputs) + arrow + sep.join(output)
-
-
-def _widen(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.complex128 if t.is_complex() else torch.float64)
-
-
-def tolerance(dtype: torch.dtype) -> tuple[float, float]:
-    """Default ``(rtol, atol)`` of :meth:`Expression.validate` for inputs of ``dtype``."""
-    if dtype in (torch.float16,):
-        return 1e-2, 1e-3
-    if dtype in (torch.bfloat16,):
-        return 4e-2, 1e-2
-    if dtype in (torch.float32, torch.complex64):
-        return 1e-5, 1e-6
-    return 1e-10, 1e-12
-
-
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-def _reference(program: Program, tensors: Sequence[torch.Tensor], absolute: bool = False) -> torch.Tensor:
-    """The pattern evaluated the plain way, in the tensors' (float64) dtype.
-
-    Sums of products go through torch.einsum (which also broadcasts size-1 ellipsis
-    dimensions); semirings through the naive broadcast form (combine by addition, then
-    torch.logsumexp/amax/amin); normalizers as ``x - logsumexp(x)`` over the marked axes.
-    A nested operation's reference is computed first and is an operand.  ``absolute``
-    contracts absolute values (the error bound of a sum of products).
-    """
-    pattern = program.pattern
-    sizes = dict(program.sizes)
-    rank = sum(1 for a in sizes if a.startswith(ir.ELLIPSIS))
-    nested = dict(program.nested)
-    rest = iter(tensors)
-    values: list[torch.Tensor] = []
-    for index, operand in enumerate(pattern.inputs):
-        if index in nested:
-            inner = nested[index]
-            values.append(_reference(inner, [next(rest) for _ in range(inner.pattern.leaves)]))
-        else:
-            values.append(next(rest))
-    if absolute:
-        values = [t.abs() for t in values]
-    operands: list[torch.Tensor] = []
-    names: list[list[str]] = []
-    for operand, tensor in zip(pattern.operands, values):
-        own = tensor.dim() - (len(operand.dims) - operand.has_ellipsis)
-        shape: list[int] = []
-        axes: list[str] = []
-        position = 0
-        for dim in operand.dims:
-            if dim == (ir.ELLIPSIS,):
-                for j in range(own):
-                    axes.append(ir.ellipsis_axis(rank - own + j))
-                    shape.append(tensor.shape[position + j])
-                position += own
-            else:
-                axes.extend(dim)
-                shape.extend(sizes[a] for a in dim)
-                position += 1
-        operands.append(tensor.reshape(shape))
-        names.append(axes)
-    atoms = list(dict.fromkeys(a for axes in names for a in axes))
-    if len(atoms) > len(_LETTERS):
-        raise EincError(f"validate supports at most {len(_LETTERS)} distinct axes (torch.einsum's limit)")
-    letter = dict(zip(atoms, _LETTERS))
-    spell = lambda axes: "".join(letter[a] for a in axes)  # noqa: E731
-    present = [a for a in program.output_axes if a in letter]
-    if pattern.op in _SEMIRING_REDUCE or pattern.op == "prod":
-        # Naive broadcast: every operand spread over all axes, combined, then reduced.
-        full = None
-        for tensor, axes in zip(operands, names):
-            own = [a for a in atoms if a in axes]
-            spread = torch.einsum(f"{spell(axes)}->{spell(own)}", tensor)
-            spread = spread.reshape([spread.shape[own.index(a)] if a in own else 1 for a in atoms])
-            full = spread if full is None else full + spread
-        assert full is not None
-        dims = [i for i, a in enumerate(atoms) if a not in present]
-        if dims and pattern.op == "prod":
-            for position in sorted(dims, reverse=True):
-                full = full.prod(position)
-        elif dims:
-            full = _SEMIRING_REDUCE[pattern.op](full, dims)
-        kept = [a for a in atoms if a in present]
-        result = torch.einsum(f"{spell(kept)}->{spell(present)}", full)
-    else:
-        equation = ",".join(spell(axes) for axes in names) + "->" + spell(present)
-        result = torch.einsum(equation, *operands)
-    if len(present) != len(program.output_axes):
-        result = result.reshape([sizes[a] if a in letter else 1 for a in program.output_axes])
-        result = result.expand([sizes[a] for a in program.output_axes])
-    if pattern.scale:
-        result = result * abs(_scale_value(pattern.scale, sizes)) if absolute else result * _scale_value(
-            pattern.scale, sizes)
-    if pattern.op in ir.NORMALIZERS:
-        marked = [i for i, a in enumerate(program.output_axes) if a in pattern.normalized]
-        result = result - torch.logsumexp(result, marked, keepdim=True)
-        if pattern.op == "softmax":
-            result = result.exp()
-    result = result.reshape(program.output_shape)
-    if pattern.op == "mean":
-        result = result / program.reduced_count
-    return result
-
-
-def _scale_value(factors: Sequence[ir.Factor], sizes: Mapping[str, int]) -> float:
-    value = 1.0
-    for factor in factors:
-        number = float(factor.value if isinstance(factor.value, int) else sizes[factor.value])
-        number = math.sqrt(number) if factor.sqrt else number
-        value = value / number if factor.divide else value * number
-    return value
-
-
-_SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] = {
-    "logsumexp": lambda x, dims: torch.logsumexp(x, dims),
-    "max": lambda x, dims: torch.amax(x, dims),
-    "min": lambda x, dims: torch.amin(x, dims),
-}
+    spell = lambda axes: sep.join(map(ir.spell_axis, axes))  # noqa: E731
+    return join.join(spell(axes) for axes in inputs) + arrow + spell(output)
 
 
 # ------------------------------------------------------------ module functions
 
 
-def _expression(pattern: str, options: dict[str, Any], sizes: dict[str, int]) -> Expression:
-    """An Expression whose axis sizes may be named like its options (``cache_size``)."""
-    expression = Expression.__new__(Expression)
-    expression._setup(pattern, options, sizes)
-    return expression
+_UNSET: Any = object()
 
 
 def configure(
@@ -644,44 +543,46 @@ def configure(
 
     - ``plan_cache_size``: input signatures each new :class:`Expression` keeps (LRU).
     - ``expression_cache_size``: expressions :func:`compile`/:func:`einsum` keep (LRU).
-    - ``memory_limit``: a cap on every intermediate of every plan made from now on, in
-      elements (int) or bytes (``"8GiB"``), on top of each expression's own; ``None``
-      for no cap. A plan over it raises :class:`EincError` before anything is allocated.
-
-    Any call clears the expression cache, so later ``compile`` calls see the new values.
+    - ``memory_limit``: a cap on every intermediate and output, in elements (int) or
+      bytes (``"8GiB"``), on top of each expression's own; ``None`` for no cap.  It
+      applies to every call from now on, of expressions compiled before too (what they
+      cached is planned again); a module made by :meth:`Expression.module` or
+      ``einc.nn`` checks, on every call, the limits in effect when it was made.  A
+      plan over it raises :class:`EincError` before anything is allocated.
 
     >>> import einc
     >>> previous = einc.configure(memory_limit="1GiB")
     >>> einc.configure(**previous)["memory_limit"]
     '1GiB'
     """
+    from .options import parse_memory_limit
+
     previous = {
-        "plan_cache_size": _settings.plan_cache_size,
-        "expression_cache_size": _settings.expression_cache_size,
-        "memory_limit": _settings.memory_limit,
+        "plan_cache_size": settings.plan_cache_size,
+        "expression_cache_size": settings.expression_cache_size,
+        "memory_limit": settings.memory_limit,
     }
     for name, value in (("plan_cache_size", plan_cache_size), ("expression_cache_size", expression_cache_size)):
         if value is not _UNSET and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise EincError(f"{name} must be a positive int, not {value!r}")
-    if memory_limit is not _UNSET:
-        _memory_limit(memory_limit)
-        _settings.memory_limit = memory_limit
-    if plan_cache_size is not _UNSET:
-        _settings.plan_cache_size = plan_cache_size
     global _cached
-    if expression_cache_size is not _UNSET:
-        _settings.expression_cache_size = expression_cache_size
-        _cached = functools.lru_cache(maxsize=expression_cache_size)(_cached.__wrapped__)
+    with settings.lock:
+        if memory_limit is not _UNSET:
+            settings.limit = parse_memory_limit(memory_limit)
+            settings.memory_limit = memory_limit
+        if plan_cache_size is not _UNSET:
+            settings.plan_cache_size = plan_cache_size
+        if expression_cache_size is not _UNSET:
+            settings.expression_cache_size = expression_cache_size
+            _cached = functools.lru_cache(maxsize=expression_cache_size)(_cached.__wrapped__)
+        settings.version += 1
     _cached.cache_clear()
     return previous
 
 
 @functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)
-def _cached(pattern: str, backend: str, optimize: Any, notation: str, memory_limit: int | str | None,
-            fuse: bool, sizes: tuple[tuple[str, int], ...]) -> Expression:
-    return _expression(pattern, {"backend": backend, "optimize": optimize, "notation": notation,
-                                 "memory_limit": memory_limit, "fuse": fuse}, dict(sizes))
-
+def _cached(pattern: str, options: Options, sizes: tuple[tuple[str, int], ...]) -> Expression:
+    return _restore(pattern, options, None, dict(sizes))
 
 
 def compile(  # noqa: A001 - the name is the API
@@ -698,32 +599,24 @@ def compile(  # noqa: A001 - the name is the API
 ) -> Expression:
     """Compile ``pattern`` into a callable :class:`Expression` (cached by pattern and options).
 
+    Every option is checked here, at compile time.
+
     >>> import torch, einc
     >>> f = einc.compile("b q (h d), b k (h d) -> b h q k", h=4)
     >>> f(torch.randn(2, 8, 64), torch.randn(2, 6, 64)).shape
     torch.Size([2, 4, 8, 6])
     """
+    options = _options(pattern, backend=backend, optimize=optimize, notation=notation, memory_limit=memory_limit,
+                       fuse=fuse)
     # Checked before the cache, which would take 2.0 for 2 and True for 1.
     check_sizes(sizes)
-    _memory_limit(memory_limit)
-    options: dict[str, Any] = {"backend": backend, "notation": notation, "memory_limit": memory_limit,
-                               "fuse": fuse}
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
-        return _expression(pattern, {"optimize": optimize, "constants": constants, **options}, sizes)
-    if isinstance(optimize, (list, tuple)):
-        # Explicit paths are lists: freeze them so the expression cache can key them, but
-        # only exact ints (1.0 == 1 as a key would let a bad path shadow a good one).
-        if not all(isinstance(step, (list, tuple)) and all(type(i) is int for i in step) for step in optimize):
-            return _expression(pattern, {"optimize": optimize, **options}, sizes)
-        optimize = tuple(tuple(step) for step in optimize)
+        return _restore(pattern, options, constants, sizes)
     try:
-        hash(optimize)
-    except TypeError:
-        return _expression(pattern, {"optimize": optimize, **options}, sizes)
-    if not isinstance(fuse, bool):
-        raise EincError(f"fuse must be True or False, not {fuse!r}")
-    return _cached(pattern, backend, optimize, notation, memory_limit, fuse, tuple(sorted(sizes.items())))
+        return _cached(pattern, options, tuple(sorted(sizes.items())))
+    except TypeError:  # an unhashable PathOptimizer or pattern: nothing to cache by
+        return _restore(pattern, options, None, sizes)
 
 
 def einsum(pattern: str, /, *tensors: torch.Tensor, **sizes: int) -> torch.Tensor:

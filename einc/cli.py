@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 import torch
 
 from . import __version__, ir
-from .api import Expression, compare
+from .api import Expression
+from .reference import compare
 from .errors import EincError
 
 __all__ = ["main"]
@@ -113,6 +114,22 @@ def _positive(kind: type[int | float]) -> Callable[[str], int | float]:
     return convert
 
 
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+"""More threads than this only oversubscribe the machine (and torch crashes on absurd counts)."""
+
+
+def _threads(text: str) -> int:
+    value = int(_positive(int)(text))
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"{value} threads: at most {MAX_THREADS} on this machine "
+                                         f"({os.cpu_count()} CPUs)")
+    return value
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) or "()"
+
+
 # ------------------------------------------------------------------- parser
 
 
@@ -168,8 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeat-time", type=_positive(float), default=0.5, metavar="SECONDS",
                        help="seconds of timing per contender (blocked_autorange's min_run_time; default 0.5)")
-    bench.add_argument("--threads", type=_positive(int), default=1, metavar="N",
-                       help="torch threads while timing (default 1)")
+    bench.add_argument("--threads", type=_threads, default=1, metavar="N",
+                       help=f"torch threads while timing, 1 to {MAX_THREADS} (default 1)")
     bench.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show '[i/n] timing ...' lines on stderr (default: only when stderr is a terminal)")
     bench.set_defaults(run=_bench)
@@ -317,7 +334,11 @@ def _bench(args: argparse.Namespace) -> int:
     first = next(iter(expressions.values()))
     first.explain(*shapes, dtype=dtype)  # input errors surface before any tensor is made
     generator = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
+    try:
+        tensors = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
+    except (RuntimeError, MemoryError) as err:  # torch's allocation failure
+        raise EincError(f"cannot allocate random tensors of shapes {', '.join(_dims(s) for s in shapes)}: "
+                        f"{str(err).splitlines()[0]}") from None
     reference = first.reference(*tensors)
     bound = first.reference(*tensors, absolute=True)
 
@@ -344,7 +365,7 @@ def _bench(args: argparse.Namespace) -> int:
         ratios = ("-" if e == name else f"{timed[e][0] / median:.2f}x" for e in einc_names)
         rows.append([name, _seconds(median), *ratios, f"{error:.1e}"])
     threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
-    print(f"einc bench {args.pattern!r}: shapes {', '.join('x'.join(map(str, s)) or '()' for s in shapes)}, "
+    print(f"einc bench {args.pattern!r}: shapes {', '.join(_dims(s) for s in shapes)}, "
           f"{args.dtype}, {threads}")
     print("\n".join(_table(rows)))
     for note in notes:

@@ -10,7 +10,10 @@ bookkeeping, never emitted.
 
 Shapes are literals by default (one function per input signature).  With
 ``generic=True`` every size not given by keyword is read from the inputs' shapes at
-run time, so one function serves all shapes of the same rank (einc.nn modules).
+run time, so one function serves all shapes (einc.nn modules).  Generic code checks
+what planning checks for literal code — ranks, one name one size, compositions,
+memory limits — with a few integer comparisons; its error messages are data passed
+to the function (``messages``), never source.
 """
 
 from __future__ import annotations
@@ -18,20 +21,21 @@ from __future__ import annotations
 import builtins
 import hashlib
 import keyword
-import linecache
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, List, Tuple  # noqa: UP035 - TorchScript source names typing.List/Tuple
 
 import torch
 
+from . import ir
 from ._runtime import FLOOR, HELPERS, TINY
+from .errors import EincError
 from .ir import NORMALIZERS, Factor
-from .planner import Program, Step
+from .planner import Program, Step, show_axis
 from .rewrite import Attention, attention
 
-__all__ = ["Generated", "generate", "FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME"]
+__all__ = ["Generated", "generate", "FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME", "result_dtype"]
 
 FUNCTION_NAME = "einc_fn"
 CONSTANT_FUNCTION_NAME = "einc_constants"
@@ -45,7 +49,9 @@ class Generated:
 
     ``source`` defines :data:`FUNCTION_NAME` and, when the program has constant operands,
     :data:`CONSTANT_FUNCTION_NAME`: it takes the constants and returns the folded values
-    that ``einc_fn`` takes after the other operands.
+    that ``einc_fn`` takes after the other operands.  Generic code (``messages`` not
+    empty) takes the messages its checks raise as its last argument; its module class
+    :data:`MODULE_NAME` is built with them.  Executing it is :mod:`einc.backends`' job.
     """
 
     source: str
@@ -56,24 +62,8 @@ class Generated:
     folds_constants: bool = False
     rewrite: str = ""
     """The fused kernels rewrites replaced steps with (``"sdpa"``), comma-separated; or ``""``."""
-
-    def namespace(self) -> dict[str, Any]:
-        """The module's functions as plain Python, its source registered in ``linecache``."""
-        namespace = dict(self.globals)
-        exec(compile(self.source, self.filename, "exec"), namespace)  # noqa: S102 - generated, validated
-        # TorchScript names what it compiles by __module__ (None after exec); a name per
-        # source keeps two generated modules apart.  No __name__ in the namespace itself:
-        # torch.compile would try to import it.
-        owner = "einc.generated_" + self.filename.removeprefix("<einc-generated-").removesuffix(">")
-        for value in namespace.values():
-            if getattr(value, "__code__", None) is not None and value.__code__.co_filename == self.filename \
-                    or isinstance(value, type) and value.__module__ == "builtins":
-                value.__module__ = owner
-        return namespace
-
-    def eager(self) -> Callable[..., torch.Tensor]:
-        """The main function as plain Python."""
-        return self.namespace()[FUNCTION_NAME]
+    messages: tuple[str, ...] = ()
+    """Generic code: the error message of each run-time check, in ``str.format`` form."""
 
 
 class _Namespace:
@@ -82,7 +72,7 @@ class _Namespace:
     _reserved = (
         frozenset(keyword.kwlist)
         | frozenset(dir(builtins))
-        | {"torch", "List", "Tuple", FUNCTION_NAME, CONSTANT_FUNCTION_NAME, MODULE_NAME}
+        | {"torch", "List", "Tuple", "EincError", FUNCTION_NAME, CONSTANT_FUNCTION_NAME, MODULE_NAME}
     )
 
     def __init__(self) -> None:
@@ -123,22 +113,67 @@ _REDUCE = {None: "sum", "sum": "sum", "mean": "sum", "softmax": "sum", "log_soft
 _SEMIRING = {"logsumexp": "log", "max": "max", "min": "min"}
 """Operations whose operands combine by addition; the rest multiply."""
 
-_LOW_PRECISION = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
+_HALF = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
 
 
 def _integral(factors: Sequence[Factor]) -> bool:
     return all(not f.divide and not f.sqrt for f in factors)
 
 
-class _Module:
-    """What the levels of one generated module share: names, helpers, kernels, mode."""
+def _sums(program: Program) -> bool:
+    """Whether the level adds numbers up: sums (or multiplies, ``prod``) over reduced axes."""
+    return bool(program.reduced) and _REDUCE[program.pattern.op] in ("sum", "prod")
 
-    def __init__(self, generic: bool) -> None:
+
+def _computed(dtype: torch.dtype, program: Program) -> torch.dtype:
+    """The dtype a level computes in, for operands of ``dtype``.
+
+    Reductions, semirings and normalizers of half floats compute in float32 (as
+    torch.softmax does inside); sums of integers and bools in int64, as torch.sum does
+    (so a sum never wraps in a small integer type, and mm gets one dtype).
+    """
+    if dtype in _HALF and program.pattern.op is not None:
+        return torch.float32
+    if not (dtype.is_floating_point or dtype.is_complex) and _sums(program):
+        return torch.int64
+    return dtype
+
+
+def result_dtype(dtype: torch.dtype, program: Program) -> torch.dtype:
+    """The dtype of a level's result for operands of ``dtype``: half floats come back
+    in their dtype, integer sums stay int64, an integer ``mean`` or fractional scale
+    gives torch's default float."""
+    computed = _computed(dtype, program)
+    if dtype in _HALF:
+        return dtype
+    fractional = program.pattern.op == "mean" or not _integral(program.pattern.scale)
+    if not (computed.is_floating_point or computed.is_complex) and fractional:
+        return torch.get_default_dtype()
+    return computed
+
+
+class _Unit:
+    """What the levels of one generated function share: names, helpers, kernels, checks."""
+
+    def __init__(self, generic: bool, safe: bool, context: str) -> None:
         self.generic = generic
+        self.safe = safe
+        """No in-place writes, no branches on data: torch.func transforms (vmap, jvp) run it."""
+        self.context = context.replace("{", "{{").replace("}", "}}")
         self.names = _Namespace()
         self.helpers: dict[str, None] = {}
         self.kernels: list[str] = []
         self.rewrites: list[str] = []
+        self.size_vars: dict[str, str] = {}
+        """Generic code: the variable holding each axis size, set by the prologue."""
+        self.literal: dict[str, int] = {}
+        """Sizes fixed in the source: keyword sizes (and anonymous axes)."""
+        self.ellipsis: str | None = None
+        """Generic code: the variable holding the dimensions ``...`` stands for (``List[int]``)."""
+        self.dtype: str | None = None
+        """Generic code: the variable holding the operands' common dtype."""
+        self.messages: list[str] = []
+        self.messages_var = self.names.create("m") if generic else ""
 
     def helper(self, name: str) -> str:
         for dependency in HELPERS[name][1]:
@@ -146,74 +181,49 @@ class _Module:
         self.helpers[name] = None
         return name
 
+    def check(self, lines: list[str], condition: str, message: str, *values: str) -> None:
+        """Generic code: raise ``EincError(message)`` (``{}`` filled by ``values``) where ``condition`` holds."""
+        index = len(self.messages)
+        self.messages.append(f"{self.context}: {message}")
+        formatted = f"{self.messages_var}[{index}].format({', '.join(values)})" if values else \
+            f"{self.messages_var}[{index}]"
+        lines += [f"    if {condition}:", f"        raise EincError({formatted})"]
+
 
 class _Emitter:
     """Emits the code of one level (one contraction) of a program."""
 
-    def __init__(self, program: Program, dtype: torch.dtype, module: _Module, lines: list[str],
-                 operands: Sequence[str | None], fallback: _Emitter | None = None) -> None:
+    def __init__(self, program: Program, dtype: torch.dtype | None, unit: _Unit, lines: list[str],
+                 top: bool = False, sizes: dict[str, int] | None = None) -> None:
         self.program = program
-        self.module = module
-        self.generic = module.generic
-        self.names = module.names
+        self.unit = unit
+        self.generic = unit.generic
+        self.names = unit.names
         self.lines = lines
-        self.operands = list(operands)
-        """The variable holding each operand as it came in (sizes are read from these);
-        ``None`` for one never computed (a fused nested operation): ``fallback`` knows."""
-        self.fallback = fallback
+        self.top = top
+        self.dtype = dtype
+        """The operands' dtype (literal code); ``None`` in generic code, which decides at run time."""
         op = program.pattern.op
         self.reduce_kind = _REDUCE[op]
         self.semiring = _SEMIRING.get(op, "sum")
-        # Reductions and normalizers of half floats compute in float32 (as torch.softmax
-        # does internally); plain einsum keeps torch.einsum's behaviour.  Generic code
-        # decides at run time, from the tensors' dtype.
-        self.downcast = None if op is None else (
-            "generic" if self.generic else _LOW_PRECISION.get(dtype)
-        )
-        wide = dtype == torch.float64 and not self.generic
+        self.computed = None if dtype is None else _computed(dtype, program)
+        wide = self.computed in (torch.float64, torch.complex128)
         self.floor = FLOOR["float64" if wide else "float32"]
         self.tiny = TINY["float64" if wide else "float32"]
-        self.sizes = dict(program.sizes)
-        self.keyword = dict(program.keyword)
-        self.size_vars: dict[str, str] = {}
+        self.sizes = dict(program.sizes) if sizes is None else sizes
         self.owned: set[str] = set()
         """Variables holding contiguous intermediates nothing else refers to (see ``fresh``)."""
-        # Scaling the smallest operand is cheapest, but a fractional scale would turn an
-        # integer operand into floats before the product: scale the result then.
-        exact = dtype.is_floating_point or dtype.is_complex or self.generic
-        self.scale_result = bool(program.pattern.scale) and not exact and not _integral(program.pattern.scale)
+        self.scaling = _Scaling(self) if program.pattern.scale else None
 
     # ------------------------------------------------------------------ sizes
 
     def size(self, axis: str) -> str:
         """Code for the size of ``axis``: a literal, or (generic) a variable read from shapes."""
-        if not self.generic or axis in self.keyword:
+        if not self.generic:
             return str(int(self.sizes[axis]))
-        if axis not in self.size_vars:
-            expr = self._size_source(axis, frozenset())
-            if expr is None:
-                if self.fallback is None:  # pragma: no cover - every planned axis has a source
-                    raise AssertionError(f"no shape holds axis {axis!r}")
-                return self.fallback.size(axis)
-            self.size_vars[axis] = self.assign(expr, "n")
-        return self.size_vars[axis]
-
-    def _size_source(self, axis: str, visiting: frozenset[str]) -> str | None:
-        dims = [(index, operand) for index, operand in enumerate(self.program.input_dims)
-                if self.operands[index] is not None]
-        for index, operand in dims:
-            for position, dim in enumerate(operand):
-                if dim == (axis,) and self.program.shapes[index][position] == self.sizes[axis]:
-                    return f"{self.operands[index]}.shape[{position}]"
-        for index, operand in dims:
-            for position, dim in enumerate(operand):
-                if axis in dim and len(dim) > 1 and not (set(dim) & visiting):
-                    others = [a for a in dim if a != axis]
-                    parts = [self.size(a) if a in self.size_vars or a in self.keyword
-                             else self._size_source(a, visiting | {axis}) for a in others]
-                    if all(p is not None for p in parts):
-                        return f"{self.operands[index]}.shape[{position}] // ({' * '.join(parts)})"  # type: ignore[arg-type]
-        return None
+        if axis in self.unit.literal:
+            return str(int(self.unit.literal[axis]))
+        return self.unit.size_vars[axis]
 
     def group(self, group: Group) -> str:
         if not self.generic:
@@ -239,7 +249,7 @@ class _Emitter:
         return name
 
     def helper(self, name: str) -> str:
-        return self.module.helper(name)
+        return self.unit.helper(name)
 
     def fresh(self, expr: str) -> str:
         """Assign a kernel's result: a new contiguous tensor only this code refers to."""
@@ -252,12 +262,13 @@ class _Emitter:
             return value
         return self.assign(f"{value}.permute({_ints([list(axes).index(a) for a in order])})")
 
-    def reshape(self, value: str, current: Sequence[Group], target: Sequence[Group]) -> str:
-        if self.same(current, target):
+    def reshape(self, value: str, current: Sequence[Group], target: Sequence[Group], shape: str = "") -> str:
+        if not shape and self.same(current, target):
             return value
+        shape = shape or self.dims(target)
         if value in self.owned:  # a reshape of a contiguous tensor is a contiguous view of it
-            return self.fresh(f"{value}.reshape({self.dims(target)})")
-        return self.assign(f"{value}.reshape({self.dims(target)})")
+            return self.fresh(f"{value}.reshape({shape})")
+        return self.assign(f"{value}.reshape({shape})")
 
     def reduce(self, value: str, axes: Sequence[str], drop: Sequence[str]) -> tuple[str, tuple[str, ...]]:
         """Reduce ``drop`` out of ``value`` with the operation's own reduction."""
@@ -274,42 +285,46 @@ class _Emitter:
             value = self.fresh(f"{value}.{kind}({_ints(dims)})")
         return value, tuple(a for a in axes if a not in drop)
 
-    def scale(self, factors: Sequence[Factor], as_float: bool = False) -> str:
-        """The scale as an expression of integer literals and sizes (nothing else).
-
-        A product of integers stays an int (integer tensors stay integer); a division
-        or a square root makes it a float, as ``x / 2`` does in torch.
-        """
-        integral = _integral(factors)
-        values = [str(int(f.value)) if isinstance(f.value, int) else self.size(f.value) for f in factors]
-        if integral and not as_float:
-            return "(" + " * ".join(values or ["1"]) + ")"
-        expr = "1.0"
-        for factor, value in zip(factors, values):
-            expr += f" {'/' if factor.divide else '*'} {f'{value} ** 0.5' if factor.sqrt else value}"
-        return f"({expr})"
-
     # ------------------------------------------------------------------ stages
 
-    def prep(self, index: int, value: str, *, widen: bool = True, scale: bool = True) -> str:
+    def cast(self, value: str, dtype: torch.dtype | None, *, widen: bool = True) -> str:
+        """``value`` (of ``dtype``) in the dtype this level computes in (``widen``), or
+        in the operands' common dtype."""
+        if not widen:
+            if self.generic or dtype == self.dtype:
+                return value  # generic code promoted every tensor in its prologue
+            return self.assign(f"{value}.to({_dtype_name(self.dtype)})")  # type: ignore[arg-type]
+        if self.generic:
+            sums = _sums(self.program)
+            if self.program.pattern.op is None and not sums:
+                return value
+            half = self.program.pattern.op is not None
+            return self.assign(f"{self.helper('einc_widen')}({value}, {half}, {sums})")
+        assert self.computed is not None
+        if dtype == self.computed:
+            return value
+        return self.assign(f"{value}.to({_dtype_name(self.computed)})")
+
+    def prep(self, index: int, value: str, dtype: torch.dtype | None, *, widen: bool = True,
+             scale: bool = True) -> str:
         """Operand ``index`` with one dimension per distinct axis (split, squeezed, diagonal)."""
         prep = self.program.preps[index]
-        if self.downcast and widen:
-            if self.downcast == "generic":
-                value = self.assign(f"{self.helper('einc_widen')}({value})")
-            else:
-                value = self.assign(f"{value}.float()")
+        value = self.cast(value, dtype, widen=widen)
         value = self.reshape(value, self.program.input_dims[index], _singles(prep.split))
         for d1, d2 in prep.diagonals:
             value = self.assign(f"torch.diagonal({value}, 0, {int(d1)}, {int(d2)})")
-        if scale and self.program.scaled == index and not self.scale_result:
-            value = self.assign(f"{value} * {self.scale(self.program.pattern.scale)}")
+        if scale and self.scaling is not None and self.program.scaled == index:
+            value = self.scaling.operand(value)
         return value
 
     def unary(self, step: Step, value: str) -> tuple[str, str]:
         (axes,) = step.inputs
         value, _ = self.reduce(value, axes, step.a_reduce)
         return value, self.reduce_kind if step.a_reduce else "none"
+
+    def integral(self) -> bool:
+        """Whether this level computes on integers (known in literal code only)."""
+        return self.computed is not None and not (self.computed.is_floating_point or self.computed.is_complex)
 
     def binary(self, step: Step, a: str, b: str) -> tuple[str, str]:
         a_axes, b_axes = step.inputs
@@ -326,24 +341,30 @@ class _Emitter:
             if self.semiring == "sum":
                 return self.fresh(f"torch.mul({a}, {b})"), "mul"
             return self.fresh(f"torch.add({a}, {b})"), "add"
-        if self.semiring == "sum" and batch and len(left) == len(right) == len(con) == 1 \
+        integral = self.integral()
+        if self.semiring == "sum" and not integral and batch and len(left) == len(right) == len(con) == 1 \
                 and self.folds(a_axes, [batch]) and self.folds(b_axes, [batch]):
             # (batch.., M, K) @ (batch.., K, N) with foldable batch axes: matmul folds
             # them in C++, saving Python-level reshapes (they dominate small calls).
             a = self.permute(a, a_axes, batch + left + con)
             b = self.permute(b, b_axes, batch + con + right)
             return self.fresh(f"torch.matmul({a}, {b})"), "matmul"
-        # The semiring helpers always take stacks; mm/bmm by whether there is a batch.
-        stack = bool(batch) or self.semiring != "sum"
+        # The semiring and integer helpers take stacks; mm/bmm by whether there is a batch.
+        stack = bool(batch) or self.semiring != "sum" or integral
         a = self.matrices(a, a_axes, batch, left, con, stack)
         b = self.matrices(b, b_axes, batch, con, right, stack)
         flat: list[Group] = [batch] * stack + [left, right]
         if self.semiring == "log":
-            call = f"{self.helper('einc_logmm')}({a}, {b}, {self.floor!r}, {self.tiny!r})"
+            safe = "_safe" if self.unit.safe else ""
+            call = f"{self.helper('einc_logmm' + safe)}({a}, {b}, {self.floor!r}, {self.tiny!r})"
             kernel = "logmm"
         elif self.semiring != "sum":
             call = f"{self.helper('einc_tropical')}({a}, {b}, {self.semiring == 'max'})"
             kernel = f"{self.semiring}plus"
+        elif integral:
+            # torch has no integer matmul on CUDA: the helper falls back to a broadcast there.
+            call = f"{self.helper('einc_int_bmm')}({a}, {b})"
+            kernel = "bmm"
         else:
             kernel = "bmm" if batch else "mm"
             call = f"torch.{kernel}({a}, {b})"
@@ -382,7 +403,7 @@ class _Emitter:
         marked = tuple(a for a in axes if a in pattern.normalized)
         if len(marked) == 1:
             dim = axes.index(marked[0])
-            if value not in self.owned:
+            if value not in self.owned or self.unit.safe:
                 return self.assign(f"{fn}({value}, {dim})")
             # Normalize our own intermediate in place when autograd does not need it: a
             # fresh output as large as the scores costs more in page faults than the
@@ -400,6 +421,24 @@ class _Emitter:
         value = self.reshape(value, flat, _singles(rest + marked))
         return self.permute(value, rest + marked, axes)
 
+    def output_shape(self) -> str:
+        """Generic code at the top level: the output shape, ``...`` spelled out again."""
+        program = self.program
+        parts: list[str] = []
+        plain: list[str] = []
+        for spelled, dim in zip(program.pattern.output.dims, program.output_dims):
+            if spelled == (ir.ELLIPSIS,):
+                if plain:
+                    parts.append("[" + ", ".join(plain) + "]")
+                    plain = []
+                assert self.unit.ellipsis is not None
+                parts.append(self.unit.ellipsis)
+            else:
+                plain.append(self.group(dim))
+        if plain or not parts:
+            parts.append("[" + ", ".join(plain) + "]" if plain else _EMPTY_LIST)
+        return " + ".join(parts)
+
     def finish(self, value: str, axes: tuple[str, ...]) -> str:
         program = self.program
         target = program.output_axes
@@ -409,30 +448,279 @@ class _Emitter:
             with_new = [(a,) if a in axes else () for a in target]
             value = self.reshape(value, _singles(present), with_new)
             value = self.assign(f"{value}.expand({self.dims(_singles(target))})")
-        if self.scale_result:
-            value = self.assign(f"{value} * {self.scale(program.pattern.scale)}")
+        if self.scaling is not None:
+            value = self.scaling.result(value)
         if program.pattern.op in NORMALIZERS:
             value = self.normalize(value, target)
-        value = self.reshape(value, _singles(target), program.output_dims)
+        merged = self.generic and self.top and program.pattern.output.has_ellipsis
+        value = self.reshape(value, _singles(target), program.output_dims,
+                             shape=self.output_shape() if merged else "")
         if program.pattern.op == "mean" and (program.reduced if self.generic else program.reduced_count != 1):
             value = self.assign(f"{value} / ({self.group(program.reduced)})")
-        if self.downcast == "generic":
-            value = self.assign(f"{value}.to({self.operands[0]}.dtype)")
-        elif self.downcast:
-            value = self.assign(f"{value}.to({self.downcast})")
+        if self.generic and program.pattern.op is not None:
+            assert self.unit.dtype is not None
+            value = self.assign(f"{self.helper('einc_narrow')}({value}, {self.unit.dtype})")
+        elif self.dtype in _HALF and program.pattern.op is not None:
+            value = self.assign(f"{value}.to({_HALF[self.dtype]})")
         return value
 
 
-def _attention(module: _Module, program: Program, roles: Attention, leaves: list[str], lines: list[str]) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return f"torch.{str(dtype).removeprefix('torch.')}"
+
+
+class _Scaling:
+    """Where and how a level applies its scale (``* 2 / sqrt(d)``).
+
+    The scale is an expression of integer literals and sizes only.  A sum of products
+    is linear in each operand, so scaling the smallest operand costs least; the result
+    is scaled instead where that would change the answer: a fractional scale of
+    integers (it would make floats before the product) and a zero divisor (an empty
+    axis: ``0 / 0`` is NaN, as ``x.sum() / 0``, where scaling an operand gives 0).
+    Generic code decides these at run time.
+    """
+
+    def __init__(self, emit: _Emitter) -> None:
+        self.emit = emit
+        self.factors = emit.program.pattern.scale
+        self.integral = _integral(self.factors)
+        self.variable = ""
+        self.early = ""
+        """Generic code: the variable saying whether the operand took the scale."""
+
+    def _parts(self) -> tuple[list[str], list[str]]:
+        numerator, denominator = [], []
+        for factor in self.factors:
+            value = str(int(factor.value)) if isinstance(factor.value, int) else self.emit.size(factor.value)
+            value = f"{value} ** 0.5" if factor.sqrt else value
+            (denominator if factor.divide else numerator).append(value)
+        return numerator, denominator
+
+    def _value(self) -> float | int:
+        """Literal code: the scale's value, exact for integers, IEEE for a zero divisor."""
+        value: float | int = 1
+        divisor: float | int = 1
+        for factor in self.factors:
+            number = factor.value if isinstance(factor.value, int) else self.emit.sizes[factor.value]
+            number = math.sqrt(number) if factor.sqrt else number
+            if factor.divide:
+                divisor *= number
+            else:
+                value *= number
+        if divisor == 0:
+            return math.nan if value == 0 else math.inf
+        return value / divisor if not self.integral else value
+
+    def expression(self) -> str:
+        """The scale as code: an int product for integral scales of integers, else a float."""
+        numerator, denominator = self._parts()
+        if self.integral and self.emit.integral():
+            return "(" + " * ".join(numerator or ["1"]) + ")"
+        if denominator and (self.emit.generic or math.isinf(self._value()) or math.isnan(self._value())):
+            return f"{self.emit.helper('einc_ratio')}({' * '.join(['1.0', *numerator])}, " \
+                   f"{' * '.join(['1.0', *denominator])})"
+        return "(" + " ".join(["1.0", *(f"* {v}" for v in numerator), *(f"/ {v}" for v in denominator)]) + ")"
+
+    def _on_result(self) -> bool:
+        """Literal code: whether the result takes the scale (see the class docstring)."""
+        if self.integral:
+            return False
+        value = self._value()
+        return self.emit.integral() or math.isinf(value) or math.isnan(value)
+
+    def operand(self, value: str) -> str:
+        emit = self.emit
+        if not emit.generic:
+            if self.integral and emit.integral() and self._value() >= 2**63:
+                raise EincError(f"the scale {self._value():,} does not fit in int64, which integer tensors "
+                                "are scaled in")
+            return value if self._on_result() else emit.assign(f"{value} * {self.expression()}")
+        if self.integral:
+            return emit.assign(f"{value} * {self.expression()}")
+        self.variable = emit.assign(self.expression())
+        self.early = emit.assign(f"{emit.helper('einc_scales_early')}({value}, {self.variable})")
+        return emit.assign(f"{value} * {self.variable} if {self.early} else {value}")
+
+    def result(self, value: str) -> str:
+        emit = self.emit
+        if not emit.generic:
+            return emit.assign(f"{value} * {self.expression()}") if self._on_result() else value
+        if self.integral:
+            return value
+        return emit.assign(f"{value} if {self.early} else {value} * {self.variable}")
+
+    def float_value(self) -> str:
+        """The scale as a float expression (SDPA's ``scale=``)."""
+        numerator, denominator = self._parts()
+        if denominator and self.emit.generic:
+            return f"{self.emit.helper('einc_ratio')}({' * '.join(['1.0', *numerator])}, " \
+                   f"{' * '.join(['1.0', *denominator])})"
+        return "(" + " ".join(["1.0", *(f"* {v}" for v in numerator), *(f"/ {v}" for v in denominator)]) + ")"
+
+
+# ------------------------------------------------------------------ generic prologue
+
+
+def _leaf_lists(program: Program) -> list[tuple[ir.AxisList, tuple[Group, ...]]]:
+    """(axis list, dimensions with ``...`` spelled out) of every tensor operand, nested ones included."""
+    nested = dict(program.nested)
+    out: list[tuple[ir.AxisList, tuple[Group, ...]]] = []
+    for index, operand in enumerate(program.pattern.inputs):
+        if index in nested:
+            out.extend(_leaf_lists(nested[index]))
+        else:
+            assert isinstance(operand, ir.AxisList)
+            out.append((operand, program.input_dims[index]))
+    return out
+
+
+def _prologue(unit: _Unit, program: Program, leaves: list[str], lines: list[str],
+              limits: Sequence[tuple[int | None, bool]]) -> list[str]:
+    """Generic code's checks and sizes: each leaf's rank, one size per name, compositions,
+    the common dtype, ``...`` merged into one dimension (any rank), and the memory limit.
+    Returns the leaves' variables, reshaped where ``...`` was merged."""
+    for level in program.programs():
+        for name, value in level.keyword:
+            unit.literal[name] = value
+        for name, _ in level.sizes:
+            if ir.anonymous_size(name) is not None:
+                unit.literal[name] = ir.anonymous_size(name)  # type: ignore[assignment]
+    found: dict[str, tuple[int, int]] = {}  # axis -> (leaf, dimension) it was read from
+    values = list(leaves)
+    lists = _leaf_lists(program)
+    compact = program.pattern.compact
+    for index, (axes, dims) in enumerate(lists):
+        x = values[index]
+        named = len(axes.dims) - axes.has_ellipsis
+        spelled = axes.render(compact) or "(scalar)"
+        if not axes.has_ellipsis:
+            unit.check(lines, f"{x}.dim() != {named}",
+                       f"operand {index} has {{}} dimensions but its axis list '{spelled}' has {named}", f"{x}.dim()")
+            continue
+        unit.check(lines, f"{x}.dim() < {named}",
+                   f"operand {index} has {{}} dimensions but its axis list '{spelled}' has {named} and '...'",
+                   f"{x}.dim()")
+        start = axes.dims.index((ir.ELLIPSIS,))
+        end = f"{x}.dim() - {named - start}" if named > start else f"{x}.dim()"
+        if unit.ellipsis is None:
+            # list(): torch.Size is a tuple in Python, List[int] in TorchScript.
+            unit.ellipsis = _assign(unit, lines, f"list({x}.shape[{start}:{end}])", "e")
+            unit.size_vars[ir.ellipsis_axis(0)] = _assign(unit, lines, f"{unit.helper('einc_prod')}({unit.ellipsis})", "n")
+            first = index
+        else:
+            unit.check(lines, f"list({x}.shape[{start}:{end}]) != {unit.ellipsis}",
+                       f"'...' stands for dimensions {{}} in operand {index} but {{}} in operand {first}; "
+                       "a module needs every '...' to stand for the same dimensions",
+                       f"list({x}.shape[{start}:{end}])", unit.ellipsis)
+        values[index] = _assign(unit, lines, f"{x}.reshape(list({x}.shape[:{start}]) + "
+                                             f"[{unit.size_vars[ir.ellipsis_axis(0)]}] + list({x}.shape[{end}:]))", "x")
+
+    def known(axis: str) -> str | None:
+        if axis in unit.literal:
+            return str(int(unit.literal[axis]))
+        return unit.size_vars.get(axis)
+
+    def where(axis: str) -> str:
+        if axis in unit.literal:
+            return "given by keyword" if ir.anonymous_size(axis) is None else "its spelling"
+        leaf, dim = found[axis]
+        return f"operand {leaf} (dimension {dim})"
+
+    pending: list[tuple[int, int, Group]] = []
+    for index, (_, dims) in enumerate(lists):
+        x = values[index]
+        for position, dim in enumerate(dims):
+            extent = f"{x}.shape[{position}]"
+            if not dim:
+                unit.check(lines, f"{extent} != 1",
+                           f"operand {index} (dimension {position}) is the unit axis '1' but has size {{}}", extent)
+            elif len(dim) > 1:
+                pending.append((index, position, dim))
+            elif dim[0] == ir.ellipsis_axis(0):
+                continue  # checked above, whole
+            elif known(dim[0]) is None:
+                unit.size_vars[dim[0]] = _assign(unit, lines, extent, "n")
+                found[dim[0]] = (index, position)
+            else:
+                unit.check(lines, f"{extent} != {known(dim[0])}",
+                           f"axis {show_axis(dim[0])} has size {{}} in operand {index} (dimension {position}) "
+                           f"but {{}} in {where(dim[0])}", extent, str(known(dim[0])))
+    # Compositions resolve in any order: one group's size may unlock another's.
+    while pending:
+        still = []
+        for index, position, dim in pending:
+            extent = f"{values[index]}.shape[{position}]"
+            unknown = [a for a in dim if known(a) is None]
+            group = "(" + " ".join(map(ir.spell_axis, dim)) + ")"
+            product = " * ".join(str(known(a)) for a in dim if known(a) is not None) or "1"
+            if not unknown:
+                unit.check(lines, f"{extent} != {product}",
+                           f"composition {group} in operand {index} (dimension {position}) has size {{}}, "
+                           "but its axes multiply to {}", extent, product)
+            elif len(unknown) == 1:
+                divisor = _assign(unit, lines, product, "n")
+                unit.check(lines, f"{divisor} == 0 or {extent} % {divisor} != 0",
+                           f"composition {group} in operand {index} (dimension {position}) has size {{}}, "
+                           f"which the known sizes (product {{}}) do not divide, so axis {show_axis(unknown[0])} "
+                           "has no integer size", extent, divisor)
+                unit.size_vars[unknown[0]] = _assign(unit, lines, f"{extent} // {divisor}", "n")
+                found[unknown[0]] = (index, position)
+            else:
+                still.append((index, position, dim))
+        if len(still) == len(pending):  # pragma: no cover - planning resolved these sizes already
+            raise AssertionError(f"unresolvable compositions {still}")
+        pending = still
+    if len(values) > 1:
+        dtypes = [f"{v}.dtype" for v in values]
+        common = dtypes[0]
+        for other in dtypes[1:]:
+            common = f"torch.promote_types({common}, {other})"
+        unit.dtype = _assign(unit, lines, common, "d")
+        values = [_assign(unit, lines, f"{v}.to({unit.dtype})", "x") for v in values]
+    else:
+        unit.dtype = _assign(unit, lines, f"{values[0]}.dtype", "d")
+    for limit in limits:
+        if limit[0] is not None:
+            _memory_checks(unit, program, lines, limit, values[0])
+    return values
+
+
+def _assign(unit: _Unit, lines: list[str], expr: str, base: str) -> str:
+    name = unit.names.create(base)
+    lines.append(f"    {name} = {expr}")
+    return name
+
+
+def _memory_checks(unit: _Unit, program: Program, lines: list[str], limit: tuple[int | None, bool], leaf: str) -> None:
+    """Generic code: every intermediate and the output within the limit, for the actual sizes."""
+    bound, in_bytes = limit
+    cap = f"{bound} // {leaf}.element_size()" if in_bytes else str(bound)
+    unit_of = "bytes" if in_bytes else "elements"
+    emit = _Emitter(program, None, unit, lines)
+    for level in program.programs():
+        shapes = [(f"step {i} ({' '.join(map(show_axis, step.output)) or 'scalar'})", step.output)
+                  for i, step in enumerate(level.steps)]
+        shapes.append(("the output", level.output_axes))
+        for what, axes in shapes:
+            count = emit.group(tuple(axes))
+            unit.check(lines, f"{count} > {cap}",
+                       f"memory_limit={bound:,} {unit_of} is too small: {what} would hold {{}} elements", count)
+
+
+# ------------------------------------------------------------------ levels
+
+
+def _attention(unit: _Unit, program: Program, roles: Attention, leaves: list[str], dtypes: list[torch.dtype | None],
+               lines: list[str], top: bool) -> tuple[str, torch.dtype | None]:
     """The whole attention pattern ``program`` as one SDPA call on three tensors."""
     (_, inner), = program.nested
     tensors = [leaves.pop(0) for _ in range(3)]
-    inner_operands = tensors[:2] if roles.v == 2 else tensors[1:]
-    inner_emit = _Emitter(inner, torch.float32, module, lines, inner_operands)
-    outer_operands: list[str | None] = [None, tensors[2]] if roles.v == 2 else [tensors[0], None]
-    outer = _Emitter(program, torch.float32, module, lines, outer_operands, fallback=inner_emit)
-    # q and k's own axes (the head) are the inner level's: the outer reshapes them too.
-    outer.sizes = {**inner_emit.sizes, **outer.sizes}
+    types = [dtypes.pop(0) for _ in range(3)]
+    common = None if unit.generic else _promoted(types)  # type: ignore[arg-type]
+    # One name, one size: the outer level reshapes q and k's own axes (the head) too.
+    sizes = {**dict(inner.sizes), **dict(program.sizes)}
+    inner_emit = _Emitter(inner, common, unit, lines, sizes=sizes)
+    outer = _Emitter(program, common, unit, lines, top=top, sizes=sizes)
     first_inner = 0 if roles.v == 2 else 1
     where = {roles.q: (inner_emit, roles.q - first_inner), roles.k: (inner_emit, roles.k - first_inner),
              roles.v: (outer, 1 - first_inner)}
@@ -444,7 +732,7 @@ def _attention(module: _Module, program: Program, roles: Attention, leaves: list
         emit, index = where[position]
         # SDPA runs half floats natively (its flash kernels need them) and takes the
         # scale itself: no widening, no scaling here.
-        value = emit.prep(index, tensors[position], widen=False, scale=False)
+        value = emit.prep(index, tensors[position], types[position], widen=False, scale=False)
         value = outer.permute(value, emit.program.preps[index].axes, order)
         return outer.reshape(value, _singles(order), lead + last)
 
@@ -452,71 +740,97 @@ def _attention(module: _Module, program: Program, roles: Attention, leaves: list
     q = prepared(roles.q, batch + query + head, [query, head])
     k = prepared(roles.k, batch + key + head, [key, head])
     v = prepared(roles.v, batch + key + value, [key, value])
-    out = outer.assign(f"{SDPA}({q}, {k}, {v}, scale={inner_emit.scale(roles.scale, as_float=True)})")
+    scale = inner_emit.scaling.float_value() if inner_emit.scaling is not None else "(1.0)"
+    out = outer.assign(f"{SDPA}({q}, {k}, {v}, scale={scale})")
     out = outer.reshape(out, lead + [query, value], _singles(batch + query + value))
-    module.kernels.extend(["sdpa"] * (len(inner.steps) + len(program.steps)))
-    module.rewrites.append("sdpa")
-    return outer.finish(out, batch + query + value)
+    unit.kernels.extend(["sdpa"] * (len(inner.steps) + len(program.steps)))
+    unit.rewrites.append("sdpa")
+    return outer.finish(out, batch + query + value), common
 
 
-def _level(module: _Module, program: Program, dtype: torch.dtype, leaves: list[str],
-           main: list[str], folding: list[str], folded: list[tuple[str, str]], fuse: bool) -> str:
-    """Emit ``program`` (its nested programs first) on ``leaves``; returns the result's name.
+@dataclass
+class _Output:
+    """Where a level's code goes: per-call lines, the constant-folding function's lines,
+    and each folded value ``einc_fn`` takes (name in ``einc_constants``, parameter)."""
 
-    ``leaves`` is consumed from the front.  Work on constants alone goes to ``folding``;
-    each folded value ``einc_fn`` takes is recorded in ``folded``.
-    """
-    roles = attention(program.pattern) if fuse and (dtype.is_floating_point or module.generic) else None
-    if roles is not None and (module.generic or 0 not in dict(program.sizes).values()):
-        return _attention(module, program, roles, leaves, main)
-    operands: list[str | None] = []
+    main: list[str]
+    folding: list[str]
+    folded: list[tuple[str, str]]
+
+
+def _level(unit: _Unit, program: Program, leaves: list[str], dtypes: list[torch.dtype | None], out: _Output,
+           fuse: bool, top: bool = False) -> tuple[str, torch.dtype | None]:
+    """Emit ``program`` (its nested programs first) on ``leaves``; returns the result's
+    variable and dtype (``None`` in generic code).  ``leaves`` and ``dtypes`` are
+    consumed from the front."""
+    floating = dtypes[0] is None or dtypes[0].is_floating_point
+    roles = attention(program.pattern) if fuse and floating else None
+    if roles is not None and (unit.generic or 0 not in dict(program.sizes).values()):
+        return _attention(unit, program, roles, leaves, dtypes, out.main, top)
+    operands: list[str] = []
+    types: list[torch.dtype | None] = []
     nested = dict(program.nested)
     for index in range(len(program.pattern.inputs)):
         if index in nested:
-            operands.append(_level(module, nested[index], dtype, leaves, main, folding, folded, fuse))
+            value, dtype = _level(unit, nested[index], leaves, dtypes, out, fuse)
         else:
-            operands.append(leaves.pop(0))
-    emit = _Emitter(program, dtype, module, main, operands)
+            value, dtype = leaves.pop(0), dtypes.pop(0)
+        operands.append(value)
+        types.append(dtype)
+    common = None if unit.generic else _promoted(types)  # type: ignore[arg-type]
+    emit = _Emitter(program, common, unit, out.main, top=top)
 
     constant = program.constant_values()
     values: dict[int, str] = {}
     for index, operand in enumerate(operands):
-        emit.lines = folding if index in constant else main
-        values[index] = emit.prep(index, str(operand))
+        emit.lines = out.folding if index in constant else out.main
+        values[index] = emit.prep(index, operand, types[index])
 
     def take(value_id: int) -> str:
         name = values.pop(value_id)
-        if value_id in constant and emit.lines is main:
-            folded.append((name, emit.names.create("k")))
-            return folded[-1][1]
+        if value_id in constant and emit.lines is out.main:
+            out.folded.append((name, emit.names.create("k")))
+            return out.folded[-1][1]
         return name
 
     last, axes = 0, program.preps[0].axes
     for step in program.steps:
-        emit.lines = folding if step.value in constant else main
+        emit.lines = out.folding if step.value in constant else out.main
         args = [take(i) for i in step.args]
         if len(args) == 1:
             value, kernel = emit.unary(step, args[0])
         else:
             value, kernel = emit.binary(step, args[0], args[1])
-        module.kernels.append(kernel)
+        unit.kernels.append(kernel)
         values[step.value] = value
         last, axes = step.value, step.output
-    emit.lines = main
+    emit.lines = out.main
     result = emit.finish(take(last), axes)
     if last in constant:
         # Everything was folded: hand out a copy, never the cached tensor (or a view of it).
         result = emit.assign(f"{result}.clone()")
-    return result
+    return result, None if common is None else result_dtype(common, program)
 
 
-def generate(program: Program, dtype: torch.dtype = torch.float32, *, generic: bool = False,
-             fuse: bool = True, module: bool = False) -> Generated:
+def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    common = dtypes[0]
+    for dtype in dtypes[1:]:
+        common = torch.promote_types(common, dtype)
+    return common
+
+
+def generate(program: Program, dtypes: Sequence[torch.dtype] | torch.dtype = torch.float32, *,
+             generic: bool = False, fuse: bool = True, module: bool = False, safe: bool = False,
+             context: str = "", limits: Sequence[tuple[int | None, bool]] = ()) -> Generated:
     """Emit the function ``einc_fn(x0, x1, ...)`` that evaluates ``program``.
 
-    ``generic`` reads sizes from the inputs' shapes (see the module docstring);
-    ``fuse`` allows the attention rewrite; ``module`` also defines
-    ``EincModule(torch.nn.Module)`` whose ``forward`` calls ``einc_fn``.
+    ``dtypes`` are the tensors' dtypes (one for all, or one each: operands are promoted
+    to a common dtype as torch's type promotion does).  ``generic`` reads sizes from the
+    inputs' shapes and checks them (see the module docstring), ``context`` prefixing its
+    messages and each of ``limits`` (``(limit, in_bytes)``) bounding its intermediates; ``fuse``
+    allows the attention rewrite; ``safe`` avoids in-place writes and branches on data
+    (for torch.func transforms); ``module`` also defines ``EincModule(torch.nn.Module)``
+    whose ``forward`` calls ``einc_fn``.
 
     >>> from einc.parser import parse
     >>> from einc.planner import plan
@@ -524,36 +838,47 @@ def generate(program: Program, dtype: torch.dtype = torch.float32, *, generic: b
     >>> print(code.source.splitlines()[1].strip())
     t0 = torch.mm(x0, x1)
     """
-    shared = _Module(generic)
-    leaves = [shared.names.create("c" if i in program.constants else "x") for i in range(program.pattern.leaves)]
+    unit = _Unit(generic, safe, context)
+    count = program.pattern.leaves
+    leaves = [unit.names.create("c" if i in program.constants else "x") for i in range(count)]
     params = list(leaves)
-    main: list[str] = []
-    folding: list[str] = []
-    folded: list[tuple[str, str]] = []  # (name in einc_constants, parameter of einc_fn)
-    result = _level(shared, program, dtype, leaves, main, folding, folded, fuse)
+    out = _Output([], [], [])
+    if isinstance(dtypes, torch.dtype):
+        dtypes = [dtypes] * count
+    types: list[torch.dtype | None] = [None] * count if generic else list(dtypes)
+    if generic:
+        leaves = _prologue(unit, program, leaves, out.main, limits)
+    result, _ = _level(unit, program, leaves, types, out, fuse, top=True)
 
     variable = [p for i, p in enumerate(params) if i not in program.constants]
-    signature = ", ".join(f"{p}: torch.Tensor" for p in variable + [k for _, k in folded])
-    parts = [HELPERS[name][0].strip() + "\n\n" for name in shared.helpers]
+    arguments = variable + [k for _, k in out.folded]
+    signature = ", ".join(f"{p}: torch.Tensor" for p in arguments)
+    if generic:
+        signature += f", {unit.messages_var}: List[str]"
+    parts = [HELPERS[name][0].strip() + "\n\n\n" for name in unit.helpers]
     if program.constants:
         constant_params = ", ".join(f"{p}: torch.Tensor" for i, p in enumerate(params) if i in program.constants)
-        returned = ", ".join(name for name, _ in folded)
+        returned = ", ".join(name for name, _ in out.folded)
         parts.append("\n".join([
             f"def {CONSTANT_FUNCTION_NAME}({constant_params}) -> List[torch.Tensor]:",
-            *folding, f"    return [{returned}]", "", "",
+            *out.folding, f"    return [{returned}]", "", "",
         ]))
-    parts.append("\n".join([f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *main, f"    return {result}", ""]))
+    parts.append("\n".join([f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *out.main,
+                            f"    return {result}", ""]))
     if module:
-        arguments = ", ".join(variable)
+        forward = ", ".join(f"{p}: torch.Tensor" for p in variable)
+        passed = ", ".join(variable + (["self.einc_messages"] if generic else []))
         parts.append("\n".join([
             "", "", f"class {MODULE_NAME}(torch.nn.Module):",
-            f"    def forward(self, {signature}) -> torch.Tensor:",
-            f"        return {FUNCTION_NAME}({arguments})", "",
+            "    def __init__(self, messages: List[str]) -> None:",
+            "        super().__init__()",
+            "        self.einc_messages = messages",
+            "",
+            f"    def forward(self, {forward}) -> torch.Tensor:",
+            f"        return {FUNCTION_NAME}({passed})", "",
         ]))
     source = "".join(parts)
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
-    filename = f"<einc-generated-{digest}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace = {"torch": torch, "List": List, "Tuple": Tuple}
-    return Generated(source, namespace, tuple(shared.kernels), filename, bool(program.constants),
-                     ", ".join(shared.rewrites))
+    namespace = {"torch": torch, "List": List, "Tuple": Tuple, "EincError": EincError}
+    return Generated(source, namespace, tuple(unit.kernels), f"<einc-generated-{digest}>", bool(program.constants),
+                     ", ".join(unit.rewrites), tuple(unit.messages))

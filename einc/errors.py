@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["EincError"]
+__all__ = ["EincError", "size_hint"]
 
 
 class EincError(ValueError):
@@ -34,3 +34,8 @@ def caret(pattern: str, start: int, end: int | None = None) -> str:
 def at(pattern: str, start: int, end: int | None, message: str) -> EincError:
     """An :class:`EincError` with ``message`` followed by the pattern and a caret."""
     return EincError(f"{message}:\n{caret(pattern, start, end)}")
+
+
+def size_hint(axis: str, example: int | str = 4) -> str:
+    """How to give ``axis`` a size, for messages: by keyword, or on the command line."""
+    return f"{axis}={example} as a keyword (--size {axis}={example} on the command line)"

@@ -16,6 +16,10 @@ from .errors import EincError
 
 __all__ = [
     "ELLIPSIS",
+    "MERGED_ELLIPSIS",
+    "anonymous_axis",
+    "anonymous_size",
+    "spell_axis",
     "NORMALIZERS",
     "REDUCERS",
     "OPS",
@@ -27,7 +31,11 @@ __all__ = [
 ]
 
 ELLIPSIS = "..."
-"""Marks the ellipsis dimension in an :class:`AxisList` (``dims`` entry ``("...",)``)."""
+"""Marks the ellipsis dimensions in an :class:`AxisList` (``dims`` entry ``("...",)``)."""
+
+MERGED_ELLIPSIS = "(...)"
+"""Marks the ellipsis inside a composition, ``(...)`` or ``(b ...)``: its dimensions
+merge into that one (einops allows it in an output only)."""
 
 REDUCERS = ("sum", "mean", "max", "min", "prod", "logsumexp")
 NORMALIZERS = ("softmax", "log_softmax")
@@ -35,6 +43,7 @@ OPS = REDUCERS + NORMALIZERS
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ELLIPSIS_AXIS = re.compile(r"\.\.\.[0-9]+\Z")
+_ANONYMOUS_AXIS = re.compile(r"([0-9]+)#[0-9]+\Z")
 
 
 def ellipsis_axis(position: int) -> str:
@@ -46,8 +55,32 @@ def ellipsis_axis(position: int) -> str:
     return f"{ELLIPSIS}{position}"
 
 
+def anonymous_axis(size: int, occurrence: int) -> str:
+    """Name of an anonymous axis (a number such as ``2`` in ``(h 2)``, as in einops).
+
+    Each occurrence is its own axis (``occurrence`` numbers them across the pattern):
+    anonymous axes of an input are always reduced, those of the output always new.
+    The ``#`` makes the name impossible to spell in a pattern.
+    """
+    return f"{size}#{occurrence}"
+
+
+def anonymous_size(name: str) -> int | None:
+    """The size of an anonymous axis, ``None`` for any other axis."""
+    match = _ANONYMOUS_AXIS.match(name)
+    return int(match.group(1)) if match else None
+
+
+def spell_axis(axis: str) -> str:
+    """How an axis is written in a pattern: an anonymous axis by its size."""
+    size = anonymous_size(axis)
+    return axis if size is None else str(size)
+
+
 def _check_axis(name: str) -> None:
-    if not isinstance(name, str) or not (_NAME.match(name) or _ELLIPSIS_AXIS.match(name)):
+    if not isinstance(name, str) or not (
+        _NAME.match(name) or _ELLIPSIS_AXIS.match(name) or _ANONYMOUS_AXIS.match(name)
+    ):
         raise EincError(f"invalid axis name {name!r}")
     if keyword.iskeyword(name):
         # Keywords are harmless (names never reach generated code) but almost surely
@@ -71,11 +104,12 @@ class AxisList:
             raise EincError("AxisList.dims must be a tuple of tuples")
         ellipses = 0
         for dim in self.dims:
-            if dim == (ELLIPSIS,):
-                ellipses += 1
-                continue
+            if ELLIPSIS in dim and dim != (ELLIPSIS,):
+                raise EincError(f"write the ellipsis inside a composition as MERGED_ELLIPSIS, not in {dim!r}")
+            ellipses += dim.count(ELLIPSIS) + dim.count(MERGED_ELLIPSIS)
             for name in dim:
-                _check_axis(name)
+                if name not in (ELLIPSIS, MERGED_ELLIPSIS):
+                    _check_axis(name)
             if len(set(dim)) != len(dim):
                 raise EincError(f"axis repeated inside one composition {dim!r}")
         if ellipses > 1:
@@ -83,12 +117,17 @@ class AxisList:
 
     @property
     def has_ellipsis(self) -> bool:
-        return (ELLIPSIS,) in self.dims
+        return any(ELLIPSIS in dim or MERGED_ELLIPSIS in dim for dim in self.dims)
+
+    @property
+    def ellipsis_merged(self) -> bool:
+        """Whether the ellipsis is inside a composition: ``(...)``, ``(b ...)``."""
+        return any(MERGED_ELLIPSIS in dim for dim in self.dims)
 
     @property
     def axes(self) -> tuple[str, ...]:
         """Named axes in order of appearance, repeats included, ellipsis excluded."""
-        return tuple(a for dim in self.dims if dim != (ELLIPSIS,) for a in dim)
+        return tuple(a for dim in self.dims for a in dim if a not in (ELLIPSIS, MERGED_ELLIPSIS))
 
     def render(self, compact: bool, bracketed: frozenset[str] = frozenset()) -> str:
         """Spell the axis list; dimensions made of ``bracketed`` axes get ``[...]``."""
@@ -96,12 +135,12 @@ class AxisList:
         for dim in self.dims:
             if dim == (ELLIPSIS,):
                 text = ELLIPSIS
-            elif len(dim) == 1:
-                text = dim[0]
+            elif len(dim) == 1 and dim[0] != MERGED_ELLIPSIS:
+                text = spell_axis(dim[0])
             elif not dim:
                 text = "1"
             else:
-                text = "(" + " ".join(dim) + ")"
+                text = "(" + " ".join(ELLIPSIS if a == MERGED_ELLIPSIS else spell_axis(a) for a in dim) + ")"
             if dim and set(dim) <= bracketed:
                 text = f"[{text}]"
             parts.append(text)

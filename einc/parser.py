@@ -8,8 +8,11 @@ converted to :class:`EincError` here, at the parser boundary.
 
 from __future__ import annotations
 
+import difflib
 import functools
+import itertools
 import keyword
+import re
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
@@ -22,15 +25,21 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from . import ir
 from .errors import EincError, at
 
-__all__ = ["parse", "grammar_path", "Notation"]
+__all__ = ["parse", "grammar_path", "Notation", "MAX_PATTERN_LENGTH", "MAX_NESTING"]
 
 Notation = Literal["auto", "compact", "spaced"]
+
+MAX_PATTERN_LENGTH = 65_536
+"""Longest pattern accepted, in characters: a network of hundreds of operands fits;
+parsing a pattern is linear in its length, but nothing useful is megabytes long."""
+
+MAX_NESTING = 32
+"""Deepest nesting of parentheses (nested operations and compositions) accepted."""
 
 _GRAMMAR = "einc.lark"
 
 _TERMINAL_WORDS = {
     "NAME": "an axis name",
-    "UNIT": "'1'",
     "ELLIPSIS": "'...'",
     "ARROW": "'->'",
     "COMMA": "','",
@@ -39,7 +48,7 @@ _TERMINAL_WORDS = {
     "LSQB": "'['",
     "RSQB": "']'",
     "OP": "an operation",
-    "INT": "an integer",
+    "INT": "a number",
     "SCALE_OP": "'*' or '/'",
     "SQRT": "'sqrt'",
     "$END": "the end of the pattern",
@@ -70,7 +79,7 @@ def _lark() -> Lark:
 class _Term:
     """One parsed term of an axis list, with its place in the pattern string."""
 
-    kind: Literal["axis", "unit", "ellipsis", "group", "bracket"]
+    kind: Literal["axis", "number", "ellipsis", "group", "bracket"]
     start: int
     end: int
     name: str = ""
@@ -84,7 +93,7 @@ def _span(tree: Tree | Token) -> tuple[int, int]:
 
 def _term(tree: Tree) -> _Term:
     start, end = _span(tree)
-    if tree.data in ("axis", "unit", "ellipsis"):
+    if tree.data in ("axis", "number", "ellipsis"):
         (token,) = [c for c in tree.children if isinstance(c, Token)]
         return _Term(tree.data, start, end, name=str(token))
     items = tuple(_term(c) for c in tree.children if isinstance(c, Tree))
@@ -95,7 +104,35 @@ def _axis_list(tree: Tree) -> list[_Term]:
     return [_term(c) for c in tree.children if isinstance(c, Tree)]
 
 
+_CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\(")
+
+
+def _unknown_operation(pattern: str, position: int) -> EincError | None:
+    """A misspelt operation around ``position``: ``softmx(b [c])`` reads as an axis
+    ``softmx`` and a composition, which fails inside the parentheses."""
+    for match in _CALL.finditer(pattern):
+        name = match.group(1)
+        if name in ir.OPS or name == "sqrt" or position < match.end():
+            continue
+        depth, close = 1, len(pattern)
+        for index in range(match.end(), len(pattern)):
+            depth += {"(": 1, ")": -1}.get(pattern[index], 0)
+            if depth == 0:
+                close = index
+                break
+        if position <= close:
+            close_match = difflib.get_close_matches(name, ir.OPS, n=1)
+            hint = f" (did you mean {close_match[0]!r}?)" if close_match else ""
+            return at(pattern, match.start(1), match.end(1),
+                      f"unknown operation {name!r}{hint}; the operations are {', '.join(ir.OPS)}")
+    return None
+
+
 def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
+    if not isinstance(err, UnexpectedCharacters):  # a stray character is reported as such
+        unknown = _unknown_operation(pattern, err.pos_in_stream or 0)
+        if unknown is not None:
+            return unknown
     if isinstance(err, UnexpectedCharacters):
         what = f"unexpected character {pattern[err.pos_in_stream]!r}"
     elif isinstance(err, UnexpectedEOF) or err.token.type == "$END":  # type: ignore[attr-defined]
@@ -117,10 +154,40 @@ def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
     return at(pattern, pos, None, what)
 
 
+def _check_nesting(pattern: str) -> None:
+    depth = 0
+    for index, char in enumerate(pattern):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth > MAX_NESTING:
+            raise at(pattern, index, None, f"parentheses nest deeper than {MAX_NESTING} levels")
+
+
+def _check_not_mixed(pattern: str, lists: list[list[_Term]]) -> None:
+    """Refuse a pattern that reads as spaced but has a compact-looking axis list.
+
+    ``"ij, j k -> ik"`` is spaced (``j k``), so ``ij`` and ``ik`` would be single
+    axes: a name of several letters used once, beside a list of one-letter axes, is
+    almost surely a compact list that slipped in.
+    """
+    letters = [terms for terms in lists if len(terms) >= 2 and all(
+        t.kind == "axis" and len(t.name) == 1 for t in terms)]
+    if not letters:
+        return
+    counts = Counter(t.name for terms in lists for t in terms if t.kind == "axis")
+    for terms in lists:
+        if len(terms) == 1 and terms[0].kind == "axis" and len(terms[0].name) > 1 \
+                and terms[0].name.isalpha() and counts[terms[0].name] == 1:
+            spaced = " ".join(t.name for t in letters[0])
+            raise at(pattern, terms[0].start, terms[0].end,
+                     f"the pattern mixes compact and spaced axis lists: {terms[0].name!r} is one axis "
+                     f"where {spaced!r} are several; write {' '.join(terms[0].name)!r}, or pass "
+                     f"notation='spaced' if {terms[0].name!r} is one axis")
+
+
 def _is_spaced(lists: list[list[_Term]]) -> bool:
     for terms in lists:
         for term in terms:
-            if term.kind in ("unit", "group") or any(i.kind == "group" for i in term.items):
+            if term.kind in ("number", "group") or any(i.kind == "group" for i in term.items):
                 return True
         if any(a.end < b.start for a, b in zip(terms, terms[1:])):
             return True
@@ -133,6 +200,19 @@ class _Builder:
     def __init__(self, pattern: str, compact: bool) -> None:
         self.pattern = pattern
         self.compact = compact
+        self._anonymous = itertools.count()
+
+    def number(self, term: _Term) -> str | None:
+        """A number term: ``None`` for the unit ``1``, else a new anonymous axis."""
+        if self.compact:
+            what = "unit axis '1'" if term.name == "1" else f"anonymous axis {term.name!r}"
+            raise self.error(term, f"{what} needs spaced notation")
+        if term.end < len(self.pattern) and (self.pattern[term.end].isalpha() or self.pattern[term.end] == "_"):
+            raise self.error(term, "an axis name starts with a letter or '_'; a number is an anonymous axis")
+        size = int(term.name)
+        if size == 0:
+            raise self.error(term, "an anonymous axis needs a positive size")
+        return None if size == 1 else ir.anonymous_axis(size, next(self._anonymous))
 
     def error(self, term: _Term, message: str) -> EincError:
         return at(self.pattern, term.start, term.end, message)
@@ -151,7 +231,7 @@ class _Builder:
             out.append((letter, sub))
         return out
 
-    def _group(self, term: _Term) -> tuple[str, ...]:
+    def _group(self, term: _Term, *, output: bool, ellipsis_seen: bool) -> tuple[str, ...]:
         if self.compact:
             raise self.error(term, "composition '( )' needs spaced notation")
         names: list[str] = []
@@ -161,10 +241,20 @@ class _Builder:
                 if name in names:
                     raise self.error(item, f"axis {name!r} appears twice in one composition")
                 names.append(name)
+            elif item.kind == "number":
+                anonymous = self.number(item)
+                if anonymous is not None:
+                    names.append(anonymous)
+            else:  # ellipsis
+                if not output:
+                    raise self.error(item, "'...' inside parentheses merges dimensions: only in the output (as einops)")
+                if ellipsis_seen or ir.MERGED_ELLIPSIS in names:
+                    raise self.error(item, "'...' may appear once per operand")
+                names.append(ir.MERGED_ELLIPSIS)
         return tuple(names)
 
     def dims(
-        self, terms: list[_Term], *, brackets: bool
+        self, terms: list[_Term], *, brackets: bool, output: bool = False
     ) -> tuple[list[tuple[str, ...]], list[str], list[tuple[str, _Term]]]:
         """(dims, bracketed names, every named axis with its term) of one axis list."""
         dims: list[tuple[str, ...]] = []
@@ -177,22 +267,22 @@ class _Builder:
                     raise self.error(term, "'...' may appear once per operand")
                 seen_ellipsis = True
                 dims.append((ir.ELLIPSIS,))
-            elif term.kind == "unit":
-                if self.compact:
-                    raise self.error(term, "unit axis '1' needs spaced notation")
-                dims.append(())
+            elif term.kind == "number":
+                anonymous = self.number(term)
+                dims.append(() if anonymous is None else (anonymous,))
             elif term.kind == "axis":
                 for name, sub in self._names(term):
                     dims.append((name,))
                     located.append((name, sub))
             elif term.kind == "group":
-                group = self._group(term)
+                group = self._group(term, output=output, ellipsis_seen=seen_ellipsis)
+                seen_ellipsis = seen_ellipsis or ir.MERGED_ELLIPSIS in group
                 dims.append(group)
-                located.extend((name, term) for name in group)
+                located.extend((name, term) for name in group if name != ir.MERGED_ELLIPSIS)
             else:  # bracket
                 if not brackets:
                     raise self.error(term, "brackets mark normalized axes, only in the output of softmax/log_softmax")
-                inner, _, inner_located = self.dims(list(term.items), brackets=False)
+                inner, _, inner_located = self.dims(list(term.items), brackets=False, output=output)
                 dims.extend(inner)
                 bracketed.extend(name for name, _ in inner_located)
                 located.extend(inner_located)
@@ -272,15 +362,15 @@ def _contraction(build: _Builder, tree: Tree, op: str | None, op_term: _Term) ->
     if output_terms is None:
         output = lists[0] if arrowless_normalizer else _implicit_output(lists)
     else:
-        dims, marks, located = build.dims(output_terms, brackets=normalizer)
+        dims, marks, located = build.dims(output_terms, brackets=normalizer, output=True)
         bracketed.extend(marks)
         seen: set[str] = set()
         for name, term in located:
             if name in seen:
                 raise build.error(term, f"axis {name!r} appears twice in the output")
             seen.add(name)
-        if (ir.ELLIPSIS,) in dims and not any(x.has_ellipsis for x in lists):
-            ell = next(t for t in output_terms if t.kind == "ellipsis")
+        if any(ir.ELLIPSIS in d or ir.MERGED_ELLIPSIS in d for d in dims) and not any(x.has_ellipsis for x in lists):
+            ell = next(t for t in output_terms if t.kind == "ellipsis" or any(i.kind == "ellipsis" for i in t.items))
             raise build.error(ell, "the output has '...' but no input has")
         output = ir.AxisList(tuple(dims))
 
@@ -334,15 +424,21 @@ def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
     """
     if not isinstance(pattern, str):
         raise EincError(f"a pattern must be a string, not {type(pattern).__name__}")
-    if notation not in ("auto", "compact", "spaced"):
+    if not isinstance(notation, str) or notation not in ("auto", "compact", "spaced"):
         raise EincError(f"notation must be 'auto', 'compact' or 'spaced', not {notation!r}")
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise EincError(f"the pattern has {len(pattern):,} characters; einc takes at most {MAX_PATTERN_LENGTH:,}")
+    _check_nesting(pattern)
     try:
         tree = _lark().parse(pattern)
     except UnexpectedInput as err:
         raise _syntax_error(pattern, err) from None
 
     (root,) = tree.children
-    compact = notation == "compact" or (notation == "auto" and not _is_spaced(_all_axis_lists(root)))
+    lists = _all_axis_lists(root)
+    compact = notation == "compact" or (notation == "auto" and not _is_spaced(lists))
+    if notation == "auto" and not compact:
+        _check_not_mixed(pattern, lists)
     build = _Builder(pattern, compact)
     (inputs,) = _trees(root, "inputs")
     operands = [c for c in inputs.children if isinstance(c, Tree)]

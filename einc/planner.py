@@ -13,16 +13,16 @@ import math
 import warnings
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Union
 
 import opt_einsum as oe
 
 from . import ir
-from .errors import EincError
+from .errors import EincError, size_hint
 
-__all__ = ["Prep", "Step", "Program", "Plan", "PlanStep", "plan", "check_sizes", "Optimize"]
+__all__ = ["show_axis", "Prep", "Step", "Program", "Plan", "PlanStep", "plan", "check_sizes", "check_path", "check_new_axes", "Optimize"]
 
-Optimize = Any
+Optimize = Union[str, oe.paths.PathOptimizer, Sequence[Sequence[int]]]
 """An opt_einsum strategy name, a ``PathOptimizer`` instance, or an explicit path."""
 
 Shape = tuple[int, ...]
@@ -259,13 +259,16 @@ class _Sizes:
             self.source[axis] = where
         elif known != value:
             raise EincError(
-                f"axis {_show(axis)} has size {value} in {where} but {known} in {self.source[axis]}"
+                f"axis {show_axis(axis)} has size {value} in {where} but {known} in {self.source[axis]}"
             )
 
 
-def _show(axis: str) -> str:
+def show_axis(axis: str) -> str:
     if axis.startswith(ir.ELLIPSIS):
         return f"'...' (dimension {axis[3:]} of the broadcast ellipsis)"
+    anonymous = ir.anonymous_size(axis)
+    if anonymous is not None:
+        return f"anonymous axis {anonymous!r}"
     return repr(axis)
 
 
@@ -307,7 +310,7 @@ def _expand_ellipsis(
                     if size != 1:
                         if sizes.get(name, 1) not in (1, size):
                             raise EincError(
-                                f"axis {_show(name)} has size {size} in {labels[index]} "
+                                f"axis {show_axis(name)} has size {size} in {labels[index]} "
                                 f"but {sizes[name]} in {labels[origin[name]]}, and they do not broadcast"
                             )
                         sizes[name] = size
@@ -330,7 +333,10 @@ def _expand_ellipsis(
     }
     output: list[tuple[str, ...]] = []
     for dim in pattern.output.dims:
-        output.extend([(n,) for n in names] if dim == (ir.ELLIPSIS,) else [dim])
+        if dim == (ir.ELLIPSIS,):
+            output.extend((n,) for n in names)
+        else:  # `(...)` and `(b ...)` merge the ellipsis dimensions into this one
+            output.append(tuple(n for a in dim for n in (names if a == ir.MERGED_ELLIPSIS else [a])))
     return inputs, output, sizes, dropped
 
 
@@ -346,6 +352,12 @@ def _resolve(
     sizes = _Sizes(keyword)
     for name, (value, where) in learned.items():
         sizes.learn(name, value, where)
+    for dims in [*inputs, pattern.output.dims]:
+        for dim in dims:
+            for axis in dim:
+                anonymous = ir.anonymous_size(axis)
+                if anonymous is not None:
+                    sizes.learn(axis, anonymous, "its spelling")
     for name, value in ellipsis_sizes.items():
         sizes.learn(name, value, "the broadcast ellipsis")
 
@@ -387,16 +399,21 @@ def _resolve(
             missing = ", ".join(repr(a) for a in dim if a not in sizes.size)
             raise EincError(
                 f"cannot infer the sizes of {missing} in composition ({' '.join(dim)}) of {where} "
-                f"(size {extent}): give all but one by keyword, e.g. {dim[0]}=..."
+                f"(size {extent}): give all but one, e.g. {size_hint(dim[0], 'N')}"
             )
         pending = still
 
-    for axis in pattern.new_axes:
-        if axis not in sizes.size:
-            raise EincError(
-                f"output axis {axis!r} is in no input, so its size must be given by keyword, e.g. {axis}=4"
-            )
+    check_new_axes(pattern, sizes.size)
     return sizes.size
+
+
+def check_new_axes(pattern: ir.Pattern, sizes: Mapping[str, int]) -> None:
+    """Output axes in no input (at any level) need a size: by keyword, or anonymous (``3``)."""
+    for level in [x for x in pattern.inputs if isinstance(x, ir.Pattern)]:
+        check_new_axes(level, sizes)
+    for axis in pattern.new_axes:
+        if axis not in sizes and ir.anonymous_size(axis) is None:
+            raise EincError(f"output axis {axis!r} is in no input, so its size must be given: {size_hint(axis)}")
 
 
 def _prep(dims: list[tuple[str, ...]], dropped: set[int]) -> Prep:
@@ -452,7 +469,7 @@ def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> Op
                 raise EincError("optimize='cotengra' needs cotengra: pip install 'einc[cotengra]'") from None
             return cotengra.HyperOptimizer(max_repeats=32, progbar=False)
     if isinstance(optimize, (list, tuple)):
-        return [tuple(_index(i) for i in step) for step in optimize]
+        return [tuple(step) for step in optimize]
     return optimize
 
 
@@ -484,20 +501,29 @@ def _opt_einsum_path(
     except RuntimeError as err:
         if memory_limit is None:
             raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
+        _check_output(output, sizes, memory_limit)
         raise EincError(
             f"memory_limit={memory_limit:,} elements is too small: no contraction path keeps every "
-            f"intermediate (the {len(output)}-axis output has {math.prod(sizes[a] for a in output):,} "
-            "elements) under it"
+            "intermediate under it"
         ) from None
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
     return [tuple(step) for step in path], info
 
 
-def _index(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"path entries must be ints, not {value!r}")
-    return value
+def check_path(path: Sequence[Sequence[int]], operands: int) -> None:
+    """An explicit path in opt_einsum's linear format must contract ``operands``
+    operands into one: each entry names distinct live positions."""
+    live = operands
+    for contraction in path:
+        if not contraction or len(set(contraction)) != len(contraction) or not all(
+            0 <= i < live for i in contraction
+        ):
+            raise EincError(f"invalid contraction {tuple(contraction)} in path {list(map(tuple, path))} "
+                            f"for {operands} operands")
+        live += 1 - len(contraction)
+    if live != 1:
+        raise EincError(f"path {list(map(tuple, path))} leaves {live} operands uncontracted; it must end with one")
 
 
 def _pairwise(a: tuple[str, ...], b: tuple[str, ...], keep: set[str]) -> dict[str, tuple[str, ...]]:
@@ -520,13 +546,10 @@ def _steps(
 ) -> list[Step]:
     # Values are numbered SSA-style: inputs 0..n-1, then one per step, so codegen
     # need not replay opt_einsum's list surgery.
+    check_path(path, len(prepared))
     live = list(enumerate(prepared))
     steps: list[Step] = []
     for contraction in path:
-        if not contraction or len(set(contraction)) != len(contraction) or not all(
-            0 <= i < len(live) for i in contraction
-        ):
-            raise EincError(f"invalid contraction {contraction} in path {path} for {len(prepared)} operands")
         # opt_einsum pops in descending order and appends the result; so do we, but
         # the operands of a step are taken in ascending order (A is the lower index).
         picked = [live.pop(i) for i in sorted(contraction, reverse=True)][::-1]
@@ -561,8 +584,6 @@ def _steps(
                                   (acc, other), result, flops if first else 0, **parts))
                 arg, acc = value, result
         live.append((steps[-1].value, steps[-1].output))
-    if len(live) != 1:
-        raise EincError(f"path {path} leaves {len(live)} operands uncontracted; it must end with one")
     return steps
 
 
@@ -625,6 +646,13 @@ def _fold_constants_first(
     path += rest
     _, info = _opt_einsum_path(operands, output, sizes, path, memory_limit)
     return path, info, _steps(operands, path, output, sizes)
+
+
+def _check_output(output: Sequence[str], sizes: Mapping[str, int], limit: int) -> None:
+    size = math.prod(sizes[a] for a in output)
+    if size > limit:
+        raise EincError(f"memory_limit={limit:,} elements is too small: the output alone "
+                        f"({' '.join(map(show_axis, output)) or 'scalar'}) has {size:,} elements")
 
 
 def _check_memory(steps: Sequence[Step], preps: Sequence[Prep], path: Sequence[tuple[int, ...]],
@@ -764,8 +792,11 @@ def _plan_level(
     present = set().union(*(set(p.axes) for p in preps))
     contracted_output = tuple(a for a in output_axes if a in present)
     operand_axes = [p.axes for p in preps]
-    if memory_limit is not None and memory_limit < 1:
-        raise EincError(f"memory_limit={memory_limit} elements is too small: it holds no element")
+    if memory_limit is not None:
+        if memory_limit < 1:
+            raise EincError(f"memory_limit={memory_limit} elements is too small: it holds no element")
+        # The output, new axes included, must fit whatever the path.
+        _check_output(output_axes, size, memory_limit)
     path, info = _opt_einsum_path(operand_axes, contracted_output, size, optimize, memory_limit)
     steps = _steps(operand_axes, path, contracted_output, size)
     if len(constants) > 1 and not isinstance(optimize, (list, tuple)):
@@ -777,7 +808,7 @@ def _plan_level(
     empty = sorted(a for a in reduced if size[a] == 0)
     if pattern.op in ("max", "min") and empty:
         raise EincError(
-            f"cannot take {pattern.op} over axis {_show(empty[0])} of size 0 "
+            f"cannot take {pattern.op} over axis {show_axis(empty[0])} of size 0 "
             f"(torch.a{pattern.op} refuses empty reductions too)"
         )
     for what, n in [("the output", math.prod(output_shape))] + [
@@ -787,11 +818,6 @@ def _plan_level(
             raise EincError(f"{what} would have {n:,} elements, more than a tensor can index (2**63)")
     if memory_limit is not None:
         _check_memory(steps, preps, path, size, memory_limit, isinstance(optimize, (list, tuple)))
-        if math.prod(output_shape) > memory_limit:
-            raise EincError(
-                f"memory_limit={memory_limit:,} elements is too small: the output "
-                f"({'x'.join(map(str, output_shape))}) has {math.prod(output_shape):,} elements"
-            )
     used = set(output_axes) | present | {f.value for f in pattern.scale if isinstance(f.value, str)}
     scaled = None
     if pattern.scale:

@@ -335,7 +335,7 @@ def test_validate_raises_on_zero_tolerance_with_rounding():
 def test_validate_raises_when_the_compiled_function_is_wrong():
     a, b = operands([(3, 4), (4, 5)])
     expr = einc.Expression("ij,jk->ik")
-    entry = expr._lookup(((a.shape, a.dtype), (b.shape, b.dtype)))
+    entry = expr._entry((a, b))
     right = entry.fn
     entry.fn = lambda x, y: right(x, y) + 1e-6
     with pytest.raises(einc.EincError, match="differs"):
