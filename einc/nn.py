@@ -163,20 +163,58 @@ def _axes_of(operands: list[ir.AxisList], output: ir.AxisList) -> set[str]:
     return {a for x in operands for a in x.axes} | set(output.axes)
 
 
+def _shape_text(shape: List[int]) -> str:
+    return "(" + ", ".join([str(size) for size in shape]) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _check_mask(mask: Optional[torch.Tensor], name: str, accepted: List[List[int]],  # noqa: UP045
+                forms: List[str], batched: bool) -> None:
+    """Refuses what torch's layer refuses (integer masks) or would fail on deep inside (shapes)."""
+    if mask is None:
+        return
+    if mask.dtype != torch.bool and not torch.is_floating_point(mask):
+        # torch's layer refuses them too: an integer mask added to the scores is rarely
+        # what was meant.
+        raise EincError(f"MultiheadAttention: {name} must be a bool mask (True = masked out) or a "
+                        f"floating-point mask (added to the scores), not {mask.dtype}; for a mask "
+                        f"of ones and zeros, pass {name}.bool()")
+    shape = list(mask.shape)
+    for candidate in accepted:
+        if shape == candidate:
+            return
+    expected = " or ".join([f"{form} = {_shape_text(candidate)}" for form, candidate in zip(forms, accepted)])
+    inputs = "" if batched else "for unbatched inputs, "
+    raise EincError(f"MultiheadAttention: {name} has shape {_shape_text(shape)}; {inputs}it must be {expected}")
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A mask as torch's layer applies it (``F._canonical_mask``): added to the scores,
+    a bool mask as -inf where True, a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask
+
+
 class MultiheadAttention(torch.nn.Module):
     """Multi-head attention written with einc; loads ``torch.nn.MultiheadAttention``'s weights.
 
     Same constructor arguments (the common subset), parameters (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj``), ``forward`` signature and outputs as torch's layer,
     so ``layer.load_state_dict(torch_layer.state_dict())`` makes the two compute the
-    same thing.  Heads are split and merged by composition inside einc patterns; with
-    no mask, no returned weights and no dropout, the attention is one pattern that
-    einc lowers to ``scaled_dot_product_attention``::
+    same thing, and it can stand in for ``self_attn``/``multihead_attn`` in torch's
+    Transformer layers (it has the attributes and ``merge_masks`` their fast path reads).
+    Heads are split and merged by composition inside einc patterns; with no mask, no
+    returned weights and no dropout, the attention is one pattern that einc lowers to
+    ``scaled_dot_product_attention``::
 
         softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)
 
-    Otherwise scores, masks, softmax, dropout and the weighted sum run as separate
-    steps (two einc patterns around torch's softmax), as torch's layer does.
+    With masks or dropout and ``need_weights=False``, einc patterns split the heads to
+    ``(b, h, l, d)`` for one ``scaled_dot_product_attention`` call with the merged mask
+    and merge them back, as torch's layer does (so a query whose keys are all masked
+    gets zeros, not NaN).  With ``need_weights=True``, scores, masks, softmax, dropout
+    and the weighted sum run as separate steps (two einc patterns around torch's
+    softmax), as torch's layer does.
 
     Not supported: ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv``,
     ``add_zero_attn``.
@@ -193,6 +231,9 @@ class MultiheadAttention(torch.nn.Module):
     batch_first: Final[bool]
     num_heads: Final[int]
     has_bias: Final[bool]
+    # torch's Transformer layers read it to choose their fast path; kdim and vdim are
+    # always embed_dim here.
+    _qkv_same_embed_dim: Final[bool]
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
@@ -212,6 +253,7 @@ class MultiheadAttention(torch.nn.Module):
         self.dropout = float(dropout)
         self.batch_first = batch_first
         self.has_bias = bias
+        self._qkv_same_embed_dim = True
         self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
         if bias:
             self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * embed_dim, **factory))
@@ -228,6 +270,8 @@ class MultiheadAttention(torch.nn.Module):
         self.attend = _compile(
             "softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)", h=h
         ).module(heads, heads, heads)
+        self.split_heads = _compile("b l (h d) -> b h l d", h=h).module(heads)
+        self.merge_heads = _compile("b h l d -> b l (h d)").module((EXAMPLE_SIZE, h, EXAMPLE_SIZE, self.head_dim))
         self.scores = _compile("b q (h d), b k (h d) -> b h q k / sqrt(d)", h=h).module(heads, heads)
         self.mix = _compile("b h q k, b k (h d) -> b q (h d)", h=h).module(
             (EXAMPLE_SIZE, h, EXAMPLE_SIZE, EXAMPLE_SIZE), heads)
@@ -241,6 +285,18 @@ class MultiheadAttention(torch.nn.Module):
             torch.nn.init.constant_(self.in_proj_bias, 0.0)
             torch.nn.init.constant_(self.out_proj.bias, 0.0)
 
+    def merge_masks(
+        self,
+        attn_mask: Optional[torch.Tensor],  # noqa: UP045
+        key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
+        query: torch.Tensor,
+    ) -> Tuple[Optional[torch.Tensor], Optional[int]]:  # noqa: UP006, UP045
+        """``torch.nn.MultiheadAttention.merge_masks``: torch's ``TransformerEncoderLayer``
+        calls it on its fast path, which then runs torch's fused kernel on this layer's
+        parameters, so the mask must be laid out exactly as torch's kernel expects."""
+        merge = torch.nn.MultiheadAttention.merge_masks
+        return merge(self, attn_mask, key_padding_mask, query)  # type: ignore[arg-type]
+
     def _projected(self, x: torch.Tensor, index: int) -> torch.Tensor:
         e = self.embed_dim
         y = self.project(x, self.in_proj_weight[index * e:(index + 1) * e])
@@ -249,6 +305,20 @@ class MultiheadAttention(torch.nn.Module):
             assert bias is not None
             y = y + bias[index * e:(index + 1) * e]
         return y
+
+    def _merged_mask(self, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
+                     n: int, length: int, source: int, dtype: torch.dtype) -> Optional[torch.Tensor]:  # noqa: UP045
+        """Both masks as one additive mask that broadcasts against the (b, h, q, k) scores,
+        as torch's layer merges them (a bool mask becomes -inf where True)."""
+        merged: Optional[torch.Tensor] = None  # noqa: UP045
+        if attn_mask is not None:
+            merged = _additive(attn_mask, dtype)
+            if merged.dim() == 3:
+                merged = merged.reshape([n, self.num_heads, length, source])
+        if key_padding_mask is not None:
+            padding = _additive(key_padding_mask, dtype).reshape([n, 1, 1, source])
+            merged = padding if merged is None else merged + padding
+        return merged
 
     def forward(
         self,
@@ -261,33 +331,47 @@ class MultiheadAttention(torch.nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:  # noqa: UP006, UP045
-        """As ``torch.nn.MultiheadAttention.forward``; ``is_causal`` is a hint, as there
-        (the mask in ``attn_mask`` is what applies)."""
+        """As ``torch.nn.MultiheadAttention.forward``.
+
+        ``is_causal`` is, as there, a hint that ``attn_mask`` is causal, and needs it.
+        Where torch's layer trusts the hint (``need_weights=False`` and no
+        ``key_padding_mask``), ``scaled_dot_product_attention`` applies its own causal
+        mask in place of ``attn_mask``; elsewhere ``attn_mask`` is what applies."""
         batched = query.dim() == 3
-        if not batched:
+        sequence_axis = 1 if batched and self.batch_first else 0
+        length, source = query.shape[sequence_axis], key.shape[sequence_axis]
+        n = query.shape[1 - sequence_axis] if batched else 1
+        if is_causal and attn_mask is None:
+            raise EincError("MultiheadAttention: is_causal=True is a hint that attn_mask is causal and needs "
+                            "that mask: pass attn_mask too, e.g. "
+                            "torch.nn.Transformer.generate_square_subsequent_mask(L) (as torch's layer asks)")
+        _check_mask(attn_mask, "attn_mask", [[length, source], [n * self.num_heads, length, source]],
+                    ["(L, S)", "(N * num_heads, L, S)" if batched else "(num_heads, L, S)"], batched)
+        if batched:
+            _check_mask(key_padding_mask, "key_padding_mask", [[n, source]], ["(N, S)"], batched)
+        else:
+            _check_mask(key_padding_mask, "key_padding_mask", [[source]], ["(S,)"], batched)
             axis = 0 if self.batch_first else 1
             query, key, value = query.unsqueeze(axis), key.unsqueeze(axis), value.unsqueeze(axis)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
         q = self._projected(query, 0)
         k = self._projected(key, 1)
         v = self._projected(value, 2)
         dropout = self.dropout if self.training else 0.0
+        # torch's layer drops the hint once key padding is merged into the mask (the
+        # merged mask is not causal) and cannot use it when it returns weights.
+        causal = is_causal and key_padding_mask is None and not need_weights
+        mask = None if causal else self._merged_mask(attn_mask, key_padding_mask, n, length, source, q.dtype)
         weights: Optional[torch.Tensor] = None  # noqa: UP045
-        if attn_mask is None and key_padding_mask is None and not need_weights and dropout == 0.0:
+        if not need_weights and mask is None and not causal and dropout == 0.0:
             attended = self.attend(q, k, v)
+        elif not need_weights:
+            attended = self.merge_heads(F.scaled_dot_product_attention(
+                self.split_heads(q), self.split_heads(k), self.split_heads(v),
+                attn_mask=mask, dropout_p=dropout, is_causal=causal))
         else:
             scores = self.scores(q, k)
-            n, h, length, source = scores.shape[0], scores.shape[1], scores.shape[2], scores.shape[3]
-            if attn_mask is not None:
-                mask = attn_mask.reshape([n, h, length, source]) if attn_mask.dim() == 3 else attn_mask
-                scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-            if key_padding_mask is not None:
-                padding = key_padding_mask.reshape([n, 1, 1, source])
-                if padding.dtype == torch.bool:
-                    scores = scores.masked_fill(padding, float("-inf"))
-                else:
-                    scores = scores + padding
+            if mask is not None:
+                scores = scores + mask
             if scores.requires_grad:
                 probabilities = torch.softmax(scores, -1)
             else:
@@ -297,8 +381,7 @@ class MultiheadAttention(torch.nn.Module):
             if dropout > 0.0:
                 probabilities = F.dropout(probabilities, p=dropout)
             attended = self.mix(probabilities, v)
-            if need_weights:
-                weights = probabilities.mean(1) if average_attn_weights else probabilities
+            weights = probabilities.mean(1) if average_attn_weights else probabilities
         out = self.output(attended, self.out_proj.weight)
         if self.has_bias:
             out = out + self.out_proj.bias

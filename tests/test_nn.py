@@ -1,13 +1,14 @@
 """einc.nn: Einsum layers and multi-head attention.
 
 References: torch.einsum in float64 for Einsum, ``torch.nn.MultiheadAttention`` with the
-same weights for the attention layer.  Both layers are also run under
-``torch.jit.script`` and ``torch.compile(fullgraph=True)`` (which fails on any graph
-break).
+same weights for the attention layer, and torch's Transformer layers against copies whose
+attention is einc's.  Both layers are also run under ``torch.jit.script`` and
+``torch.compile(fullgraph=True)`` (which fails on any graph break).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -179,7 +180,10 @@ def test_attention_without_bias_and_self_attention():
 def test_attention_unbatched_inputs(batch_first):
     reference, mine = pair(batch_first=batch_first)
     q, k, v = (randn(length, 32, dtype=torch.float32) for length in (5, 7, 7))
-    for options in ({}, {"need_weights": False}):
+    padding = torch.arange(7) >= 5
+    for options in ({}, {"need_weights": False}, {"key_padding_mask": padding},
+                    {"key_padding_mask": padding, "need_weights": False},
+                    {"attn_mask": torch.randn(4, 5, 7), "need_weights": False}):
         expected = reference(q, k, v, **options)
         out, weights = mine(q, k, v, **options)
         torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-6)
@@ -233,7 +237,7 @@ def test_attention_heads_must_divide_embed_dim():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["no-weights", "key-padding"])
+@pytest.mark.parametrize("case", ["no-weights", "key-padding", "bool-mask"])
 def test_attention_compiles_fullgraph(case):
     reference, mine = pair(batch_first=True)
     compiled = torch.compile(mine, fullgraph=True)
@@ -259,3 +263,271 @@ def test_attention_on_device_and_dtype(device, dtype):
         assert out.dtype == dtype and out.device.type == device
         torch.testing.assert_close(out.float(), reference(q, k, v, **options)[0].float(),
                                    rtol=tolerance[0], atol=tolerance[1])
+
+
+# ------------------------------------------- MultiheadAttention: torch's layer's contract
+# torch's layer takes its slow path in these tests (its parameters require grad), where
+# it checks masks and hints; its fast path (eval, no grad, self-attention) checks less.
+
+
+def pair64(**options) -> tuple[torch.nn.Module, einc.nn.MultiheadAttention]:
+    reference, mine = pair(**options)
+    return reference.double(), mine.double()
+
+
+def inputs64(n: int = 2, lq: int = 5, lk: int = 7) -> tuple[torch.Tensor, ...]:
+    return tuple(x.double() for x in inputs(True, n, lq, lk))
+
+
+CAUSAL = torch.ones(5, 7, dtype=torch.bool).triu(1)
+NOT_CAUSAL = torch.zeros(5, 7, dtype=torch.float64)
+PADDING = torch.tensor([[False] * 5 + [True] * 2, [False] * 7])
+
+IS_CAUSAL = [
+    # need_weights=False, no padding: torch hands the hint to SDPA, which masks by itself
+    pytest.param({"attn_mask": CAUSAL, "need_weights": False}, id="hint-to-sdpa"),
+    # ... even over a mask that is not causal: the hint wins there
+    pytest.param({"attn_mask": NOT_CAUSAL, "need_weights": False}, id="hint-over-wrong-mask"),
+    # returned weights: the mask applies, the hint is dropped
+    pytest.param({"attn_mask": NOT_CAUSAL}, id="weights-mask-applies"),
+    pytest.param({"attn_mask": CAUSAL.double().masked_fill(CAUSAL, float("-inf"))}, id="weights-float-mask"),
+    # key padding merged into the mask: the merged mask applies, the hint is dropped
+    pytest.param({"attn_mask": NOT_CAUSAL, "key_padding_mask": PADDING, "need_weights": False},
+                 id="padding-drops-hint"),
+    pytest.param({"attn_mask": CAUSAL, "key_padding_mask": PADDING, "need_weights": False},
+                 id="padding-and-causal-mask"),
+]
+
+
+@pytest.mark.parametrize("options", IS_CAUSAL)
+def test_is_causal_hint_follows_torch(options):
+    reference, mine = pair64(batch_first=True)
+    q, k, v = inputs64()
+    expected, _ = reference(q, k, v, is_causal=True, **options)
+    for layer in (mine, script(mine)):
+        torch.testing.assert_close(layer(q, k, v, is_causal=True, **options)[0], expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_is_causal_without_a_mask_is_refused(need_weights):
+    reference, mine = pair(batch_first=True)
+    q, k, v = inputs(True)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint"):
+        reference(q, k, v, is_causal=True, need_weights=need_weights)
+    with pytest.raises(einc.EincError, match="is_causal=True is a hint that attn_mask is causal and needs"):
+        mine(q, k, v, is_causal=True, need_weights=need_weights)
+    with pytest.raises(torch.jit.Error, match="is_causal=True is a hint"):
+        script(mine)(q, k, v, is_causal=True, need_weights=need_weights)
+
+
+@pytest.mark.parametrize("name, mask, dtype_name", [
+    # the classic 0/1 byte mask
+    pytest.param("attn_mask", torch.zeros(5, 7, dtype=torch.uint8), "torch.uint8", id="uint8-attn-mask"),
+    pytest.param("attn_mask", torch.zeros(5, 7, dtype=torch.int64), "torch.int64", id="int64-attn-mask"),
+    pytest.param("key_padding_mask", torch.zeros(2, 7, dtype=torch.uint8), "torch.uint8", id="uint8-padding"),
+    pytest.param("key_padding_mask", torch.zeros(2, 7, dtype=torch.int32), "torch.int32", id="int32-padding"),
+])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_integer_masks_are_refused(name, mask, dtype_name, need_weights):
+    reference, mine = pair(batch_first=True)
+    q, k, v = inputs(True)
+    with pytest.raises(AssertionError, match=f"only bool and floating types of {name}"):
+        reference(q, k, v, need_weights=need_weights, **{name: mask})
+    with pytest.raises(einc.EincError, match=f"{name} must be a bool mask .* not {dtype_name}; .* {name}.bool()"):
+        mine(q, k, v, need_weights=need_weights, **{name: mask})
+
+
+def _fully_masked(mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.clone()
+    mask[1] = True
+    return mask
+
+
+FULLY_MASKED = [
+    # every key of batch entry 1 is padding
+    pytest.param({"key_padding_mask": _fully_masked(PADDING)}, id="padded-sequence"),
+    # the same as a float padding mask
+    pytest.param({"key_padding_mask": torch.zeros(2, 7, dtype=torch.float64).masked_fill(_fully_masked(PADDING),
+                                                                                          float("-inf"))},
+                 id="float-padded-sequence"),
+    # query 1 may attend to no key
+    pytest.param({"attn_mask": _fully_masked(CAUSAL)}, id="masked-query"),
+    # padding merged with a float mask, per head
+    pytest.param({"attn_mask": torch.randn(2 * 4, 5, 7, dtype=torch.float64),
+                  "key_padding_mask": _fully_masked(PADDING)}, id="padding-and-3d-mask"),
+]
+
+
+@pytest.mark.parametrize("options", FULLY_MASKED)
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_fully_masked_rows_match_torch_with_gradients(options, need_weights):
+    reference, mine = pair64(batch_first=True)
+    q, k, v = (x.requires_grad_() for x in inputs64())
+    results = []
+    for layer in (reference, mine):
+        q.grad = k.grad = v.grad = None
+        layer.zero_grad()
+        out, _ = layer(q, k, v, need_weights=need_weights, **options)
+        out.square().sum().backward()
+        results.append([out, q.grad, k.grad, v.grad] + [p.grad for p in layer.parameters()])
+    for got, expected in zip(results[1], results[0]):
+        # with weights, torch's rows of masked queries are NaN, and so its gradients
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, equal_nan=need_weights)
+    if not need_weights:
+        assert all(torch.isfinite(t).all() for t in results[1])
+
+
+@pytest.mark.parametrize("batched, options, message", [
+    # a source length too many
+    pytest.param(True, {"attn_mask": torch.zeros(5, 8)},
+                 r"attn_mask has shape \(5, 8\); it must be \(L, S\) = \(5, 7\) or "
+                 r"\(N \* num_heads, L, S\) = \(8, 5, 7\)", id="attn-mask-source-length"),
+    # one mask per batch entry instead of per (entry, head)
+    pytest.param(True, {"attn_mask": torch.zeros(2, 5, 7)}, r"attn_mask has shape \(2, 5, 7\)",
+                 id="attn-mask-per-entry"),
+    # (N, num_heads, L, S) is what SDPA takes, not this layer
+    pytest.param(True, {"attn_mask": torch.zeros(2, 4, 5, 7)}, r"attn_mask has shape \(2, 4, 5, 7\)",
+                 id="attn-mask-4d"),
+    pytest.param(True, {"key_padding_mask": torch.zeros(2, 5, dtype=torch.bool)},
+                 r"key_padding_mask has shape \(2, 5\); it must be \(N, S\) = \(2, 7\)", id="padding-length"),
+    # an unbatched padding mask for a batch
+    pytest.param(True, {"key_padding_mask": torch.zeros(7, dtype=torch.bool)},
+                 r"key_padding_mask has shape \(7,\)", id="unbatched-padding-for-batch"),
+    pytest.param(False, {"key_padding_mask": torch.zeros(1, 7, dtype=torch.bool)},
+                 r"key_padding_mask has shape \(1, 7\); for unbatched inputs, it must be \(S,\) = \(7,\)",
+                 id="batched-padding-unbatched-input"),
+    pytest.param(False, {"attn_mask": torch.zeros(1, 5, 7)},
+                 r"for unbatched inputs, it must be \(L, S\) = \(5, 7\) or \(num_heads, L, S\) = \(4, 5, 7\)",
+                 id="unbatched-3d-attn-mask"),
+])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_bad_mask_shapes_are_refused(batched, options, message, need_weights):
+    reference, mine = pair(batch_first=True)
+    q, k, v = inputs(True)
+    if not batched:
+        q, k, v = q[0], k[0], v[0]
+    with pytest.raises((RuntimeError, AssertionError)):
+        reference(q, k, v, need_weights=need_weights, **options)
+    with pytest.raises(einc.EincError, match=message):
+        mine(q, k, v, need_weights=need_weights, **options)
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({}, id="no-mask"),
+    pytest.param({"key_padding_mask": PADDING}, id="key-padding"),
+    pytest.param({"attn_mask": torch.randn(5, 7, dtype=torch.float64)}, id="float-mask"),
+])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_dropout_in_training_matches_torch_for_the_same_seed(options, need_weights):
+    # On CPU, torch's layer and this one draw the same dropout mask from the same seed:
+    # F.dropout with weights, SDPA's dropout_p without.
+    reference, mine = pair64(dropout=0.5, batch_first=True)
+    q, k, v = inputs64()
+    outputs = []
+    for layer in (reference.train(), mine.train()):
+        torch.manual_seed(1)
+        outputs.append(layer(q, k, v, need_weights=need_weights, **options)[0])
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-10, atol=1e-12)
+    torch.manual_seed(2)
+    assert not torch.allclose(mine(q, k, v, need_weights=need_weights, **options)[0], outputs[0])
+
+
+# ------------------------------------------- inside torch's Transformer layers
+
+
+def _einc_copy(attention: torch.nn.MultiheadAttention) -> einc.nn.MultiheadAttention:
+    mine = einc.nn.MultiheadAttention(attention.embed_dim, attention.num_heads, dropout=attention.dropout,
+                                      batch_first=attention.batch_first).double()
+    mine.load_state_dict(attention.state_dict())
+    return mine
+
+
+def _transformer(kind: str, batch_first: bool) -> torch.nn.Module:
+    options = {"dim_feedforward": 32, "dropout": 0.0, "batch_first": batch_first}
+    if kind == "encoder-layer":
+        return torch.nn.TransformerEncoderLayer(16, 4, **options)
+    if kind == "decoder-layer":
+        return torch.nn.TransformerDecoderLayer(16, 4, **options)
+    return torch.nn.Transformer(16, 4, num_encoder_layers=2, num_decoder_layers=2, **options)
+
+
+def _with_einc_attention(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``model`` (same weights) whose every attention is einc's."""
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        for name in ("self_attn", "multihead_attn"):
+            if isinstance(getattr(layer, name, None), torch.nn.MultiheadAttention):
+                setattr(layer, name, _einc_copy(getattr(layer, name)))
+    return model
+
+
+def _run(kind: str, model: torch.nn.Module, batch_first: bool) -> torch.Tensor:
+    def batch(length: int) -> torch.Tensor:
+        x = randn(2, length, 16)
+        return x if batch_first else x.transpose(0, 1)
+    # entry 0 ends in padding (left-aligned, as torch's nested-tensor fast path wants)
+    padding = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    if kind == "encoder-layer":
+        src_causal = torch.nn.Transformer.generate_square_subsequent_mask(6, dtype=torch.float64)
+        return model(batch(6), src_mask=src_causal, src_key_padding_mask=padding, is_causal=True)
+    if kind == "decoder-layer":
+        return model(batch(5), batch(6), tgt_mask=causal, memory_key_padding_mask=padding, tgt_is_causal=True)
+    # nn.Transformer finds the causal tgt_mask itself and passes is_causal on
+    return model(batch(6), batch(5), tgt_mask=causal, src_key_padding_mask=padding,
+                 memory_key_padding_mask=padding)
+
+
+TRANSFORMERS = [
+    # (kind, batch_first, training, grad enabled, torch's encoder fast path runs instead of
+    # the attention's forward)
+    pytest.param("encoder-layer", True, True, True, False, id="encoder-layer-train"),
+    pytest.param("encoder-layer", True, False, True, False, id="encoder-layer-eval-grad"),
+    pytest.param("encoder-layer", True, False, False, True, id="encoder-layer-eval-fast-path"),
+    pytest.param("encoder-layer", False, False, False, False, id="encoder-layer-eval-sequence-first"),
+    pytest.param("decoder-layer", True, True, True, False, id="decoder-layer-train"),
+    pytest.param("decoder-layer", True, False, False, False, id="decoder-layer-eval"),
+    pytest.param("decoder-layer", False, False, False, False, id="decoder-layer-eval-sequence-first"),
+    pytest.param("transformer", True, True, True, False, id="transformer-train"),
+    pytest.param("transformer", False, True, True, False, id="transformer-train-sequence-first"),
+    # the encoder also packs the padded source into a nested tensor
+    pytest.param("transformer", True, False, False, True, id="transformer-eval-fast-path"),
+    pytest.param("transformer", False, False, False, False, id="transformer-eval-sequence-first"),
+]
+
+
+@pytest.mark.parametrize("kind, batch_first, training, grad, fast", TRANSFORMERS)
+def test_einc_attention_inside_torch_transformer_layers(kind, batch_first, training, grad, fast, monkeypatch):
+    reference = _transformer(kind, batch_first).double()
+    with torch.no_grad():  # non-zero attention biases, so a misplaced bias cannot hide
+        for name, parameter in reference.named_parameters():
+            if "in_proj_bias" in name or "out_proj.bias" in name:
+                parameter.uniform_(-0.3, 0.3)
+    mine = _with_einc_attention(reference)
+    reference.train(training)
+    mine.train(training)
+    called: list[str] = []
+    forward = einc.nn.MultiheadAttention.forward
+
+    def counted(self, *args, **kwargs):
+        called.append(next(name for name, module in mine.named_modules() if module is self))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(einc.nn.MultiheadAttention, "forward", counted)
+    outputs = []
+    for model in (reference, mine):
+        torch.manual_seed(1)
+        with torch.set_grad_enabled(grad):
+            outputs.append(_run(kind, model, batch_first))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-9, atol=1e-12)
+    # Encoders' self-attention runs in torch's kernel on the fast path (from the
+    # attributes it reads), through this layer's forward otherwise.
+    einc_attention = [name for name, module in mine.named_modules() if isinstance(module, einc.nn.MultiheadAttention)]
+    encoder_attention = [name for name in einc_attention if "decoder" not in name and kind != "decoder-layer"]
+    assert sorted(called) == sorted(set(einc_attention) - set(encoder_attention) if fast else einc_attention)
+    if grad:
+        outputs[0].square().sum().backward()
+        outputs[1].square().sum().backward()
+        gradients = dict(mine.named_parameters())
+        for name, parameter in reference.named_parameters():
+            torch.testing.assert_close(gradients[name].grad, parameter.grad, rtol=1e-9, atol=1e-12, msg=name)
