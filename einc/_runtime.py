@@ -148,20 +148,15 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
     return out
 '''
 
-WIDEN = '''
-def einc_widen(x: torch.Tensor, half: bool, sums: bool) -> torch.Tensor:
-    if half and (x.dtype == torch.float16 or x.dtype == torch.bfloat16):
-        return x.float()
-    if sums and not x.is_floating_point() and not x.is_complex():
-        return x.long()
-    return x
-'''
-
-NARROW = '''
-def einc_narrow(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float16 or dtype == torch.bfloat16:
-        return x.to(dtype)
-    return x
+COMPUTED = '''
+def einc_computed(dtype: torch.dtype, half: bool, sums: bool) -> torch.dtype:
+    if half and (dtype == torch.float16 or dtype == torch.bfloat16):
+        return torch.float32
+    integral = dtype == torch.bool or dtype == torch.uint8 or dtype == torch.int8 or dtype == torch.int16 \
+        or dtype == torch.int32
+    if sums and integral:
+        return torch.int64
+    return dtype
 '''
 
 PROD = '''
@@ -194,8 +189,7 @@ def einc_int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 '''
 
 HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "einc_widen": (WIDEN, ()),
-    "einc_narrow": (NARROW, ()),
+    "einc_computed": (COMPUTED, ()),
     "einc_prod": (PROD, ()),
     "einc_ratio": (RATIO, ()),
     "einc_scales_early": (SCALES_EARLY, ()),

@@ -120,6 +120,11 @@ def _integral(factors: Sequence[Factor]) -> bool:
     return all(not f.divide and not f.sqrt for f in factors)
 
 
+def _widening(program: Program) -> tuple[bool, bool]:
+    """(half floats widen, integers widen): what :func:`_computed` looks at."""
+    return program.pattern.op is not None, _sums(program)
+
+
 def _sums(program: Program) -> bool:
     """Whether the level adds numbers up: sums (or multiplies, ``prod``) over reduced axes."""
     return bool(program.reduced) and _REDUCE[program.pattern.op] in ("sum", "prod")
@@ -172,6 +177,8 @@ class _Unit:
         """Generic code: the variable holding the dimensions ``...`` stands for (``List[int]``)."""
         self.dtype: str | None = None
         """Generic code: the variable holding the operands' common dtype."""
+        self.targets: dict[tuple[bool, bool], str] = {}
+        """Generic code: the variable holding the dtype levels compute in, per :func:`_widening`."""
         self.messages: list[str] = []
         self.messages_var = self.names.create("m") if generic else ""
 
@@ -295,15 +302,19 @@ class _Emitter:
                 return value  # generic code promoted every tensor in its prologue
             return self.assign(f"{value}.to({_dtype_name(self.dtype)})")  # type: ignore[arg-type]
         if self.generic:
-            sums = _sums(self.program)
-            if self.program.pattern.op is None and not sums:
+            target = self.generic_target()
+            if target is None:
                 return value
-            half = self.program.pattern.op is not None
-            return self.assign(f"{self.helper('einc_widen')}({value}, {half}, {sums})")
+            return self.assign(f"{value} if {target} == {self.unit.dtype} else {value}.to({target})")
         assert self.computed is not None
         if dtype == self.computed:
             return value
         return self.assign(f"{value}.to({_dtype_name(self.computed)})")
+
+    def generic_target(self) -> str | None:
+        """Generic code: the variable holding the dtype this level computes in (set by
+        the prologue); ``None`` where it is always the common one."""
+        return self.unit.targets.get(_widening(self.program))
 
     def prep(self, index: int, value: str, dtype: torch.dtype | None, *, widen: bool = True,
              scale: bool = True) -> str:
@@ -403,11 +414,13 @@ class _Emitter:
         marked = tuple(a for a in axes if a in pattern.normalized)
         if len(marked) == 1:
             dim = axes.index(marked[0])
-            if value not in self.owned or self.unit.safe:
+            if value not in self.owned or self.unit.safe or self.generic:
                 return self.assign(f"{fn}({value}, {dim})")
             # Normalize our own intermediate in place when autograd does not need it: a
             # fresh output as large as the scores costs more in page faults than the
-            # softmax itself (torch's native attention does the same).
+            # softmax itself (torch's native attention does the same).  Not in generic
+            # code: it cannot tell whether a torch.func transform runs it, and
+            # transforms take no out= (the expression picks safe code for them).
             name = self.names.create("t")
             self.lines += [f"    if {value}.requires_grad:", f"        {name} = {fn}({value}, {dim})",
                            "    else:", f"        {name} = {fn}({value}, {dim}, out={value})"]
@@ -457,9 +470,11 @@ class _Emitter:
                              shape=self.output_shape() if merged else "")
         if program.pattern.op == "mean" and (program.reduced if self.generic else program.reduced_count != 1):
             value = self.assign(f"{value} / ({self.group(program.reduced)})")
-        if self.generic and program.pattern.op is not None:
-            assert self.unit.dtype is not None
-            value = self.assign(f"{self.helper('einc_narrow')}({value}, {self.unit.dtype})")
+        target = self.generic_target() if self.generic and program.pattern.op is not None else None
+        if target is not None:
+            # Only half floats widen to float32: they come back in their dtype.
+            value = self.assign(f"{value}.to({self.unit.dtype}) if {target} == torch.float32 and "
+                                f"{target} != {self.unit.dtype} else {value}")
         elif self.dtype in _HALF and program.pattern.op is not None:
             value = self.assign(f"{value}.to({_HALF[self.dtype]})")
         return value
@@ -670,15 +685,26 @@ def _prologue(unit: _Unit, program: Program, leaves: list[str], lines: list[str]
         if len(still) == len(pending):  # pragma: no cover - planning resolved these sizes already
             raise AssertionError(f"unresolvable compositions {still}")
         pending = still
-    if len(values) > 1:
-        dtypes = [f"{v}.dtype" for v in values]
-        common = dtypes[0]
-        for other in dtypes[1:]:
-            common = f"torch.promote_types({common}, {other})"
-        unit.dtype = _assign(unit, lines, common, "d")
-        values = [_assign(unit, lines, f"{v}.to({unit.dtype})", "x") for v in values]
-    else:
-        unit.dtype = _assign(unit, lines, f"{values[0]}.dtype", "d")
+    # Torch's type promotion and the widening of half floats and integers: in a branch
+    # the usual call (one floating dtype) skips.
+    unit.dtype = _assign(unit, lines, f"{values[0]}.dtype", "d")
+    several = len(values) > 1
+    promoted = [_assign(unit, lines, v, "x") for v in values] if several else values
+    kinds = sorted({_widening(level) for level in program.programs()} - {(False, False)})
+    for kind in kinds:
+        unit.targets[kind] = _assign(unit, lines, unit.dtype, "d")
+    if several or kinds:
+        usual = f"({unit.dtype} == torch.float32 or {unit.dtype} == torch.float64)"
+        lines.append(f"    if {' or '.join([f'{v}.dtype != {unit.dtype}' for v in values[1:]] + [f'not {usual}'])}:")
+        if several:
+            common = f"{values[0]}.dtype"
+            for other in values[1:]:
+                common = f"torch.promote_types({common}, {other}.dtype)"
+            lines.append(f"        {unit.dtype} = {common}")
+            lines += [f"        {p} = {v}.to({unit.dtype})" for p, v in zip(promoted, values)]
+        lines += [f"        {unit.targets[kind]} = {unit.helper('einc_computed')}({unit.dtype}, {kind[0]}, {kind[1]})"
+                  for kind in kinds]
+    values = promoted
     for limit in limits:
         if limit[0] is not None:
             _memory_checks(unit, program, lines, limit, values[0])

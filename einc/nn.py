@@ -195,6 +195,23 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask
 
 
+@torch.jit.unused
+def _untransformed() -> bool:
+    """Whether no torch.func transform (vmap, jvp, grad) or forward-mode AD is active."""
+    return torch._C._functorch.maybe_current_level() is None and torch.autograd.forward_ad._current_level < 0
+
+
+def _may_write(scores: torch.Tensor) -> bool:
+    """Whether the layer may normalize its own ``scores`` in place: not under torch.func
+    transforms or forward-mode AD (they take no ``out=``), which only eager code can
+    tell; scripted and compiled code stays out of place."""
+    if torch.jit.is_scripting():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return _untransformed()
+
+
 class MultiheadAttention(torch.nn.Module):
     """Multi-head attention written with einc; loads ``torch.nn.MultiheadAttention``'s weights.
 
@@ -372,7 +389,7 @@ class MultiheadAttention(torch.nn.Module):
             scores = self.scores(q, k)
             if mask is not None:
                 scores = scores + mask
-            if scores.requires_grad:
+            if scores.requires_grad or not _may_write(scores):
                 probabilities = torch.softmax(scores, -1)
             else:
                 # The scores are this layer's own tensor: normalizing them in place spares

@@ -202,8 +202,9 @@ class _Builder:
         self.compact = compact
         self._anonymous = itertools.count()
 
-    def number(self, term: _Term) -> str | None:
-        """A number term: ``None`` for the unit ``1``, else a new anonymous axis."""
+    def number(self, term: _Term, anonymous: bool = True) -> str | None:
+        """A number term: ``None`` for the unit ``1``, else a new anonymous axis (where
+        ``anonymous`` allows one)."""
         if self.compact:
             what = "unit axis '1'" if term.name == "1" else f"anonymous axis {term.name!r}"
             raise self.error(term, f"{what} needs spaced notation")
@@ -212,6 +213,9 @@ class _Builder:
         size = int(term.name)
         if size == 0:
             raise self.error(term, "an anonymous axis needs a positive size")
+        if size != 1 and not anonymous:
+            raise self.error(term, "an anonymous axis in an input is reduced, which needs an operation: "
+                                   "write sum(...), mean(...) or another (einops' rearrange refuses it too)")
         return None if size == 1 else ir.anonymous_axis(size, next(self._anonymous))
 
     def error(self, term: _Term, message: str) -> EincError:
@@ -231,7 +235,7 @@ class _Builder:
             out.append((letter, sub))
         return out
 
-    def _group(self, term: _Term, *, output: bool, ellipsis_seen: bool) -> tuple[str, ...]:
+    def _group(self, term: _Term, *, output: bool, ellipsis_seen: bool, anonymous: bool) -> tuple[str, ...]:
         if self.compact:
             raise self.error(term, "composition '( )' needs spaced notation")
         names: list[str] = []
@@ -242,9 +246,9 @@ class _Builder:
                     raise self.error(item, f"axis {name!r} appears twice in one composition")
                 names.append(name)
             elif item.kind == "number":
-                anonymous = self.number(item)
-                if anonymous is not None:
-                    names.append(anonymous)
+                axis = self.number(item, anonymous)
+                if axis is not None:
+                    names.append(axis)
             else:  # ellipsis
                 if not output:
                     raise self.error(item, "'...' inside parentheses merges dimensions: only in the output (as einops)")
@@ -254,7 +258,7 @@ class _Builder:
         return tuple(names)
 
     def dims(
-        self, terms: list[_Term], *, brackets: bool, output: bool = False
+        self, terms: list[_Term], *, brackets: bool, output: bool = False, anonymous: bool = True
     ) -> tuple[list[tuple[str, ...]], list[str], list[tuple[str, _Term]]]:
         """(dims, bracketed names, every named axis with its term) of one axis list."""
         dims: list[tuple[str, ...]] = []
@@ -268,14 +272,14 @@ class _Builder:
                 seen_ellipsis = True
                 dims.append((ir.ELLIPSIS,))
             elif term.kind == "number":
-                anonymous = self.number(term)
-                dims.append(() if anonymous is None else (anonymous,))
+                axis = self.number(term, anonymous)
+                dims.append(() if axis is None else (axis,))
             elif term.kind == "axis":
                 for name, sub in self._names(term):
                     dims.append((name,))
                     located.append((name, sub))
             elif term.kind == "group":
-                group = self._group(term, output=output, ellipsis_seen=seen_ellipsis)
+                group = self._group(term, output=output, ellipsis_seen=seen_ellipsis, anonymous=anonymous)
                 seen_ellipsis = seen_ellipsis or ir.MERGED_ELLIPSIS in group
                 dims.append(group)
                 located.extend((name, term) for name in group if name != ir.MERGED_ELLIPSIS)
@@ -354,7 +358,8 @@ def _contraction(build: _Builder, tree: Tree, op: str | None, op_term: _Term) ->
             if arrowless_normalizer:
                 raise build.error(op_term, f"{op} without '->' takes an axis list, not a nested operation")
             continue
-        dims, marks, _ = build.dims(_axis_list(operand), brackets=arrowless_normalizer)
+        # An anonymous input axis is reduced: a plain contraction would sum it silently.
+        dims, marks, _ = build.dims(_axis_list(operand), brackets=arrowless_normalizer, anonymous=op is not None)
         inputs.append(ir.AxisList(tuple(dims)))
         bracketed.extend(marks)
     lists = [x.output if isinstance(x, ir.Pattern) else x for x in inputs]

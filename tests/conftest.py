@@ -90,9 +90,9 @@ def to_spaced(equation: str) -> str:
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 1e-10, atol: float = 1e-12) -> None:
-    """Shape, then values (compared in the wider of the two dtypes)."""
+    """Shape, then values (compared in the wider of the two dtypes; NaN matches only NaN)."""
     assert tuple(actual.shape) == tuple(expected.shape), (tuple(actual.shape), tuple(expected.shape))
-    torch.testing.assert_close(widen(actual), widen(expected), rtol=rtol, atol=atol, check_dtype=False)
+    torch.testing.assert_close(widen(actual), widen(expected), rtol=rtol, atol=atol, check_dtype=False, equal_nan=True)
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:

@@ -1,10 +1,9 @@
 """Single-operand spaced patterns against einops.rearrange / einops.repeat (exact).
 
-Only what SPEC.md promises: named axes, compositions ``(a b)``, the unit axis ``1`` (and
-``()``), ``...``, and new output axes whose sizes come by keyword.  Anonymous numeric
-axes other than ``1`` (einops' ``(h 2)``) are not part of einc's notation, so repeats
-are written with a named axis and a keyword size (``(h r)`` with ``r=2``).
-Reductions are tested in test_reductions.py.
+Named axes, compositions ``(a b)``, the unit axis ``1`` (and ``()``), anonymous axes
+(``(h 2)``, ``-> h w 3``), ``...`` and ``(...)``, and new output axes whose sizes come
+by keyword.  Reductions are tested in test_reductions.py, besides the anonymous-axis
+reductions below.
 """
 
 from __future__ import annotations
@@ -53,6 +52,11 @@ REARRANGE = [
     ("b h d -> b (h d)", (0, 3, 4), {}),  # zero-size merge
     ("long_name other_name -> other_name long_name", (3, 4), {}),  # multi-letter names
     ("x0 t0 -> t0 x0", (3, 4), {}),  # names like the generated code's identifiers
+    ("b ... d -> b (...) d", (2, 3, 4, 5), {}),  # the ellipsis merged into one dimension
+    ("b ... d -> b (...) d", (2, 5), {}),  # ... of no dimensions merges into a size-1 one
+    ("b ... d -> (b ...) d", (2, 3, 4, 5), {}),  # merged with a named axis
+    ("b ... d -> (... b) d", (2, 3, 4, 5), {}),  # ... first in the group
+    ("b ... -> (...) b", (2, 3, 4), {}),  # moved as one dimension
 ]
 
 
@@ -88,6 +92,10 @@ REPEAT = [
     ("h w -> h w c", (3, 4), {"c": 1}),  # new axis of size 1
     ("h w -> h w c", (3, 4), {"c": 0}),  # new axis of size 0
     ("h w -> (h r) w", (0, 4), {"r": 2}),  # repeat of an empty tensor
+    ("h w -> h w 3", (3, 4), {}),  # an anonymous new axis
+    ("h w -> (h 2) w", (3, 4), {}),  # an anonymous repeat factor
+    ("h w -> (h 2) (w 3)", (2, 3), {}),  # two of them: distinct axes
+    ("h w -> 2 h w 2", (2, 3), {}),  # the same number twice: still two axes
 ]
 
 
@@ -135,3 +143,41 @@ def test_same_expression_different_shapes():
     for shape in [(2, 4), (3, 6), (1, 2), (5, 10)]:
         x = torch.randn(shape)
         assert torch.equal(f(x), einops.rearrange(x, "b (h d) -> h b d", h=2))
+
+
+# (reduction, pattern, input shape): anonymous axes in inputs are reduced, as in einops.
+REDUCE = [
+    ("mean", "b (h 2) (w 2) c -> b h w c", (1, 4, 6, 3)),  # 2x2 average pooling (the issue's case)
+    ("max", "b (h 2) (w 2) c -> b h w c", (2, 4, 4, 3)),  # 2x2 max pooling
+    ("sum", "(b 3) c -> b c", (6, 2)),  # sum over groups of three rows
+    ("min", "b ... (c 2) -> b ... c", (2, 3, 4)),  # with an ellipsis
+    ("prod", "b 3 -> b", (2, 3)),  # a standalone anonymous axis
+]
+
+
+@pytest.mark.parametrize("op, pattern, shape", REDUCE, ids=[f"{r[0]}|{r[1]}" for r in REDUCE])
+@pytest.mark.parametrize("backend", ["torchscript", "eager"])
+def test_anonymous_axes_reduce_like_einops(op, pattern, shape, backend):
+    x = torch.randn(shape, dtype=torch.float64)
+    expected = einops.reduce(x, pattern, op)
+    out = einc.compile(f"{op}({pattern})", backend=backend)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("b (... d) -> b", "only in the output"),  # einops refuses (...) in inputs too
+        ("a 0 -> a", "positive size"),  # an anonymous axis of size 0
+        ("a 2b -> a", "starts with a letter"),  # '2b' is no name
+        ("ab2,b->a", "letters only"),  # numbers need spaced notation
+        ("a b -> a (... b)", "no input has"),  # (...) needs an input's ...
+        # An anonymous input axis is reduced: without an operation that is a silent sum,
+        # and einops' rearrange refuses it too.
+        ("b (h 2) w -> b h w 2", "needs an operation"),
+        ("(h 3) -> h", "needs an operation"),
+    ],
+)
+def test_anonymous_and_merged_ellipsis_errors(pattern, message):
+    with pytest.raises(einc.EincError, match=message):
+        einc.compile(pattern)

@@ -105,6 +105,9 @@ ROWS = {
     # A scale names an axis the contraction does not have.
     "semantic-scale-unknown-axis": _semantic("a b -> a / sqrt(e)", 9, 9, "scale factor axis 'e' is not an axis"),
     # A zero scale factor.
+    # Compact and spaced axis lists mixed: told at compile time, at the compact list.
+    "semantic-mixed-notation": _semantic("ij, j k -> ik", 0, 2, "the pattern mixes compact and spaced axis lists",
+                                         "'i j'", "notation='spaced'"),
     "semantic-scale-zero": _semantic("a b -> a * 0", 11, 1, "a scale factor must be positive"),
     # A scale on a reduction other than a sum of products.
     "semantic-scale-on-logsumexp": _semantic("logsumexp(a b -> a / 2)", 19, 3, "a scale applies to sums of products"),
@@ -227,6 +230,9 @@ ROWS = {
     # No pairwise path of a chain fits: the limit and the output's size.
     "memory-no-path": Row(_call("ab,bc,cd->ad", _t(4, 8), _t(8, 8), _t(8, 4), memory_limit=20), [
         "memory_limit=20 elements is too small", "contraction path", "'ab,bc,cd->ad'", "4x8, 8x8, 8x4"]),
+    # The output alone is over the limit: the message says so (not "every intermediate").
+    "memory-output-alone": Row(_call("ab,bc,cd->ad", _t(8, 8), _t(8, 8), _t(8, 8), memory_limit=20), [
+        "memory_limit=20 elements is too small", "the output alone", "64 elements", "'a' 'd'"]),
     # A limit in bytes below one element.
     "memory-under-one-element": Row(_call("ij->ji", _t(2, 3), memory_limit="3b"), [
         "memory_limit=0 elements is too small", "2x3"]),
