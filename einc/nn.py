@@ -27,11 +27,11 @@ EXAMPLE_SIZE = 8
 not fixed (batch, sequence); the generated code reads the real sizes at run time."""
 
 
-def _example_shape(axes: ir.AxisList, sizes: Mapping[str, int], ellipsis_ndim: int) -> tuple[int, ...]:
+def _example_shape(axes: ir.AxisList, sizes: Mapping[str, int]) -> tuple[int, ...]:
     shape: list[int] = []
     for dim in axes.dims:
         if dim == (ir.ELLIPSIS,):
-            shape.extend([EXAMPLE_SIZE] * ellipsis_ndim)
+            shape.append(EXAMPLE_SIZE)  # the module takes '...' of any rank
         else:
             shape.append(math.prod(sizes.get(a, EXAMPLE_SIZE) for a in dim))
     return tuple(shape)
@@ -74,7 +74,7 @@ class Einsum(torch.nn.Module):
     bias_view: List[int]
 
     def __init__(self, pattern: str, weight: str | None = None, bias: str | None = None, *,
-                 ellipsis_ndim: int = 1, fuse: bool = True, **sizes: int) -> None:
+                 fuse: bool = True, **sizes: int) -> None:
         super().__init__()
         parsed = parse(pattern)
         notation: Notation = "compact" if parsed.compact else "spaced"
@@ -113,7 +113,7 @@ class Einsum(torch.nn.Module):
         expression = _compile(pattern_text, notation=notation, fuse=fuse,
                               **{a: n for a, n in sizes.items() if a in _axes_of(operands, parsed.output)})
         # Weight axes all have keyword sizes, so their example is the weight's shape.
-        examples = [_example_shape(axes, sizes, ellipsis_ndim) for axes in operands]
+        examples = [_example_shape(axes, sizes) for axes in operands]
         self.core = expression.module(*examples)
         self.reset_parameters()
 
