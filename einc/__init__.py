@@ -8,7 +8,7 @@ torch.Size([2, 4, 8, 5])
 
 from .api import Expression, compile, configure, einsum
 from .errors import EincError
-from .planner import Plan, PlanStep
+from .report import Plan, PlanStep
 
 __all__ = ["EincError", "Expression", "Plan", "PlanStep", "compile", "configure", "einsum", "__version__"]
 

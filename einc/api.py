@@ -20,11 +20,14 @@ import torch.autograd.forward_ad as _forward_ad
 from . import ir
 from .backends import get_backend, namespace
 from .codegen import MODULE_NAME, Generated, generate
-from .errors import EincError
-from .options import EXPRESSION_CACHE_SIZE, Backend, Options, dtype_of, element_limit, settings
+from .errors import EincError, format_shape
+from .options import EXPRESSION_CACHE_SIZE, Backend, Options, dtype_of, settings
 from .parser import Notation, parse
-from .planner import Optimize, Plan, PlanStep, Program, check_new_axes, check_path, check_sizes, plan
+from .planner import Optimize, Program, check_path, plan
 from .reference import compare, reference, widen
+from .report import Plan, describe
+from .rewrite import fusions
+from .sizes import check_new_axes, check_sizes, leaves
 
 __all__ = ["Expression", "compile", "configure", "einsum"]
 
@@ -70,7 +73,7 @@ def _shape_of(value: Any, index: int) -> tuple[int, ...]:
 
 
 def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
-    return ", ".join("x".join(map(str, s)) if s else "()" for s in shapes)
+    return ", ".join(map(format_shape, shapes))
 
 
 def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -113,7 +116,7 @@ def _merged_ellipsis(pattern: ir.Pattern, shapes: Sequence[tuple[int, ...]]) -> 
     merged: list[tuple[int, ...]] = []
     seen: tuple[int, ...] | None = None
     first = 0
-    for index, (axes, shape) in enumerate(zip(_leaf_lists(pattern), shapes)):
+    for index, (axes, shape) in enumerate(zip((axes for _, axes in leaves(pattern)), shapes)):
         named = len(axes.dims) - axes.has_ellipsis
         if not axes.has_ellipsis or len(shape) < named:
             merged.append(shape)  # planning reports a wrong rank
@@ -129,10 +132,6 @@ def _merged_ellipsis(pattern: ir.Pattern, shapes: Sequence[tuple[int, ...]]) -> 
             seen, first = own, index
         merged.append(shape[:start] + (math.prod(own),) + shape[end:])
     return merged
-
-
-def _leaf_lists(pattern: ir.Pattern) -> list[ir.AxisList]:
-    return [a for x in pattern.inputs for a in (_leaf_lists(x) if isinstance(x, ir.Pattern) else [x])]
 
 
 def _options(pattern: str, **options: Any) -> Options:
@@ -212,6 +211,7 @@ class Expression:
         except EincError as err:
             raise EincError(f"pattern {pattern!r}: {err}") from None
         self.sizes = dict(sizes)
+        self._fusions = fusions(self.ir) if options.fuse else {}
         self._compile_fn = get_backend(options.backend)
         cache_size = settings.plan_cache_size if options.cache_size is None else options.cache_size
         # functools.lru_cache: bounded, and safe to call from many threads at once (two
@@ -268,13 +268,15 @@ class Expression:
         return EincError(f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}: {err}")
 
     def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> Program:
-        # The dtype matters to the plan only through a memory limit given in bytes.
-        return self._plan_lookup(shapes, self.options.element_limit(dtype.itemsize))
+        # The dtype matters to the plan through a memory limit given in bytes, and
+        # whether a fused kernel takes it (SDPA takes floating tensors only).
+        return self._plan_lookup(shapes, self.options.element_limit(dtype.itemsize), dtype.is_floating_point)
 
-    def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None) -> Program:
+    def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None, floating: bool) -> Program:
         try:
             everything = self._with_constants(shapes, lambda t: tuple(t.shape))
-            return plan(self.ir, everything, self.sizes, self.optimize, limit, self._constant_positions)
+            return plan(self.ir, everything, self.sizes, self.optimize, limit, self._constant_positions,
+                        self._fusions if floating else {})
         except EincError as err:
             raise self._context(shapes, err) from None
 
@@ -296,7 +298,7 @@ class Expression:
         dtypes = self._dtypes([dtype for _, dtype in signature], shapes)
         program = self._plan_for(shapes, _promoted(dtypes))
         try:
-            code = generate(program, dtypes, fuse=self.fuse, safe=transformed)
+            code = generate(program, dtypes, safe=transformed)
         except EincError as err:
             raise self._context(shapes, err) from None
         fn, folding = self._compile_fn(code)
@@ -355,46 +357,12 @@ class Expression:
         common = _promoted(dtypes)
         program = self._plan_for(shapes, common)
         try:
-            code = generate(program, dtypes, fuse=self.fuse)
+            code = generate(program, dtypes)
         except EincError as err:
             raise self._context(shapes, err) from None
-        # Nested programs come first, as they run (and as code.kernels lists them).
-        levels = program.programs()
-        located = [(level, step) for level in levels for step in level.steps]
-        path = _tree_path(program)
-        # Steps name their operands as the whole pattern's path does (a nested level's own
-        # positions would not say which tensors they are).
-        entries = iter(path)
-        operands = [next(entries) if step.operands else () for _, step in located]
-        steps = tuple(
-            PlanStep(
-                operands=position,
-                equation=_step_equation(level.pattern, step.inputs, step.output),
-                shapes=tuple(level.shape_of(axes) for axes in step.inputs),
-                output_shape=level.shape_of(step.output),
-                flops=step.flops,
-                kernel=kernel,
-            )
-            for (level, step), kernel, position in zip(located, code.kernels, operands)
-        )
-        return Plan(
-            pattern=self.pattern,
-            shapes=tuple(self._with_constants(shapes, lambda t: tuple(t.shape))),
-            path=path,
-            steps=steps,
-            flops=sum(level.flops for level in levels),
-            naive_flops=sum(level.naive_flops for level in levels),
-            # A nested operation's result is an intermediate of the whole pattern.
-            largest_intermediate=max(level.largest_intermediate for level in levels) if not program.nested
-            else max([level.largest_intermediate for level in levels]
-                     + [math.prod(level.output_shape) for level in levels[:-1]]),
-            source=code.source,
-            output_shape=program.output_shape,
-            dtype=str(common).removeprefix("torch."),
-            itemsize=common.itemsize,
-            constants=tuple(sorted(self._constant_positions)),
-            rewrite=code.rewrite,
-        )
+        return describe(program, code, pattern=self.pattern, dtype=common,
+                        shapes=self._with_constants(shapes, lambda t: tuple(t.shape)),
+                        constants=sorted(self._constant_positions))
 
     def module(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None
                ) -> torch.nn.Module:
@@ -433,8 +401,8 @@ class Expression:
                     raise self._context(shapes, EincError(
                         "module() cannot broadcast size-1 '...' dimensions (its code serves every shape); "
                         "expand the operand first"))
-        code = generate(program, dtypes, generic=True, fuse=self.fuse, module=True,
-                        context=f"pattern {self.pattern!r}", limits=(self.options.limit, settings.limit))
+        code = generate(program, dtypes, generic=True, module=True, context=f"pattern {self.pattern!r}",
+                        limits=(self.options.limit, settings.limit))
         cls = namespace(code)[MODULE_NAME]
         recipe = (self.pattern, self.options, self.sizes, shapes, common)
         cls.__reduce__ = lambda _: (_restore_module, recipe)  # type: ignore[method-assign]
@@ -454,15 +422,15 @@ class Expression:
         >>> einc.compile("i,i->").reference(torch.tensor([1., -2.]), torch.tensor([3., 4.]), absolute=True)
         tensor(11., dtype=torch.float64)
         """
-        entry = self._entry(tensors)
+        self._entry(tensors)  # the same checks (and errors) as a call
         given = self._with_constants(tensors, lambda t: t)
         common = _promoted([t.dtype for t in given]) if given else torch.float64
         given = [t.to(common) for t in given]
         if widen:
             given = [_widen_tensor(t) for t in given]
         if absolute and self.ir.op in (None, "sum", "mean"):
-            return reference(entry.program, given, absolute=True)
-        result = reference(entry.program, given)
+            return reference(self.ir, given, self.sizes, absolute=True)
+        result = reference(self.ir, given, self.sizes)
         return result.abs() if absolute else result
 
     def validate(
@@ -489,42 +457,6 @@ class Expression:
 
 
 _widen_tensor = widen
-
-
-def _tree_path(program: Program) -> list[tuple[int, ...]]:
-    """The path over all tensors in opt_einsum's linear format: for a nested pattern, each
-    nested operation's steps first (as they run), its result then an operand like any other."""
-    leaves = program.pattern.leaves
-    live = list(range(leaves))  # every tensor is live from the start, as in opt_einsum
-    tensors = iter(range(leaves))
-    results = itertools.count(leaves)
-    path: list[tuple[int, ...]] = []
-
-    def level(node: Program) -> int:
-        nested = dict(node.nested)
-        own = [level(nested[i]) if i in nested else next(tensors) for i in range(len(node.pattern.inputs))]
-        for step in node.path:
-            tokens = [own[i] for i in step]
-            for i in sorted(step, reverse=True):
-                own.pop(i)
-            path.append(tuple(live.index(t) for t in tokens))
-            for t in tokens:
-                live.remove(t)
-            own.append(next(results))
-            live.append(own[-1])
-        (result,) = own
-        return result
-
-    level(program)
-    return path
-
-
-def _step_equation(pattern: ir.Pattern, inputs: Sequence[tuple[str, ...]], output: tuple[str, ...]) -> str:
-    sep = "" if pattern.compact else " "
-    join = "," if pattern.compact else ", "
-    arrow = "->" if pattern.compact else " -> "
-    spell = lambda axes: sep.join(map(ir.spell_axis, axes))  # noqa: E731
-    return join.join(spell(axes) for axes in inputs) + arrow + spell(output)
 
 
 # ------------------------------------------------------------ module functions

@@ -240,7 +240,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.plot:
         from .plot import plot_plan
 
-        plot_plan(plan, args.plot, notation=args.notation)
+        plot_plan(plan, args.plot)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 

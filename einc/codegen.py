@@ -32,8 +32,9 @@ from . import ir
 from ._runtime import FLOOR, HELPERS, TINY
 from .errors import EincError
 from .ir import NORMALIZERS, Factor
-from .planner import Program, Step, show_axis
-from .rewrite import Attention, attention
+from .planner import Program, Step
+from .rewrite import Attention
+from .sizes import show_axis
 
 __all__ = ["Generated", "generate", "FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME", "result_dtype"]
 
@@ -122,12 +123,12 @@ def _integral(factors: Sequence[Factor]) -> bool:
 
 def _widening(program: Program) -> tuple[bool, bool]:
     """(half floats widen, integers widen): what :func:`_computed` looks at."""
-    return program.pattern.op is not None, _sums(program)
+    return program.ir.op is not None, _sums(program)
 
 
 def _sums(program: Program) -> bool:
     """Whether the level adds numbers up: sums (or multiplies, ``prod``) over reduced axes."""
-    return bool(program.reduced) and _REDUCE[program.pattern.op] in ("sum", "prod")
+    return bool(program.reduced) and _REDUCE[program.ir.op] in ("sum", "prod")
 
 
 def _computed(dtype: torch.dtype, program: Program) -> torch.dtype:
@@ -137,7 +138,7 @@ def _computed(dtype: torch.dtype, program: Program) -> torch.dtype:
     torch.softmax does inside); sums of integers and bools in int64, as torch.sum does
     (so a sum never wraps in a small integer type, and mm gets one dtype).
     """
-    if dtype in _HALF and program.pattern.op is not None:
+    if dtype in _HALF and program.ir.op is not None:
         return torch.float32
     if not (dtype.is_floating_point or dtype.is_complex) and _sums(program):
         return torch.int64
@@ -151,7 +152,7 @@ def result_dtype(dtype: torch.dtype, program: Program) -> torch.dtype:
     computed = _computed(dtype, program)
     if dtype in _HALF:
         return dtype
-    fractional = program.pattern.op == "mean" or not _integral(program.pattern.scale)
+    fractional = program.ir.op == "mean" or not _integral(program.ir.scale)
     if not (computed.is_floating_point or computed.is_complex) and fractional:
         return torch.get_default_dtype()
     return computed
@@ -210,7 +211,7 @@ class _Emitter:
         self.top = top
         self.dtype = dtype
         """The operands' dtype (literal code); ``None`` in generic code, which decides at run time."""
-        op = program.pattern.op
+        op = program.ir.op
         self.reduce_kind = _REDUCE[op]
         self.semiring = _SEMIRING.get(op, "sum")
         self.computed = None if dtype is None else _computed(dtype, program)
@@ -220,7 +221,7 @@ class _Emitter:
         self.sizes = dict(program.sizes) if sizes is None else sizes
         self.owned: set[str] = set()
         """Variables holding contiguous intermediates nothing else refers to (see ``fresh``)."""
-        self.scaling = _Scaling(self) if program.pattern.scale else None
+        self.scaling = _Scaling(self) if program.ir.scale else None
 
     # ------------------------------------------------------------------ sizes
 
@@ -329,7 +330,7 @@ class _Emitter:
         return value
 
     def unary(self, step: Step, value: str) -> tuple[str, str]:
-        (axes,) = step.inputs
+        (axes,) = step.input_axes
         value, _ = self.reduce(value, axes, step.a_reduce)
         return value, self.reduce_kind if step.a_reduce else "none"
 
@@ -338,7 +339,7 @@ class _Emitter:
         return self.computed is not None and not (self.computed.is_floating_point or self.computed.is_complex)
 
     def binary(self, step: Step, a: str, b: str) -> tuple[str, str]:
-        a_axes, b_axes = step.inputs
+        a_axes, b_axes = step.input_axes
         a, a_axes = self.reduce(a, a_axes, step.a_reduce)
         b, b_axes = self.reduce(b, b_axes, step.b_reduce)
         batch, left, right, con = step.batch, step.left, step.right, step.contracted
@@ -409,7 +410,7 @@ class _Emitter:
         return self.reshape(value, _singles(batch + rows + cols), lead + [rows, cols])
 
     def normalize(self, value: str, axes: tuple[str, ...]) -> str:
-        pattern = self.program.pattern
+        pattern = self.program.ir
         fn = f"torch.{pattern.op}"
         marked = tuple(a for a in axes if a in pattern.normalized)
         if len(marked) == 1:
@@ -439,7 +440,7 @@ class _Emitter:
         program = self.program
         parts: list[str] = []
         plain: list[str] = []
-        for spelled, dim in zip(program.pattern.output.dims, program.output_dims):
+        for spelled, dim in zip(program.ir.output.dims, program.output_dims):
             if spelled == (ir.ELLIPSIS,):
                 if plain:
                     parts.append("[" + ", ".join(plain) + "]")
@@ -463,19 +464,19 @@ class _Emitter:
             value = self.assign(f"{value}.expand({self.dims(_singles(target))})")
         if self.scaling is not None:
             value = self.scaling.result(value)
-        if program.pattern.op in NORMALIZERS:
+        if program.ir.op in NORMALIZERS:
             value = self.normalize(value, target)
-        merged = self.generic and self.top and program.pattern.output.has_ellipsis
+        merged = self.generic and self.top and program.ir.output.has_ellipsis
         value = self.reshape(value, _singles(target), program.output_dims,
                              shape=self.output_shape() if merged else "")
-        if program.pattern.op == "mean" and (program.reduced if self.generic else program.reduced_count != 1):
+        if program.ir.op == "mean" and (program.reduced if self.generic else program.reduced_count != 1):
             value = self.assign(f"{value} / ({self.group(program.reduced)})")
-        target = self.generic_target() if self.generic and program.pattern.op is not None else None
+        target = self.generic_target() if self.generic and program.ir.op is not None else None
         if target is not None:
             # Only half floats widen to float32: they come back in their dtype.
             value = self.assign(f"{value}.to({self.unit.dtype}) if {target} == torch.float32 and "
                                 f"{target} != {self.unit.dtype} else {value}")
-        elif self.dtype in _HALF and program.pattern.op is not None:
+        elif self.dtype in _HALF and program.ir.op is not None:
             value = self.assign(f"{value}.to({_HALF[self.dtype]})")
         return value
 
@@ -497,7 +498,7 @@ class _Scaling:
 
     def __init__(self, emit: _Emitter) -> None:
         self.emit = emit
-        self.factors = emit.program.pattern.scale
+        self.factors = emit.program.ir.scale
         self.integral = _integral(self.factors)
         self.variable = ""
         self.early = ""
@@ -580,7 +581,7 @@ def _leaf_lists(program: Program) -> list[tuple[ir.AxisList, tuple[Group, ...]]]
     """(axis list, dimensions with ``...`` spelled out) of every tensor operand, nested ones included."""
     nested = dict(program.nested)
     out: list[tuple[ir.AxisList, tuple[Group, ...]]] = []
-    for index, operand in enumerate(program.pattern.inputs):
+    for index, operand in enumerate(program.ir.inputs):
         if index in nested:
             out.extend(_leaf_lists(nested[index]))
         else:
@@ -603,7 +604,7 @@ def _prologue(unit: _Unit, program: Program, leaves: list[str], lines: list[str]
     found: dict[str, tuple[int, int]] = {}  # axis -> (leaf, dimension) it was read from
     values = list(leaves)
     lists = _leaf_lists(program)
-    compact = program.pattern.compact
+    compact = program.ir.compact
     for index, (axes, dims) in enumerate(lists):
         x = values[index]
         named = len(axes.dims) - axes.has_ellipsis
@@ -724,8 +725,8 @@ def _memory_checks(unit: _Unit, program: Program, lines: list[str], limit: tuple
     unit_of = "bytes" if in_bytes else "elements"
     emit = _Emitter(program, None, unit, lines)
     for level in program.programs():
-        shapes = [(f"step {i} ({' '.join(map(show_axis, step.output)) or 'scalar'})", step.output)
-                  for i, step in enumerate(level.steps)]
+        shapes = [(f"step {i} ({' '.join(map(show_axis, step.output_axes)) or 'scalar'})", step.output_axes)
+                  for i, step in enumerate(level.steps) if not step.fused]
         shapes.append(("the output", level.output_axes))
         for what, axes in shapes:
             count = emit.group(tuple(axes))
@@ -736,12 +737,15 @@ def _memory_checks(unit: _Unit, program: Program, lines: list[str], limit: tuple
 # ------------------------------------------------------------------ levels
 
 
-def _attention(unit: _Unit, program: Program, roles: Attention, leaves: list[str], dtypes: list[torch.dtype | None],
+def _attention(unit: _Unit, program: Program, values: dict[int, str], dtypes: dict[int, torch.dtype | None],
                lines: list[str], top: bool) -> tuple[str, torch.dtype | None]:
     """The whole attention pattern ``program`` as one SDPA call on three tensors."""
+    roles = program.fused
+    assert roles is not None
     (_, inner), = program.nested
-    tensors = [leaves.pop(0) for _ in range(3)]
-    types = [dtypes.pop(0) for _ in range(3)]
+    (step,) = program.steps
+    tensors = [values[v] for v in step.inputs]
+    types = [dtypes[v] for v in step.inputs]
     common = None if unit.generic else _promoted(types)  # type: ignore[arg-type]
     # One name, one size: the outer level reshapes q and k's own axes (the head) too.
     sizes = {**dict(inner.sizes), **dict(program.sizes)}
@@ -769,7 +773,7 @@ def _attention(unit: _Unit, program: Program, roles: Attention, leaves: list[str
     scale = inner_emit.scaling.float_value() if inner_emit.scaling is not None else "(1.0)"
     out = outer.assign(f"{SDPA}({q}, {k}, {v}, scale={scale})")
     out = outer.reshape(out, lead + [query, value], _singles(batch + query + value))
-    unit.kernels.extend(["sdpa"] * (len(inner.steps) + len(program.steps)))
+    unit.kernels.append("sdpa")
     unit.rewrites.append("sdpa")
     return outer.finish(out, batch + query + value), common
 
@@ -784,58 +788,57 @@ class _Output:
     folded: list[tuple[str, str]]
 
 
-def _level(unit: _Unit, program: Program, leaves: list[str], dtypes: list[torch.dtype | None], out: _Output,
-           fuse: bool, top: bool = False) -> tuple[str, torch.dtype | None]:
-    """Emit ``program`` (its nested programs first) on ``leaves``; returns the result's
-    variable and dtype (``None`` in generic code).  ``leaves`` and ``dtypes`` are
-    consumed from the front."""
-    floating = dtypes[0] is None or dtypes[0].is_floating_point
-    roles = attention(program.pattern) if fuse and floating else None
-    if roles is not None and (unit.generic or 0 not in dict(program.sizes).values()):
-        return _attention(unit, program, roles, leaves, dtypes, out.main, top)
+def _level(unit: _Unit, program: Program, values: dict[int, str], dtypes: dict[int, torch.dtype | None],
+           out: _Output, top: bool = False) -> tuple[str, torch.dtype | None]:
+    """Emit ``program`` (its nested programs first); ``values`` holds the variable of
+    each value computed so far (the tensors to begin with) and ``dtypes`` its dtype
+    (``None`` in generic code).  Returns the result's variable and dtype."""
+    if program.fused is not None:
+        return _attention(unit, program, values, dtypes, out.main, top)
+    nested = dict(program.nested)
     operands: list[str] = []
     types: list[torch.dtype | None] = []
-    nested = dict(program.nested)
-    for index in range(len(program.pattern.inputs)):
+    for index, value_id in enumerate(program.operands):
         if index in nested:
-            value, dtype = _level(unit, nested[index], leaves, dtypes, out, fuse)
+            variable, dtype = _level(unit, nested[index], values, dtypes, out)
         else:
-            value, dtype = leaves.pop(0), dtypes.pop(0)
-        operands.append(value)
+            variable, dtype = values[value_id], dtypes[value_id]
+        operands.append(variable)
         types.append(dtype)
     common = None if unit.generic else _promoted(types)  # type: ignore[arg-type]
     emit = _Emitter(program, common, unit, out.main, top=top)
 
     constant = program.constant_values()
-    values: dict[int, str] = {}
-    for index, operand in enumerate(operands):
-        emit.lines = out.folding if index in constant else out.main
-        values[index] = emit.prep(index, operand, types[index])
+    prepared: dict[int, str] = {}
+    for index, (value_id, operand) in enumerate(zip(program.operands, operands)):
+        emit.lines = out.folding if value_id in constant else out.main
+        prepared[value_id] = emit.prep(index, operand, types[index])
 
     def take(value_id: int) -> str:
-        name = values.pop(value_id)
+        name = prepared.pop(value_id)
         if value_id in constant and emit.lines is out.main:
             out.folded.append((name, emit.names.create("k")))
             return out.folded[-1][1]
         return name
 
-    last, axes = 0, program.preps[0].axes
     for step in program.steps:
         emit.lines = out.folding if step.value in constant else out.main
-        args = [take(i) for i in step.args]
+        args = [take(i) for i in step.inputs]
         if len(args) == 1:
-            value, kernel = emit.unary(step, args[0])
+            variable, kernel = emit.unary(step, args[0])
         else:
-            value, kernel = emit.binary(step, args[0], args[1])
+            variable, kernel = emit.binary(step, args[0], args[1])
         unit.kernels.append(kernel)
-        values[step.value] = value
-        last, axes = step.value, step.output
+        prepared[step.value] = variable
     emit.lines = out.main
-    result = emit.finish(take(last), axes)
-    if last in constant:
+    last = program.steps[-1]
+    result = emit.finish(take(last.value), last.output_axes)
+    if last.value in constant:
         # Everything was folded: hand out a copy, never the cached tensor (or a view of it).
         result = emit.assign(f"{result}.clone()")
-    return result, None if common is None else result_dtype(common, program)
+    result_type = None if common is None else result_dtype(common, program)
+    values[last.value], dtypes[last.value] = result, result_type
+    return result, result_type
 
 
 def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
@@ -846,15 +849,15 @@ def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
 
 
 def generate(program: Program, dtypes: Sequence[torch.dtype] | torch.dtype = torch.float32, *,
-             generic: bool = False, fuse: bool = True, module: bool = False, safe: bool = False,
+             generic: bool = False, module: bool = False, safe: bool = False,
              context: str = "", limits: Sequence[tuple[int | None, bool]] = ()) -> Generated:
     """Emit the function ``einc_fn(x0, x1, ...)`` that evaluates ``program``.
 
     ``dtypes`` are the tensors' dtypes (one for all, or one each: operands are promoted
     to a common dtype as torch's type promotion does).  ``generic`` reads sizes from the
     inputs' shapes and checks them (see the module docstring), ``context`` prefixing its
-    messages and each of ``limits`` (``(limit, in_bytes)``) bounding its intermediates; ``fuse``
-    allows the attention rewrite; ``safe`` avoids in-place writes and branches on data
+    messages and each of ``limits`` (``(limit, in_bytes)``) bounding its intermediates;
+    ``safe`` avoids in-place writes and branches on data
     (for torch.func transforms); ``module`` also defines ``EincModule(torch.nn.Module)``
     whose ``forward`` calls ``einc_fn``.
 
@@ -865,16 +868,16 @@ def generate(program: Program, dtypes: Sequence[torch.dtype] | torch.dtype = tor
     t0 = torch.mm(x0, x1)
     """
     unit = _Unit(generic, safe, context)
-    count = program.pattern.leaves
+    count = program.ir.leaves
     leaves = [unit.names.create("c" if i in program.constants else "x") for i in range(count)]
     params = list(leaves)
     out = _Output([], [], [])
     if isinstance(dtypes, torch.dtype):
         dtypes = [dtypes] * count
-    types: list[torch.dtype | None] = [None] * count if generic else list(dtypes)
+    types: dict[int, torch.dtype | None] = dict.fromkeys(range(count)) if generic else dict(enumerate(dtypes))
     if generic:
         leaves = _prologue(unit, program, leaves, out.main, limits)
-    result, _ = _level(unit, program, leaves, types, out, fuse, top=True)
+    result, _ = _level(unit, program, dict(enumerate(leaves)), types, out, top=True)
 
     variable = [p for i, p in enumerate(params) if i not in program.constants]
     arguments = variable + [k for _, k in out.folded]

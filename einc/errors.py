@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["EincError", "size_hint"]
+from collections.abc import Sequence
+
+__all__ = ["EincError", "PatternError", "caret", "at", "format_shape", "size_hint"]
 
 
 class EincError(ValueError):
@@ -17,6 +19,21 @@ class EincError(ValueError):
     ...     print(str(err).splitlines()[0])
     unexpected ')' (expected the end of the pattern):
     """
+
+
+class PatternError(EincError):
+    """A rule of the pattern language broken (raised by :mod:`einc.ir`).
+
+    ``subject`` says what broke it, so the parser can put a caret under it:
+    ``("axis", name)`` an axis of the list being built, ``("input", i, name)`` an axis
+    of input ``i``, ``("output", name)``, ``("scale", k)`` the ``k``-th factor,
+    ``("op",)`` the operation, ``()`` the whole pattern.
+    """
+
+    def __init__(self, message: str, subject: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.subject = subject
 
 
 _ONE_COLUMN = str.maketrans({c: " " for c in "\t\n\r\v\f"})
@@ -34,6 +51,15 @@ def caret(pattern: str, start: int, end: int | None = None) -> str:
 def at(pattern: str, start: int, end: int | None, message: str) -> EincError:
     """An :class:`EincError` with ``message`` followed by the pattern and a caret."""
     return EincError(f"{message}:\n{caret(pattern, start, end)}")
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    """A shape as einc's messages and reports write it: ``2x8x64``, ``()`` for a scalar.
+
+    >>> format_shape((2, 8, 64)), format_shape(())
+    ('2x8x64', '()')
+    """
+    return "x".join(map(str, shape)) or "()"
 
 
 def size_hint(axis: str, example: int | str = 4) -> str:

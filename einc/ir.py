@@ -12,13 +12,14 @@ import keyword
 import re
 from dataclasses import dataclass
 
-from .errors import EincError
+from .errors import EincError, PatternError
 
 __all__ = [
     "ELLIPSIS",
     "MERGED_ELLIPSIS",
     "anonymous_axis",
     "anonymous_size",
+    "check_axis",
     "spell_axis",
     "NORMALIZERS",
     "REDUCERS",
@@ -55,16 +56,6 @@ def ellipsis_axis(position: int) -> str:
     return f"{ELLIPSIS}{position}"
 
 
-def anonymous_axis(size: int, occurrence: int) -> str:
-    """Name of an anonymous axis (a number such as ``2`` in ``(h 2)``, as in einops).
-
-    Each occurrence is its own axis (``occurrence`` numbers them across the pattern):
-    anonymous axes of an input are always reduced, those of the output always new.
-    The ``#`` makes the name impossible to spell in a pattern.
-    """
-    return f"{size}#{occurrence}"
-
-
 def anonymous_size(name: str) -> int | None:
     """The size of an anonymous axis, ``None`` for any other axis."""
     match = _ANONYMOUS_AXIS.match(name)
@@ -77,15 +68,29 @@ def spell_axis(axis: str) -> str:
     return axis if size is None else str(size)
 
 
-def _check_axis(name: str) -> None:
+def check_axis(name: str) -> None:
+    """An axis name is an identifier (not a Python keyword), or one of einc's own."""
     if not isinstance(name, str) or not (
         _NAME.match(name) or _ELLIPSIS_AXIS.match(name) or _ANONYMOUS_AXIS.match(name)
     ):
-        raise EincError(f"invalid axis name {name!r}")
+        raise PatternError(f"invalid axis name {name!r}", ("axis", name))
     if keyword.iskeyword(name):
         # Keywords are harmless (names never reach generated code) but almost surely
         # a mistake in a pattern; einops rejects them too.
-        raise EincError(f"axis name {name!r} is a Python keyword")
+        raise PatternError(f"axis name {name!r} is a Python keyword", ("axis", name))
+
+
+def anonymous_axis(size: int, occurrence: int) -> str:
+    """Name of an anonymous axis (a number such as ``2`` in ``(h 2)``, as in einops).
+
+    Each occurrence is its own axis (``occurrence`` numbers them across the pattern):
+    anonymous axes of an input are always reduced, those of the output always new.
+    The ``#`` makes the name impossible to spell in a pattern.  (``1`` is no axis: it
+    is a unit dimension.)
+    """
+    if size < 1:
+        raise PatternError("an anonymous axis needs a positive size", ("factor",))
+    return f"{size}#{occurrence}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +99,8 @@ class AxisList:
 
     Each entry of ``dims`` lists the axes composed into that dimension, row-major as
     in einops: ``("h", "d")`` is ``(h d)``, ``("i",)`` a plain axis, ``()`` a unit
-    dimension (``1`` or ``()``), and ``(ELLIPSIS,)`` the ellipsis.
+    dimension (``1`` or ``()``), ``(ELLIPSIS,)`` the ellipsis and
+    ``MERGED_ELLIPSIS`` the ellipsis inside a composition.
     """
 
     dims: tuple[tuple[str, ...], ...]
@@ -105,15 +111,16 @@ class AxisList:
         ellipses = 0
         for dim in self.dims:
             if ELLIPSIS in dim and dim != (ELLIPSIS,):
-                raise EincError(f"write the ellipsis inside a composition as MERGED_ELLIPSIS, not in {dim!r}")
+                raise EincError(f"the ellipsis inside a composition is MERGED_ELLIPSIS, not in {dim!r}")
             ellipses += dim.count(ELLIPSIS) + dim.count(MERGED_ELLIPSIS)
             for name in dim:
                 if name not in (ELLIPSIS, MERGED_ELLIPSIS):
-                    _check_axis(name)
-            if len(set(dim)) != len(dim):
-                raise EincError(f"axis repeated inside one composition {dim!r}")
+                    check_axis(name)
+            for name in dim:
+                if dim.count(name) > 1:
+                    raise PatternError(f"axis {name!r} appears twice in one composition", ("axis", name))
         if ellipses > 1:
-            raise EincError("an axis list may hold at most one ellipsis")
+            raise PatternError("'...' may appear once per operand", ("axis", ELLIPSIS))
 
     @property
     def has_ellipsis(self) -> bool:
@@ -164,10 +171,12 @@ class Factor:
     def __post_init__(self) -> None:
         if isinstance(self.value, bool) or not isinstance(self.value, (int, str)):
             raise EincError(f"a scale factor is an int or an axis name, not {self.value!r}")
-        if isinstance(self.value, int) and not 0 < self.value < 2**63:
-            raise EincError(f"a scale factor must be a positive int below 2**63, not {self.value}")
+        if isinstance(self.value, int) and self.value < 1:
+            raise PatternError("a scale factor must be positive", ("factor",))
+        if isinstance(self.value, int) and self.value >= 2**63:
+            raise PatternError("a scale factor must be below 2**63", ("factor",))
         if isinstance(self.value, str):
-            _check_axis(self.value)
+            check_axis(self.value)
 
     def render(self) -> str:
         value = f"sqrt({self.value})" if self.sqrt else str(self.value)
@@ -182,7 +191,9 @@ class Pattern:
     :data:`OPS`.  ``normalized`` lists the bracketed output axes of a normalizer.
     An input is an :class:`AxisList` or a nested :class:`Pattern` (an operation whose
     result is the operand, with that pattern's output axes).  ``scale`` multiplies the
-    contraction before the operation applies.
+    contraction before the operation applies.  Construction checks every rule of the
+    pattern language that concerns more than one axis list (:class:`PatternError`
+    says which part broke it).
     """
 
     inputs: tuple[AxisList | Pattern, ...]
@@ -202,31 +213,46 @@ class Pattern:
             elif not isinstance(operand, AxisList):
                 raise EincError(f"an operand is an AxisList or a nested Pattern, not {operand!r}")
         if self.op is not None and self.op not in OPS:
-            raise EincError(f"unknown operation {self.op!r}; expected one of {', '.join(OPS)}")
+            raise PatternError(f"unknown operation {self.op!r}; the operations are {', '.join(OPS)}", ("op",))
+        for index, operand in enumerate(self.operands):
+            if operand.ellipsis_merged:
+                raise PatternError("'...' inside parentheses merges dimensions: only in the output (as einops)",
+                                   ("input", index, MERGED_ELLIPSIS))
+            anonymous = [a for a in operand.axes if anonymous_size(a) is not None]
+            if anonymous and self.op is None and isinstance(self.inputs[index], AxisList):
+                # A plain contraction would sum it silently.
+                raise PatternError("an anonymous axis in an input is reduced, which needs an operation: "
+                                   "write sum(...), mean(...) or another (einops' rearrange refuses it too)",
+                                   ("input", index, anonymous[0]))
         out = self.output.axes
-        if len(set(out)) != len(out):
-            raise EincError("an axis is repeated in the output")
+        for name in out:
+            if out.count(name) > 1:
+                raise PatternError(f"axis {name!r} appears twice in the output", ("output", name))
         if self.output.has_ellipsis and not any(a.has_ellipsis for a in self.operands):
-            raise EincError("the output has '...' but no input has")
+            raise PatternError("the output has '...' but no input has", ("output", ELLIPSIS))
         if self.scale and self.op not in SCALED_OPS:
-            raise EincError(
-                f"a scale applies to sums of products and the logits of softmax/log_softmax, not to {self.op}(...)"
+            raise PatternError(
+                f"a scale applies to sums of products and the logits of softmax/log_softmax, not to {self.op}(...)",
+                ("scale", 0),
             )
-        for factor in self.scale:
+        for index, factor in enumerate(self.scale):
             if not isinstance(factor, Factor):
                 raise EincError(f"a scale is a tuple of Factor, not {factor!r}")
             if isinstance(factor.value, str) and factor.value not in self.input_axes | set(out):
-                raise EincError(f"scale factor axis {factor.value!r} is not an axis of the contraction")
+                raise PatternError(f"scale factor axis {factor.value!r} is not an axis of this contraction",
+                                   ("scale", index))
         for name in self.normalized:
-            _check_axis(name)
+            check_axis(name)
             if name not in out:
-                raise EincError(f"normalized axis {name!r} is not in the output")
-        if (self.op in NORMALIZERS) != bool(self.normalized):
-            raise EincError(
-                "softmax/log_softmax need bracketed output axes, and only they take them"
-            )
+                raise PatternError(f"normalized axis {name!r} is not in the output", ("output", name))
+        if self.op in NORMALIZERS and not self.normalized:
+            raise PatternError(f"{self.op} needs the normalized axes in brackets, e.g. '{self.op}(b [c])'", ("op",))
+        if self.normalized and self.op not in NORMALIZERS:
+            raise PatternError("brackets mark normalized axes, only in the output of softmax/log_softmax", ("op",))
         if self.op == "prod" and len(self.inputs) > 1:
-            raise EincError("prod takes one operand only")
+            raise PatternError(
+                "prod takes one operand only (products of several operands have no reduction semiring)", ("op",)
+            )
 
     @property
     def operands(self) -> tuple[AxisList, ...]:

@@ -1,9 +1,12 @@
 """Pattern string -> :class:`einc.ir.Pattern`.
 
-The Lark grammar (``grammar/einc.lark``) tokenises both spellings alike; this module
-decides the spelling, splits compact names into letters, fills in implicit outputs and
-checks everything that can be pointed at with a caret.  Lark's ``UnexpectedInput`` is
-converted to :class:`EincError` here, at the parser boundary.
+The Lark grammar (``grammar/einc.lark``) tokenises both spellings alike; a Lark
+``Transformer`` turns the parse tree into located terms (each with its place in the
+string).  This module then decides the spelling, splits compact names into letters,
+fills in implicit outputs and builds the IR.  The rules of the pattern language are
+the IR's (:mod:`einc.ir`): the parser adds the caret under what broke one.  Only
+syntax is checked here (what the notation allows where), and Lark's
+``UnexpectedInput`` becomes an :class:`EincError` at this boundary.
 """
 
 from __future__ import annotations
@@ -11,26 +14,25 @@ from __future__ import annotations
 import difflib
 import functools
 import itertools
-import keyword
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from lark import Lark, Token, Tree
+from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ir
-from .errors import EincError, at
+from .errors import EincError, PatternError, at
 
 __all__ = ["parse", "grammar_path", "Notation", "MAX_PATTERN_LENGTH", "MAX_NESTING"]
 
 Notation = Literal["auto", "compact", "spaced"]
 
 MAX_PATTERN_LENGTH = 65_536
-"""Longest pattern accepted, in characters: a network of hundreds of operands fits;
+"""Longest pattern accepted, in characters: a network of thousands of operands fits;
 parsing a pattern is linear in its length, but nothing useful is megabytes long."""
 
 MAX_NESTING = 32
@@ -70,14 +72,17 @@ def _lark() -> Lark:
     return Lark(
         grammar_path().read_text(encoding="utf-8"),
         parser="lalr",
-        keep_all_tokens=True,
+        propagate_positions=True,
         maybe_placeholders=False,
     )
 
 
+# ------------------------------------------------------------------ located terms
+
+
 @dataclass(frozen=True, slots=True)
 class _Term:
-    """One parsed term of an axis list, with its place in the pattern string."""
+    """One term of an axis list, with its place in the pattern string."""
 
     kind: Literal["axis", "number", "ellipsis", "group", "bracket"]
     start: int
@@ -86,22 +91,89 @@ class _Term:
     items: tuple[_Term, ...] = ()
 
 
-def _span(tree: Tree | Token) -> tuple[int, int]:
-    tokens = [tree] if isinstance(tree, Token) else list(tree.scan_values(lambda v: isinstance(v, Token)))
-    return min(t.start_pos for t in tokens), max(t.end_pos for t in tokens)
+@dataclass(frozen=True, slots=True)
+class _Scale:
+    divide: bool
+    value: str
+    is_int: bool
+    sqrt: bool
+    start: int
+    end: int
 
 
-def _term(tree: Tree) -> _Term:
-    start, end = _span(tree)
-    if tree.data in ("axis", "number", "ellipsis"):
-        (token,) = [c for c in tree.children if isinstance(c, Token)]
-        return _Term(tree.data, start, end, name=str(token))
-    items = tuple(_term(c) for c in tree.children if isinstance(c, Tree))
-    return _Term(tree.data, start, end, items=items)  # type: ignore[arg-type]
+@dataclass(frozen=True, slots=True)
+class _Contraction:
+    inputs: tuple[tuple[_Term, ...] | _Call, ...]
+    output: tuple[_Term, ...] | None
+    scale: tuple[_Scale, ...]
 
 
-def _axis_list(tree: Tree) -> list[_Term]:
-    return [_term(c) for c in tree.children if isinstance(c, Tree)]
+@dataclass(frozen=True, slots=True)
+class _Call:
+    op: str
+    start: int
+    end: int
+    body: _Contraction
+
+
+def _token_term(kind: Any, token: Token) -> _Term:
+    return _Term(kind, token.start_pos, token.end_pos, name=str(token))
+
+
+@v_args(meta=True, inline=True)
+class _Located(Transformer):
+    """Parse tree -> located terms, calls and contractions (positions from ``meta``)."""
+
+    def axis(self, meta: Any, token: Token) -> _Term:
+        return _token_term("axis", token)
+
+    def number(self, meta: Any, token: Token) -> _Term:
+        return _token_term("number", token)
+
+    def ellipsis(self, meta: Any, token: Token) -> _Term:
+        return _token_term("ellipsis", token)
+
+    def group(self, meta: Any, *items: _Term) -> _Term:
+        return _Term("group", meta.start_pos, meta.end_pos, items=items)
+
+    def bracket(self, meta: Any, *items: _Term) -> _Term:
+        return _Term("bracket", meta.start_pos, meta.end_pos, items=items)
+
+    def axis_list(self, meta: Any, *terms: _Term) -> tuple[_Term, ...]:
+        return terms
+
+    def output(self, meta: Any, terms: tuple[_Term, ...]) -> tuple[str, tuple[_Term, ...]]:
+        return "output", terms
+
+    def inputs(self, meta: Any, *operands: tuple[_Term, ...] | _Call) -> tuple[str, tuple[Any, ...]]:
+        return "inputs", operands
+
+    def scale(self, meta: Any, sign: Token, factor: tuple[str, Token, bool]) -> _Scale:
+        _, value, sqrt = factor
+        return _Scale(str(sign) == "/", str(value), value.type == "INT", sqrt, meta.start_pos, meta.end_pos)
+
+    def int_factor(self, meta: Any, token: Token) -> tuple[str, Token, bool]:
+        return "factor", token, False
+
+    axis_factor = int_factor
+
+    def sqrt_factor(self, meta: Any, _sqrt: Token, token: Token) -> tuple[str, Token, bool]:
+        return "factor", token, True
+
+    def contraction(self, meta: Any, *parts: Any) -> _Contraction:
+        named = [p for p in parts if isinstance(p, tuple)]
+        inputs = next(value for key, value in named if key == "inputs")
+        output = next((value for key, value in named if key == "output"), None)
+        return _Contraction(inputs, output, tuple(p for p in parts if isinstance(p, _Scale)))
+
+    def op_call(self, meta: Any, op: Token, body: _Contraction) -> _Call:
+        return _Call(str(op), op.start_pos, op.end_pos, body)
+
+    def start(self, meta: Any, body: _Contraction) -> _Contraction:
+        return body
+
+
+# ------------------------------------------------------------------ syntax errors
 
 
 _CALL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\(")
@@ -133,14 +205,13 @@ def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
         unknown = _unknown_operation(pattern, err.pos_in_stream or 0)
         if unknown is not None:
             return unknown
+    ended = isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END")
     if isinstance(err, UnexpectedCharacters):
         what = f"unexpected character {pattern[err.pos_in_stream]!r}"
-    elif isinstance(err, UnexpectedEOF) or err.token.type == "$END":  # type: ignore[attr-defined]
+    elif ended:
         what = "the pattern ends too early"
-    elif isinstance(err, UnexpectedToken):
-        what = f"unexpected {str(err.token)!r}"
-    else:  # pragma: no cover - lark has no other UnexpectedInput kinds today
-        what = "invalid pattern"
+    else:
+        what = f"unexpected {str(err.token)!r}"  # type: ignore[attr-defined]
     expected_terminals = set(getattr(err, "expected", ()) or ())
     if isinstance(err, UnexpectedToken) and err.interactive_parser is not None:
         # The LALR state's lookaheads are shared with nested calls (they list ')' at
@@ -149,7 +220,6 @@ def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
     expected = sorted({_TERMINAL_WORDS.get(e, e) for e in expected_terminals})
     if expected:
         what += f" (expected {', '.join(expected)})"
-    ended = isinstance(err, UnexpectedEOF) or (isinstance(err, UnexpectedToken) and err.token.type == "$END")
     pos = len(pattern) if ended or err.pos_in_stream is None else err.pos_in_stream
     return at(pattern, pos, None, what)
 
@@ -162,7 +232,30 @@ def _check_nesting(pattern: str) -> None:
             raise at(pattern, index, None, f"parentheses nest deeper than {MAX_NESTING} levels")
 
 
-def _check_not_mixed(pattern: str, lists: list[list[_Term]]) -> None:
+# ------------------------------------------------------------------ spelling
+
+
+def _axis_lists(body: _Contraction) -> list[tuple[_Term, ...]]:
+    """Every axis list of a contraction, nested operations' included (spelling is global)."""
+    lists: list[tuple[_Term, ...]] = []
+    for operand in body.inputs:
+        lists.extend(_axis_lists(operand.body) if isinstance(operand, _Call) else [operand])
+    if body.output is not None:
+        lists.append(body.output)
+    return lists
+
+
+def _is_spaced(lists: list[tuple[_Term, ...]]) -> bool:
+    for terms in lists:
+        for term in terms:
+            if term.kind in ("number", "group") or any(i.kind == "group" for i in term.items):
+                return True
+        if any(a.end < b.start for a, b in zip(terms, terms[1:])):
+            return True
+    return False
+
+
+def _check_not_mixed(pattern: str, lists: list[tuple[_Term, ...]]) -> None:
     """Refuse a pattern that reads as spaced but has a compact-looking axis list.
 
     ``"ij, j k -> ik"`` is spaced (``j k``), so ``ij`` and ``ik`` would be single
@@ -184,116 +277,179 @@ def _check_not_mixed(pattern: str, lists: list[list[_Term]]) -> None:
                      f"notation='spaced' if {terms[0].name!r} is one axis")
 
 
-def _is_spaced(lists: list[list[_Term]]) -> bool:
-    for terms in lists:
-        for term in terms:
-            if term.kind in ("number", "group") or any(i.kind == "group" for i in term.items):
-                return True
-        if any(a.end < b.start for a, b in zip(terms, terms[1:])):
-            return True
-    return False
+# ------------------------------------------------------------------ building the IR
+
+
+Span = tuple[int, int]
+
+
+@dataclass
+class _Spans:
+    """Where each part of one contraction is, for carets under IR rule errors."""
+
+    whole: Span
+    op: Span
+    inputs: list[dict[str, Span]] = field(default_factory=list)
+    output: dict[str, Span] = field(default_factory=dict)
+    scale: list[Span] = field(default_factory=list)
+
+    def of(self, subject: tuple[object, ...]) -> Span:
+        kind = subject[0] if subject else None
+        if kind == "input" and len(subject) == 3 and isinstance(subject[1], int) and subject[1] < len(self.inputs):
+            return self.inputs[subject[1]].get(str(subject[2]), self.whole)
+        if kind == "output" and len(subject) == 2:
+            return self.output.get(str(subject[1]), self.whole)
+        if kind == "scale" and len(subject) == 2 and isinstance(subject[1], int) and subject[1] < len(self.scale):
+            return self.scale[subject[1]]
+        return self.op if kind == "op" else self.whole
 
 
 class _Builder:
-    """Turns the terms of one pattern into IR dims, with caret errors."""
+    """Turns located terms into IR, with caret errors."""
 
     def __init__(self, pattern: str, compact: bool) -> None:
         self.pattern = pattern
         self.compact = compact
         self._anonymous = itertools.count()
 
-    def number(self, term: _Term, anonymous: bool = True) -> str | None:
-        """A number term: ``None`` for the unit ``1``, else a new anonymous axis (where
-        ``anonymous`` allows one)."""
-        if self.compact:
-            what = "unit axis '1'" if term.name == "1" else f"anonymous axis {term.name!r}"
-            raise self.error(term, f"{what} needs spaced notation")
-        if term.end < len(self.pattern) and (self.pattern[term.end].isalpha() or self.pattern[term.end] == "_"):
-            raise self.error(term, "an axis name starts with a letter or '_'; a number is an anonymous axis")
-        size = int(term.name)
-        if size == 0:
-            raise self.error(term, "an anonymous axis needs a positive size")
-        if size != 1 and not anonymous:
-            raise self.error(term, "an anonymous axis in an input is reduced, which needs an operation: "
-                                   "write sum(...), mean(...) or another (einops' rearrange refuses it too)")
-        return None if size == 1 else ir.anonymous_axis(size, next(self._anonymous))
-
-    def error(self, term: _Term, message: str) -> EincError:
-        return at(self.pattern, term.start, term.end, message)
+    def error(self, start: int, end: int, message: str) -> EincError:
+        return at(self.pattern, start, end, message)
 
     def _names(self, term: _Term) -> list[tuple[str, _Term]]:
         """The axis names of an ``axis`` term: one, or its letters when compact."""
         if not self.compact:
-            if term.name in _KEYWORDS:
-                raise self.error(term, f"axis name {term.name!r} is a Python keyword")
             return [(term.name, term)]
         out = []
         for i, letter in enumerate(term.name):
             sub = _Term("axis", term.start + i, term.start + i + 1, name=letter)
             if not letter.isalpha() or not letter.isascii():
-                raise self.error(sub, "compact notation takes letters only (use spaces for named axes)")
+                raise self.error(sub.start, sub.end, "compact notation takes letters only (use spaces for named axes)")
             out.append((letter, sub))
         return out
 
-    def _group(self, term: _Term, *, output: bool, ellipsis_seen: bool, anonymous: bool) -> tuple[str, ...]:
+    def _number(self, term: _Term) -> str | None:
+        """A number term: ``None`` for the unit ``1``, else a new anonymous axis."""
         if self.compact:
-            raise self.error(term, "composition '( )' needs spaced notation")
+            what = "unit axis '1'" if term.name == "1" else f"anonymous axis {term.name!r}"
+            raise self.error(term.start, term.end, f"{what} needs spaced notation")
+        if term.end < len(self.pattern) and (self.pattern[term.end].isalpha() or self.pattern[term.end] == "_"):
+            raise self.error(term.start, term.end, "an axis name starts with a letter or '_'; a number is an "
+                                                   "anonymous axis")
+        size = int(term.name)
+        if size == 1:
+            return None
+        try:
+            return ir.anonymous_axis(size, next(self._anonymous))
+        except PatternError as err:
+            raise self.error(term.start, term.end, err.message) from None
+
+    def _group(self, term: _Term, located: dict[str, Span], output: bool) -> tuple[str, ...]:
+        if self.compact:
+            raise self.error(term.start, term.end, "composition '( )' needs spaced notation")
         names: list[str] = []
         for item in term.items:
             if item.kind == "axis":
                 (name, _), = self._names(item)
-                if name in names:
-                    raise self.error(item, f"axis {name!r} appears twice in one composition")
-                names.append(name)
             elif item.kind == "number":
-                axis = self.number(item, anonymous)
-                if axis is not None:
-                    names.append(axis)
-            else:  # ellipsis
-                if not output:
-                    raise self.error(item, "'...' inside parentheses merges dimensions: only in the output (as einops)")
-                if ellipsis_seen or ir.MERGED_ELLIPSIS in names:
-                    raise self.error(item, "'...' may appear once per operand")
-                names.append(ir.MERGED_ELLIPSIS)
+                anonymous = self._number(item)
+                if anonymous is None:
+                    continue
+                name = anonymous
+            else:  # ellipsis: its dimensions merge into this one (the IR allows it in outputs only)
+                name = ir.MERGED_ELLIPSIS
+            names.append(name)
+            located[name] = (item.start, item.end)
         return tuple(names)
 
-    def dims(
-        self, terms: list[_Term], *, brackets: bool, output: bool = False, anonymous: bool = True
-    ) -> tuple[list[tuple[str, ...]], list[str], list[tuple[str, _Term]]]:
-        """(dims, bracketed names, every named axis with its term) of one axis list."""
+    def axis_list(self, terms: tuple[_Term, ...], *, brackets: bool, output: bool = False
+                  ) -> tuple[ir.AxisList, list[str], dict[str, Span]]:
+        """(axis list, bracketed names, where each name's term is) of one list of terms.
+
+        A rule broken inside the list (a keyword, a repeat in a composition) gets its
+        caret under the axis itself; the returned spans are of whole terms (an axis of
+        a composition is shown with its composition), the last occurrence winning, for
+        rules across lists.
+        """
         dims: list[tuple[str, ...]] = []
         bracketed: list[str] = []
-        located: list[tuple[str, _Term]] = []
-        seen_ellipsis = False
+        located: dict[str, Span] = {}
+        whole: dict[str, Span] = {}
         for term in terms:
+            before = set(located.items())
             if term.kind == "ellipsis":
-                if seen_ellipsis:
-                    raise self.error(term, "'...' may appear once per operand")
-                seen_ellipsis = True
+                if ir.ELLIPSIS in located or ir.MERGED_ELLIPSIS in located:
+                    raise self.error(term.start, term.end, "'...' may appear once per operand")
                 dims.append((ir.ELLIPSIS,))
+                located[ir.ELLIPSIS] = (term.start, term.end)
             elif term.kind == "number":
-                axis = self.number(term, anonymous)
-                dims.append(() if axis is None else (axis,))
+                anonymous = self._number(term)
+                dims.append(() if anonymous is None else (anonymous,))
+                if anonymous is not None:
+                    located[anonymous] = (term.start, term.end)
             elif term.kind == "axis":
                 for name, sub in self._names(term):
                     dims.append((name,))
-                    located.append((name, sub))
+                    located[name] = (sub.start, sub.end)
             elif term.kind == "group":
-                group = self._group(term, output=output, ellipsis_seen=seen_ellipsis, anonymous=anonymous)
-                seen_ellipsis = seen_ellipsis or ir.MERGED_ELLIPSIS in group
-                dims.append(group)
-                located.extend((name, term) for name in group if name != ir.MERGED_ELLIPSIS)
+                dims.append(self._group(term, located, output))
             else:  # bracket
                 if not brackets:
-                    raise self.error(term, "brackets mark normalized axes, only in the output of softmax/log_softmax")
-                inner, _, inner_located = self.dims(list(term.items), brackets=False, output=output)
-                dims.extend(inner)
-                bracketed.extend(name for name, _ in inner_located)
-                located.extend(inner_located)
-        return dims, bracketed, located
+                    raise self.error(term.start, term.end,
+                                     "brackets mark normalized axes, only in the output of softmax/log_softmax")
+                inner, _, inner_located = self.axis_list(term.items, brackets=False, output=output)
+                dims.extend(inner.dims)
+                bracketed.extend(inner.axes)
+                located.update(inner_located)
+            span = (term.start, term.end) if term.kind == "group" else None
+            for name, at_ in set(located.items()) - before:
+                whole[name] = span or at_
+        try:
+            return ir.AxisList(tuple(dims)), bracketed, whole
+        except PatternError as err:
+            start, end = located.get(str(err.subject[-1]) if err.subject else "", (terms[0].start, terms[-1].end))
+            raise self.error(start, end, err.message) from None
 
+    def factor(self, scale: _Scale) -> ir.Factor:
+        value: int | str = int(scale.value) if scale.is_int else scale.value
+        start = scale.end - len(scale.value) - (1 if scale.sqrt else 0)
+        try:
+            return ir.Factor(scale.divide, value, sqrt=scale.sqrt)
+        except PatternError as err:
+            raise self.error(start, start + len(scale.value), err.message) from None
 
-_KEYWORDS = frozenset(keyword.kwlist)
+    def contraction(self, body: _Contraction, op: str | None, op_span: Span) -> ir.Pattern:
+        """The pattern of one contraction (an operation's body when ``op`` is given)."""
+        normalizer = op in ir.NORMALIZERS
+        arrowless = normalizer and body.output is None
+        if arrowless and len(body.inputs) != 1:
+            raise self.error(*op_span, f"{op} without '->' takes exactly one operand")
+        spans = _Spans(whole=op_span if op else (0, len(self.pattern)), op=op_span)
+        inputs: list[ir.AxisList | ir.Pattern] = []
+        bracketed: list[str] = []
+        for operand in body.inputs:
+            if isinstance(operand, _Call):
+                if arrowless:
+                    raise self.error(*op_span, f"{op} without '->' takes an axis list, not a nested operation")
+                inputs.append(self.contraction(operand.body, operand.op, (operand.start, operand.end)))
+                spans.inputs.append({})
+                continue
+            axes, marks, located = self.axis_list(operand, brackets=arrowless)
+            inputs.append(axes)
+            bracketed.extend(marks)
+            spans.inputs.append(located)
+        lists = [x.output if isinstance(x, ir.Pattern) else x for x in inputs]
+        if body.output is None:
+            output = lists[0] if arrowless else _implicit_output(lists)
+        else:
+            output, marks, spans.output = self.axis_list(body.output, brackets=normalizer, output=True)
+            bracketed.extend(marks)
+        scale = tuple(self.factor(s) for s in body.scale)
+        spans.scale = [(s.start, s.end) for s in body.scale]
+        try:
+            return ir.Pattern(inputs=tuple(inputs), output=output, op=op, normalized=tuple(dict.fromkeys(bracketed)),
+                              compact=self.compact, scale=scale)
+        except PatternError as err:
+            raise self.error(*spans.of(err.subject), err.message) from None
 
 
 def _implicit_output(inputs: list[ir.AxisList]) -> ir.AxisList:
@@ -301,118 +457,6 @@ def _implicit_output(inputs: list[ir.AxisList]) -> ir.AxisList:
     once = sorted(a for a, n in counts.items() if n == 1)
     ellipsis = [(ir.ELLIPSIS,)] if any(x.has_ellipsis for x in inputs) else []
     return ir.AxisList(tuple(ellipsis + [(a,) for a in once]))
-
-
-def _trees(tree: Tree, data: str) -> list[Tree]:
-    return [c for c in tree.children if isinstance(c, Tree) and c.data == data]
-
-
-def _all_axis_lists(contraction: Tree) -> list[list[_Term]]:
-    """Every axis list of a contraction, nested operations' included (spelling is global)."""
-    lists: list[list[_Term]] = []
-    (inputs,) = _trees(contraction, "inputs")
-    for operand in (c for c in inputs.children if isinstance(c, Tree)):
-        if operand.data == "op_call":
-            lists.extend(_all_axis_lists(_trees(operand, "contraction")[0]))
-        else:
-            lists.append(_axis_list(operand))
-    for output in _trees(contraction, "output"):
-        lists.append(_axis_list(output.children[0]))
-    return lists
-
-
-def _factor(build: _Builder, tree: Tree) -> ir.Factor:
-    sign, factor = tree.children
-    divide = str(sign) == "/"
-    (value,) = [t for t in factor.children if isinstance(t, Token) and t.type in ("INT", "NAME")]
-    term = _Term("axis", value.start_pos, value.end_pos, name=str(value))
-    if value.type == "INT":
-        number = int(value)
-        if number == 0:
-            raise build.error(term, "a scale factor must be positive")
-        if number >= 2**63:
-            raise build.error(term, "a scale factor must be below 2**63")
-        return ir.Factor(divide, number, sqrt=factor.data == "sqrt_factor")
-    if str(value) in _KEYWORDS:
-        raise build.error(term, f"axis name {str(value)!r} is a Python keyword")
-    return ir.Factor(divide, str(value), sqrt=factor.data == "sqrt_factor")
-
-
-def _contraction(build: _Builder, tree: Tree, op: str | None, op_term: _Term) -> ir.Pattern:
-    """The pattern of one contraction (an operation's body when ``op`` is given)."""
-    (inputs_tree,) = _trees(tree, "inputs")
-    output_trees = _trees(tree, "output")
-    output_terms = _axis_list(output_trees[0].children[0]) if output_trees else None
-    operands = [c for c in inputs_tree.children if isinstance(c, Tree)]
-
-    normalizer = op in ir.NORMALIZERS
-    arrowless_normalizer = normalizer and output_terms is None
-    if arrowless_normalizer and len(operands) != 1:
-        raise build.error(op_term, f"{op} without '->' takes exactly one operand")
-
-    inputs: list[ir.AxisList | ir.Pattern] = []
-    bracketed: list[str] = []
-    for operand in operands:
-        if operand.data == "op_call":
-            inputs.append(_op_call(build, operand))
-            if arrowless_normalizer:
-                raise build.error(op_term, f"{op} without '->' takes an axis list, not a nested operation")
-            continue
-        # An anonymous input axis is reduced: a plain contraction would sum it silently.
-        dims, marks, _ = build.dims(_axis_list(operand), brackets=arrowless_normalizer, anonymous=op is not None)
-        inputs.append(ir.AxisList(tuple(dims)))
-        bracketed.extend(marks)
-    lists = [x.output if isinstance(x, ir.Pattern) else x for x in inputs]
-
-    if output_terms is None:
-        output = lists[0] if arrowless_normalizer else _implicit_output(lists)
-    else:
-        dims, marks, located = build.dims(output_terms, brackets=normalizer, output=True)
-        bracketed.extend(marks)
-        seen: set[str] = set()
-        for name, term in located:
-            if name in seen:
-                raise build.error(term, f"axis {name!r} appears twice in the output")
-            seen.add(name)
-        if any(ir.ELLIPSIS in d or ir.MERGED_ELLIPSIS in d for d in dims) and not any(x.has_ellipsis for x in lists):
-            ell = next(t for t in output_terms if t.kind == "ellipsis" or any(i.kind == "ellipsis" for i in t.items))
-            raise build.error(ell, "the output has '...' but no input has")
-        output = ir.AxisList(tuple(dims))
-
-    if normalizer and not bracketed:
-        raise build.error(op_term, f"{op} needs the normalized axes in brackets, e.g. '{op}(b [c])'")
-    if op == "prod" and len(inputs) > 1:
-        raise build.error(
-            op_term, "prod takes one operand only (products of several operands have no reduction semiring)"
-        )
-    scale = tuple(_factor(build, t) for t in _trees(tree, "scale"))
-    if scale:
-        first = _trees(tree, "scale")[0]
-        where = _Term("axis", *_span(first))
-        if op not in ir.SCALED_OPS:
-            raise build.error(
-                where, f"a scale applies to sums of products and the logits of softmax/log_softmax, not to {op}(...)"
-            )
-        known = {a for x in lists for a in x.axes} | set(output.axes)
-        for factor, factor_tree in zip(scale, _trees(tree, "scale")):
-            if isinstance(factor.value, str) and factor.value not in known:
-                raise build.error(_Term("axis", *_span(factor_tree)),
-                                  f"scale factor axis {factor.value!r} is not an axis of this contraction")
-    return ir.Pattern(
-        inputs=tuple(inputs),
-        output=output,
-        op=op,
-        normalized=tuple(dict.fromkeys(bracketed)),
-        compact=build.compact,
-        scale=scale,
-    )
-
-
-def _op_call(build: _Builder, tree: Tree) -> ir.Pattern:
-    token = tree.children[0]
-    op_term = _Term("axis", token.start_pos, token.end_pos, name=str(token))
-    (body,) = _trees(tree, "contraction")
-    return _contraction(build, body, str(token), op_term)
 
 
 def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
@@ -435,20 +479,17 @@ def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
         raise EincError(f"the pattern has {len(pattern):,} characters; einc takes at most {MAX_PATTERN_LENGTH:,}")
     _check_nesting(pattern)
     try:
-        tree = _lark().parse(pattern)
+        body = _Located().transform(_lark().parse(pattern))
     except UnexpectedInput as err:
         raise _syntax_error(pattern, err) from None
 
-    (root,) = tree.children
-    lists = _all_axis_lists(root)
+    lists = _axis_lists(body)
     compact = notation == "compact" or (notation == "auto" and not _is_spaced(lists))
     if notation == "auto" and not compact:
         _check_not_mixed(pattern, lists)
     build = _Builder(pattern, compact)
-    (inputs,) = _trees(root, "inputs")
-    operands = [c for c in inputs.children if isinstance(c, Tree)]
-    if len(operands) == 1 and operands[0].data == "op_call" and not _trees(root, "output") \
-            and not _trees(root, "scale"):
+    (first,) = body.inputs if len(body.inputs) == 1 else (None,)
+    if isinstance(first, _Call) and body.output is None and not body.scale:
         # `softmax(...)` alone: the operation is the whole pattern.
-        return _op_call(build, operands[0])
-    return _contraction(build, root, None, _Term("axis", 0, len(pattern)))
+        return build.contraction(first.body, first.op, (first.start, first.end))
+    return build.contraction(body, None, (0, len(pattern)))

@@ -2,11 +2,10 @@
 
 Needs matplotlib (``pip install 'einc[plot]'``), imported only when a tree is drawn.
 
-The tree is rebuilt from ``plan.path`` (opt_einsum's linear format: each entry pops its
-operands from the live list and appends its result) and ``plan.steps`` (one
-:class:`~einc.PlanStep` per pairwise contraction: an entry of more than two operands is
-folded left to right, its continuation steps have ``operands == ()``).  Operands are the
-leaves, each step an internal node, and the root is the result.
+The tree is the plan's own: the operands are the leaves (spelled as
+``plan.operands``), each :class:`~einc.PlanStep` is a node whose children are the nodes
+in its ``inputs`` (tensors ``0..n-1``, step ``i`` is ``n + i``), and the root is the
+result.  Nothing is re-parsed or replayed.
 """
 
 from __future__ import annotations
@@ -16,9 +15,8 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .errors import EincError
-from .parser import Notation, parse
-from .planner import Plan, PlanStep
+from .errors import EincError, format_shape
+from .report import Plan, PlanStep
 
 __all__ = ["plot_plan"]
 
@@ -47,13 +45,12 @@ class _Node:
         yield self
 
 
-def plot_plan(plan: Plan, path: str | os.PathLike[str], *, notation: Notation = "auto") -> None:
+def plot_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     """Draw ``plan``'s contraction tree and write it to ``path`` as a PNG.
 
     Leaves are the operands (their axes and shape), each internal node a step (its
     equation in the pattern's axis names, FLOPs, and the elements of its result), and
-    the root is the result.  ``notation`` spells the operands' axes as the pattern was
-    parsed (``einc explain --notation``).
+    the root is the result.
 
     >>> import einc, os, tempfile
     >>> from einc.plot import plot_plan
@@ -61,7 +58,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike[str], *, notation: Notation = 
     >>> target = os.path.join(tempfile.mkdtemp(), "tree.png")
     >>> plot_plan(plan, target)  # doctest: +SKIP
     """
-    root = _tree(plan, notation)  # a plan that does not hold together fails first
+    root = _tree(plan)  # a plan that does not hold together fails first
     try:
         import matplotlib
     except ImportError:
@@ -102,76 +99,42 @@ def plot_plan(plan: Plan, path: str | os.PathLike[str], *, notation: Notation = 
         raise EincError(f"cannot write the plot to {os.fspath(path)!r}: {err.strerror or err}") from None
 
 
-def _spelling(plan: Plan, notation: Notation) -> tuple[list[str], str]:
-    """Each operand's axes and the output's, as the pattern spells them (blank where it
-    will not parse, e.g. a plan made with another notation)."""
-    try:
-        pattern = parse(plan.pattern, notation)
-    except EincError:
-        pattern = None
-    if pattern is None or len(pattern.inputs) != len(plan.shapes):
-        return [""] * len(plan.shapes), ""
-    spell = lambda axes: axes.render(pattern.compact, frozenset(pattern.normalized)) or "(scalar)"  # noqa: E731
-    return [spell(operand) for operand in pattern.inputs], spell(pattern.output)
-
-
-def _dims(shape: Sequence[int]) -> str:
-    """``2x8x64``; ``()`` for a scalar."""
-    return "x".join(map(str, shape)) or "()"
-
-
 def _box(title: str, axes: str, shape: Sequence[int]) -> str:
-    """An operand's or the result's label: title, axes (when known) and shape."""
-    return f"{title}: {axes}\n{_dims(shape)}" if axes else f"{title}\n{_dims(shape)}"
+    """An operand's or the result's label: title, axes and shape."""
+    return f"{title}: {axes}\n{format_shape(shape)}"
 
 
 def _step_label(index: int, step: PlanStep, entry: int) -> str:
     """A step's label: kernel, equation (broken before the arrow when long), FLOPs, size.
 
-    ``entry`` is the first step of the path entry this step belongs to: a continuation
-    step's FLOPs are counted there, as opt_einsum counts them."""
+    ``entry`` is the step that begins the path entry this step continues: a
+    continuation step's FLOPs are counted there, as opt_einsum counts them."""
     equation = step.equation
     if len(equation) > _WRAP and "->" in equation:
         inputs, _, output = equation.partition("->")
         equation = f"{inputs.rstrip()}\n-> {output.strip()}"
     flops = f"{step.flops:,} FLOPs" if step.operands else f"FLOPs in step {entry}"
     return (f"step {index}: {step.kernel}\n{equation}\n{flops}\n"
-            f"{step.output_size:,} elements ({_dims(step.output_shape)})")
+            f"{step.output_size:,} elements ({format_shape(step.output_shape)})")
 
 
-def _tree(plan: Plan, notation: Notation) -> _Node:
-    """Replay ``plan.path`` over ``plan.steps``: the root of the contraction tree."""
-    inputs, output = _spelling(plan, notation)
-    live = [_Node("operand", _box(f"operand {i}", inputs[i], shape), shape) for i, shape in enumerate(plan.shapes)]
-    steps = list(enumerate(plan.steps))
-    for entry in plan.path:
-        # An entry of k operands is k - 1 pairwise steps (one for a single operand);
-        # its continuation steps have no operands of their own.
-        count = max(1, len(entry) - 1)
-        chunk, steps = steps[:count], steps[count:]
-        if (len(chunk) != count or tuple(chunk[0][1].operands) != tuple(entry)
-                or any(step.operands for _, step in chunk[1:])
-                or len(set(entry)) != len(entry) or not all(0 <= i < len(live) for i in entry)):
-            raise EincError(f"the plan's steps do not follow its path {plan.path}")
-        # Popped in descending order, used in ascending order (as the planner does).
-        picked = [live.pop(i) for i in sorted(entry, reverse=True)][::-1]
-        first = chunk[0][0]
-        acc = picked[0]
-        others: list[_Node | None] = [*picked[1:]] or [None]  # one operand: a unary step
-        for (index, step), other in zip(chunk, others):
-            children = [acc] if other is None else _ordered(step, acc, other)
-            acc = _Node("step", _step_label(index, step, first), step.output_shape, children)
-        live.append(acc)
-    if steps:
-        raise EincError(f"the plan has more steps than its path {plan.path} accounts for")
-    return _Node("result", _box("result", output, plan.output_shape), plan.output_shape, live)
-
-
-def _ordered(step: PlanStep, a: _Node, b: _Node) -> list[_Node]:
-    """``[a, b]``, or ``[b, a]`` where the step's equation takes them in that order."""
-    if tuple(step.shapes) == (b.shape, a.shape) != (a.shape, b.shape):
-        return [b, a]
-    return [a, b]
+def _tree(plan: Plan) -> _Node:
+    """The root of ``plan``'s contraction tree, from each step's ``inputs``."""
+    tensors = len(plan.shapes)
+    nodes = [_Node("operand", _box(f"operand {i}", plan.operands[i], shape), shape)
+             for i, shape in enumerate(plan.shapes)]
+    used: set[int] = set()
+    entry = 0
+    for index, step in enumerate(plan.steps):
+        if step.operands:
+            entry = index
+        if any(not 0 <= i < tensors + index or i in used for i in step.inputs):
+            raise EincError(f"step {index} of the plan consumes {step.inputs}, which no earlier step left")
+        used.update(step.inputs)
+        nodes.append(_Node("step", _step_label(index, step, entry), step.output_shape,
+                           [nodes[i] for i in step.inputs]))
+    roots = [node for i, node in enumerate(nodes) if i not in used]
+    return _Node("result", _box("result", plan.output, plan.output_shape), plan.output_shape, roots)
 
 
 def _layout(root: _Node) -> None:

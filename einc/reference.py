@@ -8,15 +8,14 @@ of products, the broadcast form with torch.logsumexp/amax/amin for semirings, an
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from . import ir
 from .errors import EincError
-from .planner import Program
 
-__all__ = ["compare", "reference", "tolerance", "widen"]
+__all__ = ["compare", "letters", "reference", "tolerance", "widen", "LETTERS"]
 
 
 def compare(result: torch.Tensor, reference: torch.Tensor, bound: torch.Tensor, dtype: torch.dtype, *,
@@ -61,101 +60,167 @@ def tolerance(dtype: torch.dtype) -> tuple[float, float]:
     return 1e-10, 1e-12
 
 
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+"""The letters torch.einsum takes for axes (at most 52 distinct ones)."""
 
 
-def reference(program: Program, tensors: Sequence[torch.Tensor], absolute: bool = False) -> torch.Tensor:
-    """The pattern evaluated the plain way, in the tensors' (float64) dtype.
+def letters(axes: Sequence[str]) -> dict[str, str]:
+    """A torch.einsum letter for each distinct axis, in order of appearance.
 
-    Sums of products go through torch.einsum (which also broadcasts size-1 ellipsis
-    dimensions); semirings through the naive broadcast form (combine by addition, then
-    torch.logsumexp/amax/amin); normalizers as ``x - logsumexp(x)`` over the marked axes.
-    A nested operation's reference is computed first and is an operand.  ``absolute``
-    contracts absolute values (the error bound of a sum of products).
+    >>> letters(["b", "h", "b", "q"])
+    {'b': 'a', 'h': 'b', 'q': 'c'}
     """
-    pattern = program.pattern
-    sizes = dict(program.sizes)
-    rank = sum(1 for a in sizes if a.startswith(ir.ELLIPSIS))
-    nested = dict(program.nested)
+    distinct = list(dict.fromkeys(axes))
+    if len(distinct) > len(LETTERS):
+        raise EincError(f"validate supports at most {len(LETTERS)} distinct axes (torch.einsum's limit)")
+    return dict(zip(distinct, LETTERS))
+
+
+def reference(pattern: ir.Pattern, tensors: Sequence[torch.Tensor], sizes: Mapping[str, int],
+              absolute: bool = False) -> torch.Tensor:
+    """``pattern`` evaluated the plain way on ``tensors`` (with keyword ``sizes``), in the
+    tensors' dtype: what einc's result must equal, computed from the pattern and the
+    tensors alone (no plan).
+
+    Sums of products go through torch.einsum (which broadcasts size-1 ellipsis
+    dimensions and takes diagonals); semirings through the naive broadcast form
+    (combine by addition, then torch.logsumexp/amax/amin); normalizers as
+    ``x - logsumexp(x)`` over the bracketed axes.  A nested operation's reference is
+    computed first and is an operand.  ``absolute`` contracts absolute values (the
+    error bound of a sum of products).
+
+    >>> from einc.parser import parse
+    >>> a, b = torch.ones(2, 3, dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64)
+    >>> reference(parse("i j, j k -> i (k 2)"), [a, b], {})[0, :3]
+    tensor([3., 3., 3.], dtype=torch.float64)
+    """
+    table = {**sizes, **{a: n for a in pattern.all_axes if (n := ir.anonymous_size(a)) is not None}}
     rest = iter(tensors)
-    values: list[torch.Tensor] = []
-    for index, operand in enumerate(pattern.inputs):
-        if index in nested:
-            inner = nested[index]
-            values.append(reference(inner, [next(rest) for _ in range(inner.pattern.leaves)]))
+    # Plain axes of every tensor first: a nested level may need one another level has.
+    for axes, tensor in zip(_leaf_lists(pattern), tensors):
+        own = tensor.dim() - (len(axes.dims) - axes.has_ellipsis)
+        position = 0
+        for dim in axes.dims:
+            if dim == (ir.ELLIPSIS,):
+                position += own
+                continue
+            if len(dim) == 1:
+                table.setdefault(dim[0], tensor.shape[position])
+            position += 1
+    return _level(pattern, rest, table, absolute)
+
+
+def _leaf_lists(pattern: ir.Pattern) -> list[ir.AxisList]:
+    return [a for x in pattern.inputs for a in (_leaf_lists(x) if isinstance(x, ir.Pattern) else [x])]
+
+
+def _split(axes: ir.AxisList, tensor: torch.Tensor, table: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
+    """``tensor`` with its compositions split and unit dimensions dropped; its axes, the
+    ellipsis dimensions as ``"..."`` each.  Sizes of composed axes missing from
+    ``table`` are learned into it."""
+    own = tensor.dim() - (len(axes.dims) - axes.has_ellipsis)
+    groups: list[tuple[tuple[str, ...], int]] = []
+    position = 0
+    for dim in axes.dims:
+        if len(dim) > 1:
+            groups.append((dim, tensor.shape[position]))
+        position += own if dim == (ir.ELLIPSIS,) else 1
+    while any(a not in table for dim, _ in groups for a in dim):
+        for dim, extent in groups:
+            unknown = [a for a in dim if a not in table]
+            if len(unknown) == 1:
+                known = math.prod(table[a] for a in dim if a in table)
+                table[unknown[0]] = extent // known if known else 0
+    shape: list[int] = []
+    names: list[str] = []
+    position = 0
+    for dim in axes.dims:
+        if dim == (ir.ELLIPSIS,):
+            shape.extend(tensor.shape[position:position + own])
+            names.extend([ir.ELLIPSIS] * own)
+            position += own
         else:
-            values.append(next(rest))
+            shape.extend(table[a] for a in dim)
+            names.extend(dim)
+            position += 1
+    return tensor.reshape(shape), names
+
+
+def _level(pattern: ir.Pattern, tensors: Iterator[torch.Tensor], table: dict[str, int],
+           absolute: bool) -> torch.Tensor:
+    values = [_level(x, tensors, table, False) if isinstance(x, ir.Pattern) else next(tensors)
+              for x in pattern.inputs]
     if absolute:
         values = [t.abs() for t in values]
-    operands: list[torch.Tensor] = []
-    names: list[list[str]] = []
-    for operand, tensor in zip(pattern.operands, values):
-        own = tensor.dim() - (len(operand.dims) - operand.has_ellipsis)
-        shape: list[int] = []
-        axes: list[str] = []
-        position = 0
-        for dim in operand.dims:
-            if dim == (ir.ELLIPSIS,):
-                for j in range(own):
-                    axes.append(ir.ellipsis_axis(rank - own + j))
-                    shape.append(tensor.shape[position + j])
-                position += own
-            else:
-                axes.extend(dim)
-                shape.extend(sizes[a] for a in dim)
-                position += 1
-        operands.append(tensor.reshape(shape))
-        names.append(axes)
-    atoms = list(dict.fromkeys(a for axes in names for a in axes))
-    if len(atoms) > len(_LETTERS):
-        raise EincError(f"validate supports at most {len(_LETTERS)} distinct axes (torch.einsum's limit)")
-    letter = dict(zip(atoms, _LETTERS))
-    spell = lambda axes: "".join(letter[a] for a in axes)  # noqa: E731
-    present = [a for a in program.output_axes if a in letter]
-    if pattern.op in _SEMIRING_REDUCE or pattern.op == "prod":
-        # Naive broadcast: every operand spread over all axes, combined, then reduced.
-        full = None
-        for tensor, axes in zip(operands, names):
-            own = [a for a in atoms if a in axes]
-            spread = torch.einsum(f"{spell(axes)}->{spell(own)}", tensor)
-            spread = spread.reshape([spread.shape[own.index(a)] if a in own else 1 for a in atoms])
-            full = spread if full is None else full + spread
-        assert full is not None
-        dims = [i for i, a in enumerate(atoms) if a not in present]
-        if dims and pattern.op == "prod":
-            for position in sorted(dims, reverse=True):
-                full = full.prod(position)
-        elif dims:
-            full = _SEMIRING_REDUCE[pattern.op](full, dims)
-        kept = [a for a in atoms if a in present]
-        result = torch.einsum(f"{spell(kept)}->{spell(present)}", full)
-    else:
-        equation = ",".join(spell(axes) for axes in names) + "->" + spell(present)
-        result = torch.einsum(equation, *operands)
-    if len(present) != len(program.output_axes):
-        result = result.reshape([sizes[a] if a in letter else 1 for a in program.output_axes])
-        result = result.expand([sizes[a] for a in program.output_axes])
-    if pattern.scale:
-        result = result * abs(_scale_value(pattern.scale, sizes)) if absolute else result * _scale_value(
-            pattern.scale, sizes)
+    split = [_split(axes, t, table) for axes, t in zip(pattern.operands, values)]
+    rank = max([names.count(ir.ELLIPSIS) for _, names in split], default=0)
+    ellipsis = [f"{ir.ELLIPSIS}{i}" for i in range(rank)]
+    # Ellipsis dimensions right-aligned, as torch broadcasts them.
+    operands = [(t, [ellipsis[rank - names.count(ir.ELLIPSIS) + names[:i].count(ir.ELLIPSIS)]
+                     if a == ir.ELLIPSIS else a for i, a in enumerate(names)]) for t, names in split]
+    output = pattern.output
+    kept_ellipsis = ellipsis if output.has_ellipsis else []
+    out_atoms: list[str] = []
+    for dim in output.dims:
+        for a in dim:
+            out_atoms.extend(kept_ellipsis if a in (ir.ELLIPSIS, ir.MERGED_ELLIPSIS) else [a])
+    present = [a for a in out_atoms if any(a in names for _, names in operands)]
+    result = _combine(pattern.op, operands, present)
+    # New axes: broadcast (einops.repeat), then the scale, the normalizer, the layout.
+    result = result.reshape([_size(a, table, operands) if a in present else 1 for a in out_atoms])
+    result = result.expand([_size(a, table, operands) for a in out_atoms])
+    for factor in pattern.scale:  # on the tensor: a zero divisor is IEEE, as x / 0
+        number = factor.value if isinstance(factor.value, int) else table[factor.value]
+        number = math.sqrt(number) if factor.sqrt else number
+        result = result / number if factor.divide else result * number
     if pattern.op in ir.NORMALIZERS:
-        marked = [i for i, a in enumerate(program.output_axes) if a in pattern.normalized]
+        marked = [i for i, a in enumerate(out_atoms) if a in pattern.normalized]
         result = result - torch.logsumexp(result, marked, keepdim=True)
         if pattern.op == "softmax":
             result = result.exp()
-    result = result.reshape(program.output_shape)
+    shape = []
+    for dim in output.dims:
+        atoms = [x for a in dim for x in (kept_ellipsis if a in (ir.ELLIPSIS, ir.MERGED_ELLIPSIS) else [a])]
+        sizes = [_size(a, table, operands) for a in atoms]
+        shape.extend(sizes if dim == (ir.ELLIPSIS,) else [math.prod(sizes)])
+    result = result.reshape(shape)
     if pattern.op == "mean":
-        result = result / program.reduced_count
+        everything = {a: _size(a, table, operands) for _, names in operands for a in names}
+        result = result / math.prod(n for a, n in everything.items() if a not in out_atoms)
     return result
 
 
-def _scale_value(factors: Sequence[ir.Factor], sizes: Mapping[str, int]) -> float:
-    value = 1.0
-    for factor in factors:
-        number = float(factor.value if isinstance(factor.value, int) else sizes[factor.value])
-        number = math.sqrt(number) if factor.sqrt else number
-        value = value / number if factor.divide else value * number
-    return value
+def _size(axis: str, table: Mapping[str, int], operands: Sequence[tuple[torch.Tensor, list[str]]]) -> int:
+    """An axis's size: the table's, or (an ellipsis dimension) the broadcast of the tensors'."""
+    if axis in table and not axis.startswith(ir.ELLIPSIS):
+        return table[axis]
+    extents = [t.shape[names.index(axis)] for t, names in operands if axis in names]
+    return max(extents, default=1) if 0 not in extents else 0
+
+
+def _combine(op: str | None, operands: Sequence[tuple[torch.Tensor, list[str]]], present: list[str]) -> torch.Tensor:
+    """The contraction of ``operands`` to the ``present`` output axes, in that order."""
+    spell = letters([a for _, names in operands for a in names] + present)
+    if op not in _SEMIRING_REDUCE and op != "prod":
+        equation = ",".join("".join(spell[a] for a in names) for _, names in operands)
+        return torch.einsum(f"{equation}->{''.join(spell[a] for a in present)}", *[t for t, _ in operands])
+    # Naive broadcast: every operand spread over all axes, combined by addition, reduced.
+    atoms = list(dict.fromkeys(a for _, names in operands for a in names))
+    full = None
+    for tensor, names in operands:
+        own = [a for a in atoms if a in names]
+        spread = torch.einsum(f"{''.join(spell[a] for a in names)}->{''.join(spell[a] for a in own)}", tensor)
+        spread = spread.reshape([spread.shape[own.index(a)] if a in own else 1 for a in atoms])
+        full = spread if full is None else full + spread
+    assert full is not None
+    dims = [i for i, a in enumerate(atoms) if a not in present]
+    if dims and op == "prod":
+        for position in sorted(dims, reverse=True):
+            full = full.prod(position)
+    elif dims:
+        full = _SEMIRING_REDUCE[op](full, dims)  # type: ignore[index]
+    kept = [a for a in atoms if a in present]
+    return torch.einsum(f"{''.join(spell[a] for a in kept)}->{''.join(spell[a] for a in present)}", full)
 
 
 _SEMIRING_REDUCE: dict[str, Callable[[torch.Tensor, list[int]], torch.Tensor]] = {

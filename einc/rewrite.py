@@ -10,11 +10,12 @@ permutes/reshapes around it, and the plain lowering otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import ir
 
-__all__ = ["Attention", "attention"]
+__all__ = ["Attention", "attention", "fusions", "PASSES"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,3 +110,29 @@ def attention(pattern: ir.Pattern) -> Attention | None:
         v=2 if inner_first else 0,
         scale=inner.scale,
     )
+
+
+PASSES: dict[str, Callable[[ir.Pattern], Attention | None]] = {"attention": attention}
+"""The rewrite passes, by name: each looks at one level of a pattern and says what
+fused kernel computes it, or ``None``.  (Slicing and masking passes come next.)"""
+
+
+def fusions(pattern: ir.Pattern) -> dict[ir.Pattern, Attention]:
+    """Every level of ``pattern`` (nested ones included) that a pass fuses, with what
+    the pass found; the planner decides per signature whether the fusion applies (an
+    empty axis or integer tensors keep the plain lowering).
+
+    >>> from einc.parser import parse
+    >>> found = fusions(parse("softmax(b q d, b k d -> b q [k]), b k e -> b q e"))
+    >>> [roles.key for roles in found.values()]
+    [('k',)]
+    """
+    found: dict[ir.Pattern, Attention] = {}
+    for level in (x for x in pattern.inputs if isinstance(x, ir.Pattern)):
+        found.update(fusions(level))
+    for run in PASSES.values():
+        result = run(pattern)
+        if result is not None:
+            found[pattern] = result
+            break
+    return found

@@ -29,13 +29,16 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 ATTENTION = "softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)"
 
 
-@pytest.mark.parametrize("fuse, kernel", [("--fuse", "sdpa"), ("--no-fuse", "bmm")])
-def test_explain_attention_with_and_without_the_rewrite(capsys, fuse, kernel):
+@pytest.mark.parametrize("fuse, kernels", [("--fuse", ["sdpa"]), ("--no-fuse", ["bmm", "bmm"])])
+def test_explain_attention_with_and_without_the_rewrite(capsys, fuse, kernels):
+    # The fused plan is one SDPA step on the three tensors; the plain one two products.
     status, out, err = run_main(capsys, "explain", ATTENTION, "--shapes", "2x8x64", "2x8x64", "2x8x64",
                                 "--size", "h=4", fuse, "--json")
     assert status == 0, err
     plan = json.loads(out)
-    assert [step["kernel"] for step in plan["steps"]] == [kernel, kernel]
+    kernel = kernels[0]
+    assert [step["kernel"] for step in plan["steps"]] == kernels
+    assert plan["path"] == ([[0, 1, 2]] if kernel == "sdpa" else [[0, 1], [1, 0]])
     assert plan["rewrite"] == ("sdpa" if kernel == "sdpa" else "")
     assert ("scaled_dot_product_attention(" in plan["source"]) is (kernel == "sdpa")
 
@@ -224,7 +227,7 @@ def test_plot_tree_follows_the_path():
 
     plan = einc.compile("ab,bc,cd,de->ae", optimize=[(0, 1, 2), (0, 1)]).explain((8, 64), (64, 8), (8, 64), (64, 8))
     assert [step.operands for step in plan.steps] == [(0, 1, 2), (), (0, 1)]
-    root = _tree(plan, "auto")
+    root = _tree(plan)
     nodes = list(root.walk())
     assert [n.kind for n in nodes].count("operand") == 4
     assert [n.label.splitlines()[0] for n in nodes if n.kind == "step"] == ["step 0: mm", "step 1: mm", "step 2: mm"]
@@ -239,14 +242,18 @@ def test_plot_tree_follows_the_path():
 
 
 def test_plot_rejects_steps_that_do_not_follow_the_path():
+    # The tree comes from each step's inputs: a step consuming what no earlier step left
+    # (or a value twice) makes no tree.
     import dataclasses
 
     from einc.plot import plot_plan
 
     plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
-    broken = dataclasses.replace(plan, path=[(0, 1)])
-    with pytest.raises(einc.EincError, match="steps"):
-        plot_plan(broken, os.devnull)
+    for inputs in [(0, 7), (1, 2)]:  # a later node; a value the first step consumed already
+        last = dataclasses.replace(plan.steps[-1], inputs=inputs)
+        broken = dataclasses.replace(plan, steps=(*plan.steps[:-1], last))
+        with pytest.raises(einc.EincError, match="step"):
+            plot_plan(broken, os.devnull)
 
 
 def test_explain_plot_without_matplotlib(capsys, tmp_path, monkeypatch):

@@ -1,0 +1,245 @@
+"""Axis sizes: from tensor shapes, keyword sizes, compositions and the ellipsis.
+
+One name has one size throughout a pattern.  :func:`resolve` gives every axis of one
+level its size (the ellipsis spelled out as numbered axes), naming both places where
+two sizes of one name disagree; :func:`learn_leaf_sizes` lets a nested level use what
+another operand says.  Nothing here knows about contraction paths.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import ir
+from .errors import EincError, size_hint
+
+__all__ = ["Group", "Level", "Shape", "check_sizes", "check_new_axes", "leaves", "learn_leaf_sizes", "rank",
+           "resolve", "show_axis"]
+
+Shape = tuple[int, ...]
+Group = tuple[str, ...]
+"""One tensor dimension as the axes merged into it (``()`` is a size-1 dimension)."""
+
+LIMIT = 2**63
+"""Sizes, element counts and scales must stay below what a tensor can index."""
+
+
+def check_sizes(sizes: Mapping[str, Any]) -> None:
+    """Keyword axis sizes must be ints in ``[0, 2**63)`` (bools are not sizes)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < LIMIT:
+            raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
+
+
+def show_axis(axis: str) -> str:
+    """An axis as messages name it: ``'h'``, an anonymous axis by its size, an
+    ellipsis dimension by its place."""
+    if axis.startswith(ir.ELLIPSIS):
+        return f"'...' (dimension {axis[3:]} of the broadcast ellipsis)"
+    anonymous = ir.anonymous_size(axis)
+    if anonymous is not None:
+        return f"anonymous axis {anonymous!r}"
+    return repr(axis)
+
+
+def check_new_axes(pattern: ir.Pattern, sizes: Mapping[str, int]) -> None:
+    """Output axes in no input (at any level) need a size: by keyword, or anonymous (``3``)."""
+    for level in [x for x in pattern.inputs if isinstance(x, ir.Pattern)]:
+        check_new_axes(level, sizes)
+    for axis in pattern.new_axes:
+        if axis not in sizes and ir.anonymous_size(axis) is None:
+            raise EincError(f"output axis {axis!r} is in no input, so its size must be given: {size_hint(axis)}")
+
+
+def rank(operand: ir.AxisList, shape: Shape) -> int | None:
+    """How many dimensions ``...`` stands for in ``operand`` for ``shape`` (0 without
+    one); ``None`` where the shape has the wrong number of dimensions."""
+    named = len(operand.dims) - operand.has_ellipsis
+    if len(shape) < named or (not operand.has_ellipsis and len(shape) != named):
+        return None
+    return len(shape) - named
+
+
+class _Sizes:
+    """Axis sizes with where each was learned, so conflicts can name both places."""
+
+    def __init__(self, keyword: Mapping[str, int]) -> None:
+        self.size: dict[str, int] = {}
+        self.source: dict[str, str] = {}
+        for name, value in keyword.items():
+            self.learn(name, value, f"keyword {name}={value}")
+
+    def learn(self, axis: str, value: int, where: str) -> None:
+        known = self.size.get(axis)
+        if known is None:
+            self.size[axis] = value
+            self.source[axis] = where
+        elif known != value:
+            raise EincError(
+                f"axis {show_axis(axis)} has size {value} in {where} but {known} in {self.source[axis]}"
+            )
+
+
+def leaves(pattern: ir.Pattern, first: int = 0) -> list[tuple[int, ir.AxisList]]:
+    """(tensor position, axis list) of every tensor operand, nested ones included."""
+    out: list[tuple[int, ir.AxisList]] = []
+    for operand in pattern.inputs:
+        position = first + len(out)
+        if isinstance(operand, ir.Pattern):
+            out.extend(leaves(operand, position))
+        else:
+            out.append((position, operand))
+    return out
+
+
+def learn_leaf_sizes(pattern: ir.Pattern, shapes: Sequence[Shape], keyword: Mapping[str, int],
+                     known: MutableMapping[str, tuple[int, str]]) -> None:
+    """Sizes of plain axes of every tensor, so a nested level can use what another
+    operand says (``h`` learned from ``v`` splits ``(h d)`` in the nested ``q``)."""
+    table = _Sizes(keyword)
+    for position, operand in leaves(pattern):
+        shape = shapes[position]
+        extra = rank(operand, shape)
+        if extra is None:
+            continue  # the level's own planning reports it
+        dimension = 0
+        for dim in operand.dims:
+            if dim == (ir.ELLIPSIS,):
+                dimension += extra
+                continue
+            if len(dim) == 1:
+                table.learn(dim[0], shape[dimension], f"operand {position} (dimension {dimension})")
+            dimension += 1
+    for name, value in table.size.items():
+        if name not in keyword:
+            known[name] = (value, table.source[name])
+
+
+@dataclass(frozen=True, slots=True)
+class Level:
+    """The shapes of one level (one contraction) in axis terms."""
+
+    input_dims: tuple[tuple[Group, ...], ...]
+    """Each operand's dimensions as axis groups, the ellipsis spelled out as numbered axes."""
+    output_dims: tuple[Group, ...]
+    sizes: dict[str, int]
+    dropped: frozenset[tuple[int, int]]
+    """(operand, dimension) of size-1 ellipsis dimensions broadcast against a larger
+    size: they leave the operand like a unit dimension."""
+
+
+def resolve(pattern: ir.Pattern, shapes: Sequence[Shape], labels: Sequence[str], keyword: Mapping[str, int],
+            learned: Mapping[str, tuple[int, str]]) -> Level:
+    """Every axis size of one level: ``shapes`` of its operands (``labels`` name them in
+    messages), its keyword sizes and what other levels ``learned``."""
+    input_dims, output_dims, broadcast, dropped = _expand_ellipsis(pattern, shapes, labels)
+    sizes = _Sizes(keyword)
+    for name, (value, where) in learned.items():
+        sizes.learn(name, value, where)
+    for dims in [*input_dims, output_dims]:
+        for axis in (a for dim in dims for a in dim):
+            anonymous = ir.anonymous_size(axis)
+            if anonymous is not None:
+                sizes.learn(axis, anonymous, "its spelling")
+    for name, value in broadcast.items():
+        sizes.learn(name, value, "the broadcast ellipsis")
+    pending: list[tuple[Group, int, str]] = []
+    for index, (dims, shape) in enumerate(zip(input_dims, shapes)):
+        for position, (dim, extent) in enumerate(zip(dims, shape)):
+            where = f"{labels[index]} (dimension {position})"
+            if not dim:
+                if extent != 1:
+                    raise EincError(f"{where} is the unit axis '1' but has size {extent}")
+            elif len(dim) > 1:
+                pending.append((dim, extent, where))
+            elif not dim[0].startswith(ir.ELLIPSIS):
+                sizes.learn(dim[0], extent, where)
+    _compositions(sizes, pending)
+    check_new_axes(pattern, sizes.size)
+    return Level(tuple(input_dims), tuple(output_dims), sizes.size, frozenset(dropped))
+
+
+def _compositions(sizes: _Sizes, pending: list[tuple[Group, int, str]]) -> None:
+    """Split compositions in any order: one group's inferred size may unlock another's."""
+    while pending:
+        still: list[tuple[Group, int, str]] = []
+        for dim, extent, where in pending:
+            unknown = [a for a in dim if a not in sizes.size]
+            known = math.prod(sizes.size[a] for a in dim if a in sizes.size)
+            group = "(" + " ".join(map(ir.spell_axis, dim)) + ")"
+            if not unknown:
+                if known != extent:
+                    detail = " * ".join(f"{ir.spell_axis(a)}={sizes.size[a]}" for a in dim)
+                    raise EincError(f"composition {group} in {where} has size {extent}, but {detail} = {known}")
+            elif len(unknown) == 1:
+                if known == 0 or extent % known:
+                    raise EincError(
+                        f"composition {group} in {where} has size {extent}, which the known sizes "
+                        f"(product {known}) do not divide, so axis {show_axis(unknown[0])} has no integer size"
+                    )
+                sizes.learn(unknown[0], extent // known, where)
+            else:
+                still.append((dim, extent, where))
+        if len(still) == len(pending):
+            dim, extent, where = still[0]
+            missing = ", ".join(repr(a) for a in dim if a not in sizes.size)
+            raise EincError(
+                f"cannot infer the sizes of {missing} in composition ({' '.join(dim)}) of {where} "
+                f"(size {extent}): give all but one, e.g. {size_hint(dim[0], 'N')}"
+            )
+        pending = still
+
+
+def _expand_ellipsis(
+    pattern: ir.Pattern, shapes: Sequence[Shape], labels: Sequence[str]
+) -> tuple[list[tuple[Group, ...]], list[Group], dict[str, int], set[tuple[int, int]]]:
+    """Replace ``...`` by numbered axes, right-aligned as torch broadcasts them; returns
+    (input dims, output dims, ellipsis sizes, dropped broadcast dimensions)."""
+    ranks: list[int] = []
+    for index, (operand, shape) in enumerate(zip(pattern.operands, shapes)):
+        extra = rank(operand, shape)
+        if extra is None:
+            spelled = operand.render(pattern.compact) or "(scalar)"
+            named = len(operand.dims) - operand.has_ellipsis
+            raise EincError(
+                f"{labels[index]} has {len(shape)} dimensions (shape {list(shape)}) "
+                f"but its axis list '{spelled}' has {named}"
+            )
+        ranks.append(extra)
+    names = [ir.ellipsis_axis(i) for i in range(max(ranks, default=0))]
+    sizes: dict[str, int] = {}
+    origin: dict[str, int] = {}
+    inputs: list[tuple[Group, ...]] = []
+    mine: list[tuple[int, int, str]] = []  # (operand, dimension, ellipsis axis)
+    for index, (operand, shape) in enumerate(zip(pattern.operands, shapes)):
+        dims: list[Group] = []
+        for dim in operand.dims:
+            if dim != (ir.ELLIPSIS,):
+                dims.append(dim)
+                continue
+            for name in names[len(names) - ranks[index]:]:
+                size = shape[len(dims)]
+                mine.append((index, len(dims), name))
+                if size != 1:
+                    if sizes.get(name, 1) not in (1, size):
+                        raise EincError(
+                            f"axis {show_axis(name)} has size {size} in {labels[index]} "
+                            f"but {sizes[name]} in {labels[origin[name]]}, and they do not broadcast"
+                        )
+                    sizes[name], origin[name] = size, index
+                else:
+                    sizes.setdefault(name, 1)
+                dims.append((name,))
+        inputs.append(tuple(dims))
+    dropped = {(index, position) for index, position, name in mine
+               if shapes[index][position] == 1 and sizes[name] != 1}
+    output: list[Group] = []
+    for dim in pattern.output.dims:
+        if dim == (ir.ELLIPSIS,):
+            output.extend((n,) for n in names)
+        else:  # `(...)` and `(b ...)` merge the ellipsis dimensions into this one
+            output.append(tuple(n for a in dim for n in (names if a == ir.MERGED_ELLIPSIS else [a])))
+    return inputs, output, sizes, dropped
