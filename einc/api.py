@@ -17,19 +17,20 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as _forward_ad
 
-from . import ir
-from .backends import get_backend, namespace
-from .codegen import MODULE_NAME, Generated, generate
+from . import dtypes, ir
+from .backends import get_backend, instantiate
+from .codegen import Generated, generate
 from .errors import EincError, format_shape
-from .options import EXPRESSION_CACHE_SIZE, Backend, Options, dtype_of, settings
+from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, settings
 from .parser import Notation, parse
-from .planner import Optimize, Program, check_path, plan
+from .paths import Optimize, check_path
+from .planner import Program, plan
 from .reference import compare, reference, widen
 from .report import Plan, describe
 from .rewrite import fusions
-from .sizes import check_new_axes, check_sizes, leaves
+from .sizes import check_new_axes, check_sizes, merge_ellipsis
 
-__all__ = ["Expression", "compile", "configure", "einsum"]
+__all__ = ["Expression", "compile", "compile_ir", "configure", "einsum"]
 
 
 class _Compiled:
@@ -43,19 +44,6 @@ class _Compiled:
         self.code = code
         self.fn = fn
         self.folded = folded
-
-
-def _constants(value: Mapping[int, torch.Tensor] | None, operands: int) -> tuple[tuple[int, torch.Tensor], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, Mapping):
-        raise EincError(f"constants must map operand positions to tensors, e.g. {{1: weight}}, not {value!r}")
-    for position, tensor in value.items():
-        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < operands:
-            raise EincError(f"constants: {position!r} is not an operand position (0..{operands - 1})")
-        if not isinstance(tensor, torch.Tensor):
-            raise EincError(f"constants: operand {position} is a {type(tensor).__name__}, not a torch.Tensor")
-    return tuple(sorted(value.items()))
 
 
 def _shape_of(value: Any, index: int) -> tuple[int, ...]:
@@ -76,14 +64,6 @@ def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join(map(format_shape, shapes))
 
 
-def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    """The common dtype of operands, by torch's type promotion (as ``a * b``)."""
-    return functools.reduce(torch.promote_types, dtypes)
-
-
-_NEEDS_FLOAT = ("logsumexp", "softmax", "log_softmax")
-_SEMIRINGS = ("logsumexp", "max", "min")
-
 _functorch_level = torch._C._functorch.maybe_current_level
 
 
@@ -91,47 +71,6 @@ def _transformed() -> bool:
     """Whether a torch.func transform (vmap, grad, jvp) or forward-mode AD is active:
     their tensors take no in-place writes and no branches on data."""
     return _functorch_level() is not None or _forward_ad._current_level >= 0
-
-
-def _check_dtype(pattern: ir.Pattern, dtype: torch.dtype) -> None:
-    """What each operation computes on: one rule for every level of a pattern."""
-    for level in _levels(pattern):
-        op = level.op
-        if dtype.is_complex and op not in (None, "sum", "mean", "prod"):
-            raise EincError(f"{op}(...) needs real tensors, got {dtype}")
-        if not (dtype.is_floating_point or dtype.is_complex) and op in _NEEDS_FLOAT:
-            raise EincError(f"{op}(...) needs floating-point tensors, got {dtype}")
-        if dtype == torch.bool and op in _SEMIRINGS and len(level.inputs) > 1:
-            raise EincError(f"{op}(...) of several operands adds them, which bool tensors cannot")
-
-
-def _levels(pattern: ir.Pattern) -> list[ir.Pattern]:
-    nested = [p for x in pattern.inputs if isinstance(x, ir.Pattern) for p in _levels(x)]
-    return nested + [pattern]
-
-
-def _merged_ellipsis(pattern: ir.Pattern, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
-    """Shapes with each operand's ``...`` dimensions merged into one, as generic code
-    sees them; every ``...`` must stand for the same dimensions."""
-    merged: list[tuple[int, ...]] = []
-    seen: tuple[int, ...] | None = None
-    first = 0
-    for index, (axes, shape) in enumerate(zip((axes for _, axes in leaves(pattern)), shapes)):
-        named = len(axes.dims) - axes.has_ellipsis
-        if not axes.has_ellipsis or len(shape) < named:
-            merged.append(shape)  # planning reports a wrong rank
-            continue
-        start = axes.dims.index((ir.ELLIPSIS,))
-        end = len(shape) - (named - start)
-        own = shape[start:end]
-        if seen is not None and own != seen:
-            raise EincError(f"module() cannot broadcast size-1 '...' dimensions or '...' of different ranks: "
-                            f"'...' stands for {list(own)} in operand {index} but {list(seen)} in operand {first}; "
-                            "expand the operands first")
-        if seen is None:
-            seen, first = own, index
-        merged.append(shape[:start] + (math.prod(own),) + shape[end:])
-    return merged
 
 
 def _options(pattern: str, **options: Any) -> Options:
@@ -147,6 +86,20 @@ def _restore(pattern: str, options: Options, constants: Mapping[int, torch.Tenso
     compiled again from its pattern)."""
     expression = Expression.__new__(Expression)
     expression._setup(pattern, options, constants, sizes)
+    return expression
+
+
+def compile_ir(pattern: ir.Pattern, *, fuse: bool = True, **sizes: int) -> Expression:
+    """An :class:`Expression` of a pattern built as IR (``einc.nn`` joins a layer's
+    pattern and weight): not rendered and parsed again; its text is the rendering.
+
+    >>> from einc.parser import parse
+    >>> compile_ir(parse("b c, c d -> b d")).pattern
+    'b c, c d -> b d'
+    """
+    expression = Expression.__new__(Expression)
+    options = _options(pattern.render(), notation="compact" if pattern.compact else "spaced", fuse=fuse)
+    expression._setup(pattern.render(), options, None, sizes, parsed=pattern)
     return expression
 
 
@@ -187,16 +140,16 @@ class Expression:
         self._setup(pattern, options, constants, sizes)
 
     def _setup(self, pattern: str, options: Options, constants: Mapping[int, torch.Tensor] | None,
-               sizes: dict[str, int]) -> None:
+               sizes: dict[str, int], parsed: ir.Pattern | None = None) -> None:
         self.pattern = pattern
         self.options = options
-        self.ir: ir.Pattern = parse(pattern, options.notation)
-        self._constants = _constants(constants, self.ir.leaves)
+        self.ir: ir.Pattern = parse(pattern, options.notation) if parsed is None else parsed
+        self._constants = check_constants(constants, self.ir.leaves)
         self._constant_positions = frozenset(position for position, _ in self._constants)
         if self._constants and self.ir.nested:
             raise EincError(f"pattern {pattern!r}: constants are not supported in patterns with nested operations")
         if isinstance(options.optimize, tuple):
-            for level in _levels(self.ir):
+            for level in self.ir.levels():
                 try:
                     check_path(options.optimize, len(level.inputs))
                 except EincError as err:
@@ -280,11 +233,11 @@ class Expression:
         except EincError as err:
             raise self._context(shapes, err) from None
 
-    def _dtypes(self, dtypes: Sequence[torch.dtype], shapes: Sequence[tuple[int, ...]]) -> list[torch.dtype]:
+    def _dtypes(self, given: Sequence[torch.dtype], shapes: Sequence[tuple[int, ...]]) -> list[torch.dtype]:
         """Every operand's dtype (constants included), checked against the pattern."""
-        everything = self._with_constants(dtypes, lambda t: t.dtype)
+        everything = self._with_constants(given, lambda t: t.dtype)
         try:
-            _check_dtype(self.ir, _promoted(everything) if everything else torch.float32)
+            dtypes.check(self.ir, dtypes.promoted(everything) if everything else torch.float32)
         except EincError as err:
             raise self._context(shapes, err) from None
         return everything or [torch.float32]
@@ -295,10 +248,10 @@ class Expression:
             if not isinstance(dtype, torch.dtype):
                 raise EincError(f"pattern {self.pattern!r}: operand {index} is not a torch.Tensor")
         shapes = tuple(tuple(shape) for shape, _ in signature)
-        dtypes = self._dtypes([dtype for _, dtype in signature], shapes)
-        program = self._plan_for(shapes, _promoted(dtypes))
+        types = self._dtypes([dtype for _, dtype in signature], shapes)
+        program = self._plan_for(shapes, dtypes.promoted(types))
         try:
-            code = generate(program, dtypes, safe=transformed)
+            code = generate(program, types, safe=transformed)
         except EincError as err:
             raise self._context(shapes, err) from None
         fn, folding = self._compile_fn(code)
@@ -332,7 +285,7 @@ class Expression:
                           ) -> tuple[tuple[tuple[int, ...], ...], list[torch.dtype]]:
         shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
         if dtype is not None:
-            given = [dtype_of(dtype)] * len(shapes)
+            given = [dtypes.dtype_of(dtype)] * len(shapes)
         else:
             given = [x.dtype if isinstance(x, torch.Tensor) else torch.float32 for x in tensors_or_shapes]
         return shapes, self._dtypes(given, shapes)
@@ -353,11 +306,11 @@ class Expression:
         >>> plan.largest_intermediate, plan.largest_intermediate_bytes  # the 8x64 output
         (512, 2048)
         """
-        shapes, dtypes = self._shapes_and_dtype(tensors_or_shapes, dtype)
-        common = _promoted(dtypes)
+        shapes, types = self._shapes_and_dtype(tensors_or_shapes, dtype)
+        common = dtypes.promoted(types)
         program = self._plan_for(shapes, common)
         try:
-            code = generate(program, dtypes)
+            code = generate(program, types)
         except EincError as err:
             raise self._context(shapes, err) from None
         return describe(program, code, pattern=self.pattern, dtype=common,
@@ -386,29 +339,16 @@ class Expression:
         """
         if self._constants:
             raise EincError(f"pattern {self.pattern!r}: module() does not take constants")
-        shapes, dtypes = self._shapes_and_dtype(tensors_or_shapes, dtype)
+        shapes, types = self._shapes_and_dtype(tensors_or_shapes, dtype)
         try:
-            merged = tuple(_merged_ellipsis(self.ir, shapes))
+            # Generic code merges '...' into one dimension: plan it so.
+            merged = merge_ellipsis(self.ir, shapes)
         except EincError as err:
             raise self._context(shapes, err) from None
-        common = _promoted(dtypes)
-        program = self._plan_for(merged, common)
-        for level in program.programs():
-            for prep, dims in zip(level.preps, level.input_dims):
-                # Broadcasting a size-1 dimension (dropped from the operand) is decided
-                # per shape; generic code could not tell a broadcast 1 from a real one.
-                if len(prep.split) != sum(len(d) for d in dims):
-                    raise self._context(shapes, EincError(
-                        "module() cannot broadcast size-1 '...' dimensions (its code serves every shape); "
-                        "expand the operand first"))
-        code = generate(program, dtypes, generic=True, module=True, context=f"pattern {self.pattern!r}",
-                        limits=(self.options.limit, settings.limit))
-        cls = namespace(code)[MODULE_NAME]
-        recipe = (self.pattern, self.options, self.sizes, shapes, common)
-        cls.__reduce__ = lambda _: (_restore_module, recipe)  # type: ignore[method-assign]
-        module: torch.nn.Module = cls(list(code.messages))
-        module.einc_source = code.source  # type: ignore[assignment]
-        return module
+        common = dtypes.promoted(types)
+        code = generate(self._plan_for(merged, common), types, generic=True, module=True,
+                        context=f"pattern {self.pattern!r}", limits=(self.options.limit, settings.limit))
+        return instantiate(code, (_restore_module, (self.pattern, self.options, self.sizes, shapes, common)))
 
     def reference(self, *tensors: torch.Tensor, absolute: bool = False, widen: bool = True) -> torch.Tensor:
         """The pattern evaluated the plain way, in float64 (complex128) unless ``widen=False``.
@@ -424,7 +364,7 @@ class Expression:
         """
         self._entry(tensors)  # the same checks (and errors) as a call
         given = self._with_constants(tensors, lambda t: t)
-        common = _promoted([t.dtype for t in given]) if given else torch.float64
+        common = dtypes.promoted([t.dtype for t in given]) if given else torch.float64
         given = [t.to(common) for t in given]
         if widen:
             given = [_widen_tensor(t) for t in given]
@@ -448,7 +388,7 @@ class Expression:
         True
         """
         result = self(*tensors)
-        dtype = _promoted([t.dtype for t in tensors]) if tensors else torch.float64
+        dtype = dtypes.promoted([t.dtype for t in tensors]) if tensors else torch.float64
         try:
             return compare(result, self.reference(*tensors), self.reference(*tensors, absolute=True),
                            dtype, rtol=rtol, atol=atol)

@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, Generated
+from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, MODULE_NAME, Generated
 from .errors import EincError
 
-__all__ = ["Functions", "BACKENDS", "get_backend", "namespace", "registered_sources"]
+__all__ = ["Functions", "BACKENDS", "get_backend", "instantiate", "namespace", "registered_sources"]
 
 
 class Functions(NamedTuple):
@@ -69,6 +69,16 @@ def namespace(code: Generated) -> dict[str, Any]:
         value.__module__ = owner
         weakref.finalize(value, _release, code.filename)
     return result
+
+
+def instantiate(code: Generated, reduce: tuple[Callable[..., Any], tuple[Any, ...]]) -> torch.nn.Module:
+    """The module class that generic ``code`` defines, made with its messages; pickled,
+    it is ``reduce`` (a function that makes it again, and its arguments)."""
+    cls = namespace(code)[MODULE_NAME]
+    cls.__reduce__ = lambda _: reduce
+    module: torch.nn.Module = cls(list(code.messages))
+    module.einc_source = code.source  # type: ignore[assignment]
+    return module
 
 
 _get_optimize = torch._C._get_graph_executor_optimize

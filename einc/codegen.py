@@ -18,9 +18,7 @@ to the function (``messages``), never source.
 
 from __future__ import annotations
 
-import builtins
 import hashlib
-import keyword
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,19 +26,16 @@ from typing import Any, List, Tuple  # noqa: UP035 - TorchScript source names ty
 
 import torch
 
-from . import ir
+from . import dtypes, ir
 from ._runtime import FLOOR, HELPERS, TINY
 from .errors import EincError
 from .ir import NORMALIZERS, Factor
 from .planner import Program, Step
-from .rewrite import Attention
-from .sizes import show_axis
+from .checks import prologue, widening
+from .source import CONSTANT_FUNCTION_NAME, EMPTY_LIST, FUNCTION_NAME, MODULE_NAME, Group, Unit, ints, singles
 
 __all__ = ["Generated", "generate", "FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME", "result_dtype"]
 
-FUNCTION_NAME = "einc_fn"
-CONSTANT_FUNCTION_NAME = "einc_constants"
-MODULE_NAME = "EincModule"
 SDPA = "torch.nn.functional.scaled_dot_product_attention"
 
 
@@ -67,46 +62,6 @@ class Generated:
     """Generic code: the error message of each run-time check, in ``str.format`` form."""
 
 
-class _Namespace:
-    """Fresh identifiers that shadow no keyword, builtin or global of the generated module."""
-
-    _reserved = (
-        frozenset(keyword.kwlist)
-        | frozenset(dir(builtins))
-        | {"torch", "List", "Tuple", "EincError", FUNCTION_NAME, CONSTANT_FUNCTION_NAME, MODULE_NAME}
-    )
-
-    def __init__(self) -> None:
-        self._used: set[str] = set()
-        self._counts: dict[str, int] = {}
-
-    def create(self, base: str) -> str:
-        while True:
-            n = self._counts.get(base, 0)
-            self._counts[base] = n + 1
-            name = f"{base}{n}"
-            if name not in self._reserved and name not in self._used:
-                self._used.add(name)
-                return name
-
-
-_EMPTY_LIST = "torch.jit.annotate(List[int], [])"
-
-
-def _ints(values: Sequence[int]) -> str:
-    if not values:
-        return _EMPTY_LIST
-    return "[" + ", ".join(str(int(v)) for v in values) + "]"
-
-
-Group = tuple[str, ...]
-"""One tensor dimension as the axes merged into it (``()`` is a size-1 dimension)."""
-
-
-def _singles(axes: Sequence[str]) -> list[Group]:
-    return [(a,) for a in axes]
-
-
 _REDUCE = {None: "sum", "sum": "sum", "mean": "sum", "softmax": "sum", "log_softmax": "sum",
            "prod": "prod", "max": "amax", "min": "amin", "logsumexp": "lse"}
 """How each operation reduces an axis that only one operand has."""
@@ -114,94 +69,25 @@ _REDUCE = {None: "sum", "sum": "sum", "mean": "sum", "softmax": "sum", "log_soft
 _SEMIRING = {"logsumexp": "log", "max": "max", "min": "min"}
 """Operations whose operands combine by addition; the rest multiply."""
 
-_HALF = {torch.float16: "torch.float16", torch.bfloat16: "torch.bfloat16"}
-
 
 def _integral(factors: Sequence[Factor]) -> bool:
     return all(not f.divide and not f.sqrt for f in factors)
 
 
-def _widening(program: Program) -> tuple[bool, bool]:
-    """(half floats widen, integers widen): what :func:`_computed` looks at."""
-    return program.ir.op is not None, _sums(program)
-
-
-def _sums(program: Program) -> bool:
-    """Whether the level adds numbers up: sums (or multiplies, ``prod``) over reduced axes."""
-    return bool(program.reduced) and _REDUCE[program.ir.op] in ("sum", "prod")
-
-
 def _computed(dtype: torch.dtype, program: Program) -> torch.dtype:
-    """The dtype a level computes in, for operands of ``dtype``.
-
-    Reductions, semirings and normalizers of half floats compute in float32 (as
-    torch.softmax does inside); sums of integers and bools in int64, as torch.sum does
-    (so a sum never wraps in a small integer type, and mm gets one dtype).
-    """
-    if dtype in _HALF and program.ir.op is not None:
-        return torch.float32
-    if not (dtype.is_floating_point or dtype.is_complex) and _sums(program):
-        return torch.int64
-    return dtype
+    return dtypes.computed(dtype, program.ir.op, dtypes.sums(program.ir.op, bool(program.reduced)))
 
 
 def result_dtype(dtype: torch.dtype, program: Program) -> torch.dtype:
-    """The dtype of a level's result for operands of ``dtype``: half floats come back
-    in their dtype, integer sums stay int64, an integer ``mean`` or fractional scale
-    gives torch's default float."""
-    computed = _computed(dtype, program)
-    if dtype in _HALF:
-        return dtype
+    """The dtype of a level's result for operands of ``dtype`` (:func:`einc.dtypes.result`)."""
     fractional = program.ir.op == "mean" or not _integral(program.ir.scale)
-    if not (computed.is_floating_point or computed.is_complex) and fractional:
-        return torch.get_default_dtype()
-    return computed
-
-
-class _Unit:
-    """What the levels of one generated function share: names, helpers, kernels, checks."""
-
-    def __init__(self, generic: bool, safe: bool, context: str) -> None:
-        self.generic = generic
-        self.safe = safe
-        """No in-place writes, no branches on data: torch.func transforms (vmap, jvp) run it."""
-        self.context = context.replace("{", "{{").replace("}", "}}")
-        self.names = _Namespace()
-        self.helpers: dict[str, None] = {}
-        self.kernels: list[str] = []
-        self.rewrites: list[str] = []
-        self.size_vars: dict[str, str] = {}
-        """Generic code: the variable holding each axis size, set by the prologue."""
-        self.literal: dict[str, int] = {}
-        """Sizes fixed in the source: keyword sizes (and anonymous axes)."""
-        self.ellipsis: str | None = None
-        """Generic code: the variable holding the dimensions ``...`` stands for (``List[int]``)."""
-        self.dtype: str | None = None
-        """Generic code: the variable holding the operands' common dtype."""
-        self.targets: dict[tuple[bool, bool], str] = {}
-        """Generic code: the variable holding the dtype levels compute in, per :func:`_widening`."""
-        self.messages: list[str] = []
-        self.messages_var = self.names.create("m") if generic else ""
-
-    def helper(self, name: str) -> str:
-        for dependency in HELPERS[name][1]:
-            self.helper(dependency)
-        self.helpers[name] = None
-        return name
-
-    def check(self, lines: list[str], condition: str, message: str, *values: str) -> None:
-        """Generic code: raise ``EincError(message)`` (``{}`` filled by ``values``) where ``condition`` holds."""
-        index = len(self.messages)
-        self.messages.append(f"{self.context}: {message}")
-        formatted = f"{self.messages_var}[{index}].format({', '.join(values)})" if values else \
-            f"{self.messages_var}[{index}]"
-        lines += [f"    if {condition}:", f"        raise EincError({formatted})"]
+    return dtypes.result(dtype, program.ir.op, dtypes.sums(program.ir.op, bool(program.reduced)), fractional)
 
 
 class _Emitter:
     """Emits the code of one level (one contraction) of a program."""
 
-    def __init__(self, program: Program, dtype: torch.dtype | None, unit: _Unit, lines: list[str],
+    def __init__(self, program: Program, dtype: torch.dtype | None, unit: Unit, lines: list[str],
                  top: bool = False, sizes: dict[str, int] | None = None) -> None:
         self.program = program
         self.unit = unit
@@ -227,11 +113,7 @@ class _Emitter:
 
     def size(self, axis: str) -> str:
         """Code for the size of ``axis``: a literal, or (generic) a variable read from shapes."""
-        if not self.generic:
-            return str(int(self.sizes[axis]))
-        if axis in self.unit.literal:
-            return str(int(self.unit.literal[axis]))
-        return self.unit.size_vars[axis]
+        return self.unit.size(axis) if self.generic else str(int(self.sizes[axis]))
 
     def group(self, group: Group) -> str:
         if not self.generic:
@@ -240,7 +122,7 @@ class _Emitter:
 
     def dims(self, groups: Sequence[Group]) -> str:
         if not groups:
-            return _EMPTY_LIST
+            return EMPTY_LIST
         return "[" + ", ".join(self.group(g) for g in groups) + "]"
 
     def same(self, current: Sequence[Group], target: Sequence[Group]) -> bool:
@@ -252,9 +134,7 @@ class _Emitter:
     # ------------------------------------------------------------------ basics
 
     def assign(self, expr: str, base: str = "t") -> str:
-        name = self.names.create(base)
-        self.lines.append(f"    {name} = {expr}")
-        return name
+        return self.unit.assign(self.lines, expr, base)
 
     def helper(self, name: str) -> str:
         return self.unit.helper(name)
@@ -268,7 +148,7 @@ class _Emitter:
     def permute(self, value: str, axes: Sequence[str], order: Sequence[str]) -> str:
         if tuple(axes) == tuple(order):
             return value
-        return self.assign(f"{value}.permute({_ints([list(axes).index(a) for a in order])})")
+        return self.assign(f"{value}.permute({ints([list(axes).index(a) for a in order])})")
 
     def reshape(self, value: str, current: Sequence[Group], target: Sequence[Group], shape: str = "") -> str:
         if not shape and self.same(current, target):
@@ -288,9 +168,9 @@ class _Emitter:
             for dim in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
                 value = self.fresh(f"{value}.prod({int(dim)})")
         elif kind == "lse":
-            value = self.fresh(f"{self.helper('einc_lse')}({value}, {_ints(dims)}, {self.floor!r})")
+            value = self.fresh(f"{self.helper('einc_lse')}({value}, {ints(dims)}, {self.floor!r})")
         else:
-            value = self.fresh(f"{value}.{kind}({_ints(dims)})")
+            value = self.fresh(f"{value}.{kind}({ints(dims)})")
         return value, tuple(a for a in axes if a not in drop)
 
     # ------------------------------------------------------------------ stages
@@ -301,7 +181,7 @@ class _Emitter:
         if not widen:
             if self.generic or dtype == self.dtype:
                 return value  # generic code promoted every tensor in its prologue
-            return self.assign(f"{value}.to({_dtype_name(self.dtype)})")  # type: ignore[arg-type]
+            return self.assign(f"{value}.to({dtypes.name(self.dtype)})")  # type: ignore[arg-type]
         if self.generic:
             target = self.generic_target()
             if target is None:
@@ -310,19 +190,19 @@ class _Emitter:
         assert self.computed is not None
         if dtype == self.computed:
             return value
-        return self.assign(f"{value}.to({_dtype_name(self.computed)})")
+        return self.assign(f"{value}.to({dtypes.name(self.computed)})")
 
     def generic_target(self) -> str | None:
         """Generic code: the variable holding the dtype this level computes in (set by
         the prologue); ``None`` where it is always the common one."""
-        return self.unit.targets.get(_widening(self.program))
+        return self.unit.targets.get(widening(self.program))
 
     def prep(self, index: int, value: str, dtype: torch.dtype | None, *, widen: bool = True,
              scale: bool = True) -> str:
         """Operand ``index`` with one dimension per distinct axis (split, squeezed, diagonal)."""
         prep = self.program.preps[index]
         value = self.cast(value, dtype, widen=widen)
-        value = self.reshape(value, self.program.input_dims[index], _singles(prep.split))
+        value = self.reshape(value, self.program.input_dims[index], singles(prep.split))
         for d1, d2 in prep.diagonals:
             value = self.assign(f"torch.diagonal({value}, 0, {int(d1)}, {int(d2)})")
         if scale and self.scaling is not None and self.program.scaled == index:
@@ -347,9 +227,9 @@ class _Emitter:
             # Nothing reduced: a broadcast product (or sum, in a semiring of log-values)
             # lands directly in batch+left+right order.
             a = self.permute(a, a_axes, batch + left)
-            a = self.reshape(a, _singles(batch + left), _singles(batch + left) + [()] * len(right))
+            a = self.reshape(a, singles(batch + left), singles(batch + left) + [()] * len(right))
             b = self.permute(b, b_axes, batch + right)
-            b = self.reshape(b, _singles(batch + right), _singles(batch) + [()] * len(left) + _singles(right))
+            b = self.reshape(b, singles(batch + right), singles(batch) + [()] * len(left) + singles(right))
             if self.semiring == "sum":
                 return self.fresh(f"torch.mul({a}, {b})"), "mul"
             return self.fresh(f"torch.add({a}, {b})"), "add"
@@ -380,7 +260,7 @@ class _Emitter:
         else:
             kernel = "bmm" if batch else "mm"
             call = f"torch.{kernel}({a}, {b})"
-        return self.reshape(self.fresh(call), flat, _singles(batch + left + right)), kernel
+        return self.reshape(self.fresh(call), flat, singles(batch + left + right)), kernel
 
     def folds(self, axes: Sequence[str], groups: Sequence[Sequence[str]]) -> bool:
         """Whether permuting ``axes`` (taken as contiguous) into ``groups`` and merging
@@ -404,10 +284,10 @@ class _Emitter:
         direct = self.folds(axes, [batch, rows, cols])
         if not direct and (self.folds(axes, [batch, cols, rows]) or (axes and axes[-1] in rows)):
             value = self.permute(value, axes, batch + cols + rows)
-            value = self.reshape(value, _singles(batch + cols + rows), lead + [cols, rows])
+            value = self.reshape(value, singles(batch + cols + rows), lead + [cols, rows])
             return self.assign(f"{value}.transpose(-1, -2)")
         value = self.permute(value, axes, batch + rows + cols)
-        return self.reshape(value, _singles(batch + rows + cols), lead + [rows, cols])
+        return self.reshape(value, singles(batch + rows + cols), lead + [rows, cols])
 
     def normalize(self, value: str, axes: tuple[str, ...]) -> str:
         pattern = self.program.ir
@@ -429,10 +309,10 @@ class _Emitter:
         # Several axes normalize jointly: bring them last and flatten them into one.
         rest = tuple(a for a in axes if a not in marked)
         value = self.permute(value, axes, rest + marked)
-        flat = _singles(rest) + [marked]
-        value = self.reshape(value, _singles(rest + marked), flat)
+        flat = singles(rest) + [marked]
+        value = self.reshape(value, singles(rest + marked), flat)
         value = self.assign(f"{fn}({value}, {len(rest)})")
-        value = self.reshape(value, flat, _singles(rest + marked))
+        value = self.reshape(value, flat, singles(rest + marked))
         return self.permute(value, rest + marked, axes)
 
     def output_shape(self) -> str:
@@ -450,7 +330,7 @@ class _Emitter:
             else:
                 plain.append(self.group(dim))
         if plain or not parts:
-            parts.append("[" + ", ".join(plain) + "]" if plain else _EMPTY_LIST)
+            parts.append("[" + ", ".join(plain) + "]" if plain else EMPTY_LIST)
         return " + ".join(parts)
 
     def finish(self, value: str, axes: tuple[str, ...]) -> str:
@@ -460,14 +340,14 @@ class _Emitter:
         value = self.permute(value, axes, present)
         if present != target:
             with_new = [(a,) if a in axes else () for a in target]
-            value = self.reshape(value, _singles(present), with_new)
-            value = self.assign(f"{value}.expand({self.dims(_singles(target))})")
+            value = self.reshape(value, singles(present), with_new)
+            value = self.assign(f"{value}.expand({self.dims(singles(target))})")
         if self.scaling is not None:
             value = self.scaling.result(value)
         if program.ir.op in NORMALIZERS:
             value = self.normalize(value, target)
         merged = self.generic and self.top and program.ir.output.has_ellipsis
-        value = self.reshape(value, _singles(target), program.output_dims,
+        value = self.reshape(value, singles(target), program.output_dims,
                              shape=self.output_shape() if merged else "")
         if program.ir.op == "mean" and (program.reduced if self.generic else program.reduced_count != 1):
             value = self.assign(f"{value} / ({self.group(program.reduced)})")
@@ -476,13 +356,9 @@ class _Emitter:
             # Only half floats widen to float32: they come back in their dtype.
             value = self.assign(f"{value}.to({self.unit.dtype}) if {target} == torch.float32 and "
                                 f"{target} != {self.unit.dtype} else {value}")
-        elif self.dtype in _HALF and program.ir.op is not None:
-            value = self.assign(f"{value}.to({_HALF[self.dtype]})")
+        elif self.dtype in dtypes.HALF and program.ir.op is not None:
+            value = self.assign(f"{value}.to({dtypes.name(self.dtype)})")
         return value
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return f"torch.{str(dtype).removeprefix('torch.')}"
 
 
 class _Scaling:
@@ -574,170 +450,10 @@ class _Scaling:
         return "(" + " ".join(["1.0", *(f"* {v}" for v in numerator), *(f"/ {v}" for v in denominator)]) + ")"
 
 
-# ------------------------------------------------------------------ generic prologue
-
-
-def _leaf_lists(program: Program) -> list[tuple[ir.AxisList, tuple[Group, ...]]]:
-    """(axis list, dimensions with ``...`` spelled out) of every tensor operand, nested ones included."""
-    nested = dict(program.nested)
-    out: list[tuple[ir.AxisList, tuple[Group, ...]]] = []
-    for index, operand in enumerate(program.ir.inputs):
-        if index in nested:
-            out.extend(_leaf_lists(nested[index]))
-        else:
-            assert isinstance(operand, ir.AxisList)
-            out.append((operand, program.input_dims[index]))
-    return out
-
-
-def _prologue(unit: _Unit, program: Program, leaves: list[str], lines: list[str],
-              limits: Sequence[tuple[int | None, bool]]) -> list[str]:
-    """Generic code's checks and sizes: each leaf's rank, one size per name, compositions,
-    the common dtype, ``...`` merged into one dimension (any rank), and the memory limit.
-    Returns the leaves' variables, reshaped where ``...`` was merged."""
-    for level in program.programs():
-        for name, value in level.keyword:
-            unit.literal[name] = value
-        for name, _ in level.sizes:
-            if ir.anonymous_size(name) is not None:
-                unit.literal[name] = ir.anonymous_size(name)  # type: ignore[assignment]
-    found: dict[str, tuple[int, int]] = {}  # axis -> (leaf, dimension) it was read from
-    values = list(leaves)
-    lists = _leaf_lists(program)
-    compact = program.ir.compact
-    for index, (axes, dims) in enumerate(lists):
-        x = values[index]
-        named = len(axes.dims) - axes.has_ellipsis
-        spelled = axes.render(compact) or "(scalar)"
-        if not axes.has_ellipsis:
-            unit.check(lines, f"{x}.dim() != {named}",
-                       f"operand {index} has {{}} dimensions but its axis list '{spelled}' has {named}", f"{x}.dim()")
-            continue
-        unit.check(lines, f"{x}.dim() < {named}",
-                   f"operand {index} has {{}} dimensions but its axis list '{spelled}' has {named} and '...'",
-                   f"{x}.dim()")
-        start = axes.dims.index((ir.ELLIPSIS,))
-        end = f"{x}.dim() - {named - start}" if named > start else f"{x}.dim()"
-        if unit.ellipsis is None:
-            # list(): torch.Size is a tuple in Python, List[int] in TorchScript.
-            unit.ellipsis = _assign(unit, lines, f"list({x}.shape[{start}:{end}])", "e")
-            unit.size_vars[ir.ellipsis_axis(0)] = _assign(unit, lines, f"{unit.helper('einc_prod')}({unit.ellipsis})", "n")
-            first = index
-        else:
-            unit.check(lines, f"list({x}.shape[{start}:{end}]) != {unit.ellipsis}",
-                       f"'...' stands for dimensions {{}} in operand {index} but {{}} in operand {first}; "
-                       "a module needs every '...' to stand for the same dimensions",
-                       f"list({x}.shape[{start}:{end}])", unit.ellipsis)
-        values[index] = _assign(unit, lines, f"{x}.reshape(list({x}.shape[:{start}]) + "
-                                             f"[{unit.size_vars[ir.ellipsis_axis(0)]}] + list({x}.shape[{end}:]))", "x")
-
-    def known(axis: str) -> str | None:
-        if axis in unit.literal:
-            return str(int(unit.literal[axis]))
-        return unit.size_vars.get(axis)
-
-    def where(axis: str) -> str:
-        if axis in unit.literal:
-            return "given by keyword" if ir.anonymous_size(axis) is None else "its spelling"
-        leaf, dim = found[axis]
-        return f"operand {leaf} (dimension {dim})"
-
-    pending: list[tuple[int, int, Group]] = []
-    for index, (_, dims) in enumerate(lists):
-        x = values[index]
-        for position, dim in enumerate(dims):
-            extent = f"{x}.shape[{position}]"
-            if not dim:
-                unit.check(lines, f"{extent} != 1",
-                           f"operand {index} (dimension {position}) is the unit axis '1' but has size {{}}", extent)
-            elif len(dim) > 1:
-                pending.append((index, position, dim))
-            elif dim[0] == ir.ellipsis_axis(0):
-                continue  # checked above, whole
-            elif known(dim[0]) is None:
-                unit.size_vars[dim[0]] = _assign(unit, lines, extent, "n")
-                found[dim[0]] = (index, position)
-            else:
-                unit.check(lines, f"{extent} != {known(dim[0])}",
-                           f"axis {show_axis(dim[0])} has size {{}} in operand {index} (dimension {position}) "
-                           f"but {{}} in {where(dim[0])}", extent, str(known(dim[0])))
-    # Compositions resolve in any order: one group's size may unlock another's.
-    while pending:
-        still = []
-        for index, position, dim in pending:
-            extent = f"{values[index]}.shape[{position}]"
-            unknown = [a for a in dim if known(a) is None]
-            group = "(" + " ".join(map(ir.spell_axis, dim)) + ")"
-            product = " * ".join(str(known(a)) for a in dim if known(a) is not None) or "1"
-            if not unknown:
-                unit.check(lines, f"{extent} != {product}",
-                           f"composition {group} in operand {index} (dimension {position}) has size {{}}, "
-                           "but its axes multiply to {}", extent, product)
-            elif len(unknown) == 1:
-                divisor = _assign(unit, lines, product, "n")
-                unit.check(lines, f"{divisor} == 0 or {extent} % {divisor} != 0",
-                           f"composition {group} in operand {index} (dimension {position}) has size {{}}, "
-                           f"which the known sizes (product {{}}) do not divide, so axis {show_axis(unknown[0])} "
-                           "has no integer size", extent, divisor)
-                unit.size_vars[unknown[0]] = _assign(unit, lines, f"{extent} // {divisor}", "n")
-                found[unknown[0]] = (index, position)
-            else:
-                still.append((index, position, dim))
-        if len(still) == len(pending):  # pragma: no cover - planning resolved these sizes already
-            raise AssertionError(f"unresolvable compositions {still}")
-        pending = still
-    # Torch's type promotion and the widening of half floats and integers: in a branch
-    # the usual call (one floating dtype) skips.
-    unit.dtype = _assign(unit, lines, f"{values[0]}.dtype", "d")
-    several = len(values) > 1
-    promoted = [_assign(unit, lines, v, "x") for v in values] if several else values
-    kinds = sorted({_widening(level) for level in program.programs()} - {(False, False)})
-    for kind in kinds:
-        unit.targets[kind] = _assign(unit, lines, unit.dtype, "d")
-    if several or kinds:
-        usual = f"({unit.dtype} == torch.float32 or {unit.dtype} == torch.float64)"
-        lines.append(f"    if {' or '.join([f'{v}.dtype != {unit.dtype}' for v in values[1:]] + [f'not {usual}'])}:")
-        if several:
-            common = f"{values[0]}.dtype"
-            for other in values[1:]:
-                common = f"torch.promote_types({common}, {other}.dtype)"
-            lines.append(f"        {unit.dtype} = {common}")
-            lines += [f"        {p} = {v}.to({unit.dtype})" for p, v in zip(promoted, values)]
-        lines += [f"        {unit.targets[kind]} = {unit.helper('einc_computed')}({unit.dtype}, {kind[0]}, {kind[1]})"
-                  for kind in kinds]
-    values = promoted
-    for limit in limits:
-        if limit[0] is not None:
-            _memory_checks(unit, program, lines, limit, values[0])
-    return values
-
-
-def _assign(unit: _Unit, lines: list[str], expr: str, base: str) -> str:
-    name = unit.names.create(base)
-    lines.append(f"    {name} = {expr}")
-    return name
-
-
-def _memory_checks(unit: _Unit, program: Program, lines: list[str], limit: tuple[int | None, bool], leaf: str) -> None:
-    """Generic code: every intermediate and the output within the limit, for the actual sizes."""
-    bound, in_bytes = limit
-    cap = f"{bound} // {leaf}.element_size()" if in_bytes else str(bound)
-    unit_of = "bytes" if in_bytes else "elements"
-    emit = _Emitter(program, None, unit, lines)
-    for level in program.programs():
-        shapes = [(f"step {i} ({' '.join(map(show_axis, step.output_axes)) or 'scalar'})", step.output_axes)
-                  for i, step in enumerate(level.steps) if not step.fused]
-        shapes.append(("the output", level.output_axes))
-        for what, axes in shapes:
-            count = emit.group(tuple(axes))
-            unit.check(lines, f"{count} > {cap}",
-                       f"memory_limit={bound:,} {unit_of} is too small: {what} would hold {{}} elements", count)
-
-
 # ------------------------------------------------------------------ levels
 
 
-def _attention(unit: _Unit, program: Program, values: dict[int, str], dtypes: dict[int, torch.dtype | None],
+def _attention(unit: Unit, program: Program, values: dict[int, str], types_of: dict[int, torch.dtype | None],
                lines: list[str], top: bool) -> tuple[str, torch.dtype | None]:
     """The whole attention pattern ``program`` as one SDPA call on three tensors."""
     roles = program.fused
@@ -745,8 +461,8 @@ def _attention(unit: _Unit, program: Program, values: dict[int, str], dtypes: di
     (_, inner), = program.nested
     (step,) = program.steps
     tensors = [values[v] for v in step.inputs]
-    types = [dtypes[v] for v in step.inputs]
-    common = None if unit.generic else _promoted(types)  # type: ignore[arg-type]
+    types = [types_of[v] for v in step.inputs]
+    common = None if unit.generic else dtypes.promoted(types)  # type: ignore[arg-type]
     # One name, one size: the outer level reshapes q and k's own axes (the head) too.
     sizes = {**dict(inner.sizes), **dict(program.sizes)}
     inner_emit = _Emitter(inner, common, unit, lines, sizes=sizes)
@@ -764,7 +480,7 @@ def _attention(unit: _Unit, program: Program, values: dict[int, str], dtypes: di
         # scale itself: no widening, no scaling here.
         value = emit.prep(index, tensors[position], types[position], widen=False, scale=False)
         value = outer.permute(value, emit.program.preps[index].axes, order)
-        return outer.reshape(value, _singles(order), lead + last)
+        return outer.reshape(value, singles(order), lead + last)
 
     query, key, head, value = roles.query, roles.key, roles.head, roles.value
     q = prepared(roles.q, batch + query + head, [query, head])
@@ -772,7 +488,7 @@ def _attention(unit: _Unit, program: Program, values: dict[int, str], dtypes: di
     v = prepared(roles.v, batch + key + value, [key, value])
     scale = inner_emit.scaling.float_value() if inner_emit.scaling is not None else "(1.0)"
     out = outer.assign(f"{SDPA}({q}, {k}, {v}, scale={scale})")
-    out = outer.reshape(out, lead + [query, value], _singles(batch + query + value))
+    out = outer.reshape(out, lead + [query, value], singles(batch + query + value))
     unit.kernels.append("sdpa")
     unit.rewrites.append("sdpa")
     return outer.finish(out, batch + query + value), common
@@ -788,24 +504,24 @@ class _Output:
     folded: list[tuple[str, str]]
 
 
-def _level(unit: _Unit, program: Program, values: dict[int, str], dtypes: dict[int, torch.dtype | None],
+def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[int, torch.dtype | None],
            out: _Output, top: bool = False) -> tuple[str, torch.dtype | None]:
     """Emit ``program`` (its nested programs first); ``values`` holds the variable of
-    each value computed so far (the tensors to begin with) and ``dtypes`` its dtype
+    each value computed so far (the tensors to begin with) and ``types_of`` its dtype
     (``None`` in generic code).  Returns the result's variable and dtype."""
     if program.fused is not None:
-        return _attention(unit, program, values, dtypes, out.main, top)
+        return _attention(unit, program, values, types_of, out.main, top)
     nested = dict(program.nested)
     operands: list[str] = []
     types: list[torch.dtype | None] = []
     for index, value_id in enumerate(program.operands):
         if index in nested:
-            variable, dtype = _level(unit, nested[index], values, dtypes, out)
+            variable, dtype = _level(unit, nested[index], values, types_of, out)
         else:
-            variable, dtype = values[value_id], dtypes[value_id]
+            variable, dtype = values[value_id], types_of[value_id]
         operands.append(variable)
         types.append(dtype)
-    common = None if unit.generic else _promoted(types)  # type: ignore[arg-type]
+    common = None if unit.generic else dtypes.promoted(types)  # type: ignore[arg-type]
     emit = _Emitter(program, common, unit, out.main, top=top)
 
     constant = program.constant_values()
@@ -837,23 +553,16 @@ def _level(unit: _Unit, program: Program, values: dict[int, str], dtypes: dict[i
         # Everything was folded: hand out a copy, never the cached tensor (or a view of it).
         result = emit.assign(f"{result}.clone()")
     result_type = None if common is None else result_dtype(common, program)
-    values[last.value], dtypes[last.value] = result, result_type
+    values[last.value], types_of[last.value] = result, result_type
     return result, result_type
 
 
-def _promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
-    common = dtypes[0]
-    for dtype in dtypes[1:]:
-        common = torch.promote_types(common, dtype)
-    return common
-
-
-def generate(program: Program, dtypes: Sequence[torch.dtype] | torch.dtype = torch.float32, *,
+def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torch.float32, *,
              generic: bool = False, module: bool = False, safe: bool = False,
              context: str = "", limits: Sequence[tuple[int | None, bool]] = ()) -> Generated:
     """Emit the function ``einc_fn(x0, x1, ...)`` that evaluates ``program``.
 
-    ``dtypes`` are the tensors' dtypes (one for all, or one each: operands are promoted
+    ``types`` are the tensors' dtypes (one for all, or one each: operands are promoted
     to a common dtype as torch's type promotion does).  ``generic`` reads sizes from the
     inputs' shapes and checks them (see the module docstring), ``context`` prefixing its
     messages and each of ``limits`` (``(limit, in_bytes)``) bounding its intermediates;
@@ -867,17 +576,17 @@ def generate(program: Program, dtypes: Sequence[torch.dtype] | torch.dtype = tor
     >>> print(code.source.splitlines()[1].strip())
     t0 = torch.mm(x0, x1)
     """
-    unit = _Unit(generic, safe, context)
+    unit = Unit(generic, safe, context)
     count = program.ir.leaves
     leaves = [unit.names.create("c" if i in program.constants else "x") for i in range(count)]
     params = list(leaves)
     out = _Output([], [], [])
-    if isinstance(dtypes, torch.dtype):
-        dtypes = [dtypes] * count
-    types: dict[int, torch.dtype | None] = dict.fromkeys(range(count)) if generic else dict(enumerate(dtypes))
+    if isinstance(types, torch.dtype):
+        types = [types] * count
+    types_of: dict[int, torch.dtype | None] = dict.fromkeys(range(count)) if generic else dict(enumerate(types))
     if generic:
-        leaves = _prologue(unit, program, leaves, out.main, limits)
-    result, _ = _level(unit, program, dict(enumerate(leaves)), types, out, top=True)
+        leaves = prologue(unit, program, leaves, out.main, limits)
+    result, _ = _level(unit, program, dict(enumerate(leaves)), types_of, out, top=True)
 
     variable = [p for i, p in enumerate(params) if i not in program.constants]
     arguments = variable + [k for _, k in out.folded]

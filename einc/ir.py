@@ -259,6 +259,11 @@ class Pattern:
         """The axis list of each input: a nested pattern's is its output."""
         return tuple(x.output if isinstance(x, Pattern) else x for x in self.inputs)
 
+    def levels(self) -> tuple[Pattern, ...]:
+        """This pattern's nested operations (depth first, in operand order), then itself."""
+        inner = tuple(p for x in self.inputs if isinstance(x, Pattern) for p in x.levels())
+        return inner + (self,)
+
     @property
     def nested(self) -> bool:
         return any(isinstance(x, Pattern) for x in self.inputs)

@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 
 from . import ir
 from .api import compile as _compile
+from .api import compile_ir
 from .errors import EincError
 from .parser import Notation, parse
 
@@ -78,6 +79,11 @@ class Einsum(torch.nn.Module):
         super().__init__()
         parsed = parse(pattern)
         notation: Notation = "compact" if parsed.compact else "spaced"
+        named = {a for text in (weight, bias) if text is not None for a in parse(text, notation).all_axes}
+        for name in sizes:
+            if name not in parsed.all_axes | named:
+                raise EincError(f"Einsum: size given for axis {name!r}, which is in neither the pattern "
+                                f"{pattern!r} nor its weight or bias (the layer takes no other keyword)")
         self.pattern = pattern
         self.has_weight = weight is not None
         self.has_bias = bias is not None
@@ -86,6 +92,7 @@ class Einsum(torch.nn.Module):
                 raise EincError(f"Einsum: with a weight, the pattern must be one operand and an output, "
                                 f"'x -> y', not {pattern!r}")
             weight_axes = parse(weight, notation).operands[0]
+            # The weight joins as operand 1 (error messages name the joined pattern).
             full = ir.Pattern((parsed.inputs[0], weight_axes), parsed.output, compact=parsed.compact,
                               scale=parsed.scale)
             weight_shape = _fixed_shape(weight_axes, sizes, "weight")
@@ -93,14 +100,13 @@ class Einsum(torch.nn.Module):
             fan_in = math.prod(sizes[a] for a in summed)
             self.weight = torch.nn.Parameter(torch.empty(weight_shape))
             operands = [parsed.operands[0], weight_axes]
-            pattern_text = full.render()
         else:
             fan_in = 1
             self.register_parameter("weight", None)
             operands = list(parsed.operands)
             if len(operands) != 1:
                 raise EincError(f"Einsum: the pattern takes one input, not {len(operands)}: {pattern!r}")
-            pattern_text = pattern
+            full = parsed
         self.bias_view = []
         if bias is not None:
             bias_axes = parse(bias, notation).operands[0]
@@ -110,8 +116,7 @@ class Einsum(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         self._bound = 1 / math.sqrt(fan_in)
-        expression = _compile(pattern_text, notation=notation, fuse=fuse,
-                              **{a: n for a, n in sizes.items() if a in _axes_of(operands, parsed.output)})
+        expression = compile_ir(full, fuse=fuse, **{a: n for a, n in sizes.items() if a in full.all_axes})
         # Weight axes all have keyword sizes, so their example is the weight's shape.
         examples = [_example_shape(axes, sizes) for axes in operands]
         self.core = expression.module(*examples)
@@ -157,10 +162,6 @@ class Einsum(torch.nn.Module):
         if self.has_bias:
             y = y + self.bias.reshape(self.bias_view)
         return y
-
-
-def _axes_of(operands: list[ir.AxisList], output: ir.AxisList) -> set[str]:
-    return {a for x in operands for a in x.axes} | set(output.axes)
 
 
 def _shape_text(shape: List[int]) -> str:
@@ -280,19 +281,20 @@ class MultiheadAttention(torch.nn.Module):
 
         h, e = num_heads, embed_dim
         seq = "b l" if batch_first else "l b"
-        example = (EXAMPLE_SIZE, EXAMPLE_SIZE, e)
-        heads = (EXAMPLE_SIZE, EXAMPLE_SIZE, e)
-        # Projections land in (b, l, (h d)): the attention patterns split the heads.
-        self.project = _compile(f"{seq} e, f e -> b l f").module(example, (e, e))
+        # Tokens of either layout: (b, l, e) or (l, b, e); projections land in (b, l, (h d)),
+        # and the attention patterns split the heads.
+        tokens = (EXAMPLE_SIZE, EXAMPLE_SIZE, e)
+        heads = (EXAMPLE_SIZE, h, EXAMPLE_SIZE, self.head_dim)
+        self.project = _compile(f"{seq} e, f e -> b l f").module(tokens, (e, e))
         self.attend = _compile(
             "softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)", h=h
-        ).module(heads, heads, heads)
-        self.split_heads = _compile("b l (h d) -> b h l d", h=h).module(heads)
-        self.merge_heads = _compile("b h l d -> b l (h d)").module((EXAMPLE_SIZE, h, EXAMPLE_SIZE, self.head_dim))
-        self.scores = _compile("b q (h d), b k (h d) -> b h q k / sqrt(d)", h=h).module(heads, heads)
+        ).module(tokens, tokens, tokens)
+        self.split_heads = _compile("b l (h d) -> b h l d", h=h).module(tokens)
+        self.merge_heads = _compile("b h l d -> b l (h d)").module(heads)
+        self.scores = _compile("b q (h d), b k (h d) -> b h q k / sqrt(d)", h=h).module(tokens, tokens)
         self.mix = _compile("b h q k, b k (h d) -> b q (h d)", h=h).module(
-            (EXAMPLE_SIZE, h, EXAMPLE_SIZE, EXAMPLE_SIZE), heads)
-        self.output = _compile(f"b l f, e f -> {seq} e").module(heads, (e, e))
+            (EXAMPLE_SIZE, h, EXAMPLE_SIZE, EXAMPLE_SIZE), tokens)
+        self.output = _compile(f"b l f, e f -> {seq} e").module(tokens, (e, e))
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:

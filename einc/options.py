@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,15 +19,14 @@ import opt_einsum as oe
 import torch
 
 from .backends import get_backend
+from .paths import STRATEGY_NAMES
 from .errors import EincError
 
-__all__ = ["Backend", "Options", "Settings", "settings", "element_limit", "dtype_of", "parse_memory_limit",
-           "STRATEGIES", "BYTE_UNITS"]
+__all__ = ["Backend", "Options", "Settings", "settings", "check_constants", "element_limit", "parse_memory_limit",
+           "STRATEGY_NAMES", "BYTE_UNITS"]
 
 Backend = Literal["torchscript", "eager", "compile"]
 
-STRATEGIES: tuple[str, ...] = tuple(sorted({*oe.paths._PATH_OPTIONS, "auto", "cotengra"}))
-"""Strategy names ``optimize`` takes: opt_einsum's, and cotengra's hyper-optimizer."""
 
 BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -59,9 +59,9 @@ def parse_memory_limit(value: int | str | None) -> tuple[int | None, bool]:
 def _check_optimize(optimize: Any) -> Any:
     """``optimize`` as the planner takes it (an explicit path as a tuple of tuples)."""
     if isinstance(optimize, str):
-        if optimize in STRATEGIES:
+        if optimize in STRATEGY_NAMES:
             return optimize
-        raise EincError(f"optimize={optimize!r} is not a path strategy; use one of {', '.join(map(repr, STRATEGIES))}, "
+        raise EincError(f"optimize={optimize!r} is not a path strategy; use one of {', '.join(map(repr, STRATEGY_NAMES))}, "
                         "a PathOptimizer, or an explicit path such as [(0, 1), (0, 1)]")
     if isinstance(optimize, oe.paths.PathOptimizer):
         return optimize
@@ -69,7 +69,7 @@ def _check_optimize(optimize: Any) -> Any:
         isinstance(step, (list, tuple)) and all(type(i) is int for i in step) for step in optimize
     ):
         return tuple(tuple(step) for step in optimize)
-    raise EincError(f"optimize must be a strategy name ({', '.join(map(repr, STRATEGIES))}), a PathOptimizer "
+    raise EincError(f"optimize must be a strategy name ({', '.join(map(repr, STRATEGY_NAMES))}), a PathOptimizer "
                     f"or an explicit path of int tuples such as [(0, 1), (0, 1)], not {optimize!r}")
 
 
@@ -114,20 +114,6 @@ def element_limit(limits: list[tuple[int | None, bool]], itemsize: int) -> int |
     return min(elements, default=None)
 
 
-_DTYPE_NAMES = {str(t).removeprefix("torch."): t for t in (
-    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
-    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)}
-
-
-def dtype_of(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
-    """A torch dtype given as itself or by name (``"float32"``)."""
-    if isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPE_NAMES:
-        return _DTYPE_NAMES[value.removeprefix("torch.")]
-    raise EincError(f"{what} must be a torch.dtype or one of {', '.join(map(repr, _DTYPE_NAMES))}, not {value!r}")
-
-
 PLAN_CACHE_SIZE = 256
 """Default number of input signatures an expression keeps compiled (LRU)."""
 EXPRESSION_CACHE_SIZE = 512
@@ -148,3 +134,18 @@ class Settings:
 
 
 settings = Settings()
+
+
+def check_constants(value: Mapping[int, torch.Tensor] | None, operands: int) -> tuple[tuple[int, torch.Tensor], ...]:
+    """``constants=`` as sorted ``(position, tensor)`` pairs, checked against ``operands``
+    (not part of :class:`Options`: tensors key no cache)."""
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise EincError(f"constants must map operand positions to tensors, e.g. {{1: weight}}, not {value!r}")
+    for position, tensor in value.items():
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position < operands:
+            raise EincError(f"constants: {position!r} is not an operand position (0..{operands - 1})")
+        if not isinstance(tensor, torch.Tensor):
+            raise EincError(f"constants: operand {position} is a {type(tensor).__name__}, not a torch.Tensor")
+    return tuple(sorted(value.items()))

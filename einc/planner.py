@@ -1,36 +1,32 @@
-"""IR + concrete shapes -> a contraction program, with opt_einsum choosing the path.
+"""IR + concrete shapes -> a contraction program: steps, constant folding, memory.
 
 Per level (one contraction; a nested operation is a level of its own, planned first)
 the planner takes the sizes :mod:`einc.sizes` resolves, reduces each operand to
 distinct "atomic" axes (splitting compositions, dropping unit dimensions, taking
-diagonals), asks opt_einsum for a path in its own terms (``inputs, output,
-size_dict``) through a strategy registry, and records each pairwise step with its axis
-bookkeeping, in static single assignment form.  Every value of the whole pattern has
-one number: tensors ``0..n-1``, then each step's result in execution order; paths are
-kept in SSA form, converted from opt_einsum's linear format by its ``linear_to_ssa`` and
-back by :func:`ssa_to_linear` (the one converter pair).  A level the rewrite pass fuses (:mod:`einc.rewrite`) becomes one
-step.  Codegen turns a :class:`Program` into torch calls; :mod:`einc.report` describes it.
+diagonals), takes the path :mod:`einc.paths` chooses, and records each pairwise step
+with its axis bookkeeping.  Every value of the whole pattern has one number: tensors
+``0..n-1``, then each step's result in execution order, and the whole pattern's path
+is kept in SSA form as the levels are planned.  A level the rewrite pass fuses
+(:mod:`einc.rewrite`) becomes one step.  Codegen turns a :class:`Program` into torch
+calls; :mod:`einc.report` describes it.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 import opt_einsum as oe
 
 from . import ir
 from .errors import EincError
+from .paths import Optimize, check_output, check_path, folding_path, opt_einsum_path, ssa_to_linear, too_small
 from .rewrite import Attention
 from .sizes import LIMIT, Group, Shape, learn_leaf_sizes, resolve, show_axis
 
-__all__ = ["Prep", "Step", "Program", "plan", "check_path", "Optimize", "STRATEGY_NAMES"]
-
-Optimize = Union[str, oe.paths.PathOptimizer, Sequence[Sequence[int]]]
-"""An opt_einsum strategy name, a ``PathOptimizer`` instance, or an explicit path."""
+__all__ = ["Prep", "Step", "Program", "plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,133 +135,6 @@ class Program:
         return ssa_to_linear(self.ssa_path, self.ir.leaves)
 
 
-def ssa_to_linear(ssa_path: Sequence[tuple[int, ...]], operands: int) -> list[tuple[int, ...]]:
-    """An SSA path (operands ``0..n-1``, then one id per entry) in opt_einsum's linear
-    format, each entry's order kept (``opt_einsum.paths.linear_to_ssa`` goes back;
-    opt_einsum's own ``ssa_to_linear`` sorts every entry).
-
-    >>> ssa_to_linear([(2, 0), (1, 3)], 3)
-    [(2, 0), (0, 1)]
-    """
-    live = list(range(operands))
-    linear = []
-    for index, entry in enumerate(ssa_path):
-        linear.append(tuple(live.index(i) for i in entry))
-        live = [i for i in live if i not in entry] + [operands + index]
-    return linear
-
-
-# --------------------------------------------------------------------------- strategies
-
-
-OPTIMAL_MAX_OPERANDS = 6
-EXACT_MAX_OPERANDS = 10
-DP_MAX_OPERANDS = 20
-"""einc's ``"auto"``: opt_einsum's exhaustive ``"optimal"`` up to
-:data:`OPTIMAL_MAX_OPERANDS` operands, dynamic programming with outer products up to
-:data:`EXACT_MAX_OPERANDS`, without them up to :data:`DP_MAX_OPERANDS`, and
-``"greedy"`` beyond.
-
-Measured on chains and random networks (benchmarks/RESULTS.md): plain ``"dp"`` matched
-the cheapest path in 0.2-25 ms nearly always, but skips outer products and so missed it
-in rare cases; with them it stays under 25 ms up to 10 operands and grows to seconds at
-16-20. opt_einsum's own ``"auto"`` (greedy beyond 8 operands) chose paths up to 8x
-costlier. Plans are cached per signature, so the planning time is paid once.
-"""
-
-
-def _auto(operands: int) -> Any:
-    if operands <= OPTIMAL_MAX_OPERANDS:
-        return "optimal"
-    if operands <= EXACT_MAX_OPERANDS:
-        return oe.paths.DynamicProgramming(search_outer=True)
-    return "dp" if operands <= DP_MAX_OPERANDS else "greedy"
-
-
-def _cotengra(operands: int) -> Any:
-    with warnings.catch_warnings():
-        # cotengra warns when its optional kahypar is missing, on every optimizer.
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            import cotengra
-        except ImportError:
-            raise EincError("optimize='cotengra' needs cotengra: pip install 'einc[cotengra]'") from None
-        return cotengra.HyperOptimizer(max_repeats=32, progbar=False)
-
-
-_STRATEGIES: dict[str, Callable[[int], Any]] = {"auto": _auto, "cotengra": _cotengra}
-"""einc's own strategies, by name: each makes opt_einsum's ``optimize`` for a number of
-operands.  opt_einsum's names are passed through."""
-
-STRATEGY_NAMES: tuple[str, ...] = tuple(sorted({*oe.paths._PATH_OPTIONS, *_STRATEGIES}))
-"""Every strategy name ``optimize`` takes."""
-
-
-def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> Any:
-    if isinstance(optimize, str) and 0 in sizes.values():
-        # Every path costs nothing when an axis is empty, and some strategies ("dp")
-        # find no path at all then.
-        return "greedy"
-    if isinstance(optimize, str) and optimize in _STRATEGIES:
-        return _STRATEGIES[optimize](operands)
-    return optimize
-
-
-def _too_small(limit: int, what: str) -> EincError:
-    return EincError(f"memory_limit={limit:,} elements is too small: {what}")
-
-
-def _check_output(output: Sequence[str], sizes: Mapping[str, int], limit: int) -> None:
-    size = math.prod(sizes[a] for a in output)
-    if size > limit:
-        raise _too_small(limit, f"the output alone ({' '.join(map(show_axis, output)) or 'scalar'}) "
-                                f"has {size:,} elements")
-
-
-def _opt_einsum_path(operands: Sequence[tuple[str, ...]], output: tuple[str, ...], sizes: Mapping[str, int],
-                     optimize: Optimize, memory_limit: int | None) -> tuple[list[tuple[int, ...]], Any]:
-    """opt_einsum's path (SSA form) and ``PathInfo`` for atomic axes."""
-    symbols = {a: oe.get_symbol(i) for i, a in enumerate(dict.fromkeys(a for op in operands for a in op))}
-    equation = ",".join("".join(symbols[a] for a in op) for op in operands)
-    equation += "->" + "".join(symbols[a] for a in output)
-    shapes = [tuple(sizes[a] for a in op) for op in operands]
-    strategy = _strategy(optimize, len(operands), sizes)
-    try:
-        try:
-            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=strategy,
-                                          memory_limit=memory_limit)
-        except RuntimeError:
-            if optimize != "auto" or memory_limit is None:
-                raise
-            # Dynamic programming finds nothing under some limits that a greedy path
-            # (checked by the caller) fits.
-            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="greedy",
-                                          memory_limit=memory_limit)
-    except RuntimeError as err:
-        if memory_limit is None:
-            raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
-        _check_output(output, sizes, memory_limit)
-        raise _too_small(memory_limit, "no contraction path keeps every intermediate under it") from None
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
-    return [tuple(entry) for entry in oe.paths.linear_to_ssa(path)], info
-
-
-def check_path(path: Sequence[Sequence[int]], operands: int) -> None:
-    """An explicit path in opt_einsum's linear format must contract ``operands``
-    operands into one: each entry names distinct live positions."""
-    live = operands
-    for contraction in path:
-        if not contraction or len(set(contraction)) != len(contraction) or not all(
-            0 <= i < live for i in contraction
-        ):
-            raise EincError(f"invalid contraction {tuple(contraction)} in path {list(map(tuple, path))} "
-                            f"for {operands} operands")
-        live += 1 - len(contraction)
-    if live != 1:
-        raise EincError(f"path {list(map(tuple, path))} leaves {live} operands uncontracted; it must end with one")
-
-
 # --------------------------------------------------------------------------- steps
 
 
@@ -369,45 +238,17 @@ def _constant_values(steps: Sequence[Step], constants: frozenset[int]) -> frozen
     return frozenset(known)
 
 
-def _folding_path(operands: list[tuple[str, ...]], output: tuple[str, ...], sizes: Mapping[str, int],
-                  optimize: Optimize, memory_limit: int | None, constants: frozenset[int]
-                  ) -> list[tuple[int, ...]] | None:
-    """An SSA path that contracts the constants among themselves first (opt_einsum's
-    order for that sub-network), then the rest; ``None`` where that cannot be planned.
-
-    opt_einsum's constant folding only folds what its cost-optimal path happens to
-    contract first; a separate plan lets work that depends on constants alone be done
-    once, which pays whenever it lowers the per-call cost.
-    """
-    fixed = sorted(constants)
-    others = [i for i in range(len(operands)) if i not in constants]
-    needed = set(output).union(*(set(operands[i]) for i in others))
-    inner = [operands[i] for i in fixed]
-    inner_output = tuple(a for a in dict.fromkeys(a for op in inner for a in op) if a in needed)
-    try:
-        inner_path, _ = _opt_einsum_path(inner, inner_output, sizes, optimize, memory_limit)
-        rest_path, _ = _opt_einsum_path([operands[i] for i in others] + [inner_output], output, sizes,
-                                        optimize, memory_limit)
-    except EincError:
-        return None
-    n, m = len(operands), len(fixed)
-    # Renumber both sub-paths into the level's SSA ids: its operands, then one per entry.
-    inner_ids = fixed + [n + j for j in range(len(inner_path))]
-    rest_ids = others + [inner_ids[-1]] + [n + len(inner_path) + j for j in range(len(rest_path))]
-    return [tuple(inner_ids[i] for i in e) for e in inner_path] + [tuple(rest_ids[i] for i in e) for e in rest_path]
-
-
 def _check_memory(steps: Sequence[Step], ssa_path: Sequence[tuple[int, ...]], operands: int,
                   sizes: Mapping[str, int], limit: int, explicit: bool) -> None:
     # opt_einsum answers "nothing fits" with one naive step over every operand, which
     # would allocate the whole broadcast product: refuse instead.  (A user's explicit
     # step of several operands runs pairwise; its intermediates are checked below.)
     if not explicit and operands > 2 and any(len(entry) > 2 for entry in ssa_path):
-        raise _too_small(limit, "no pairwise contraction path keeps every intermediate under it")
+        raise too_small(limit, "no pairwise contraction path keeps every intermediate under it")
     for index, step in enumerate(steps):
         size = math.prod(sizes[a] for a in step.output_axes)
         if size > limit:
-            raise _too_small(limit, f"step {index} ({' '.join(step.output_axes) or 'scalar'}) "
+            raise too_small(limit, f"step {index} ({' '.join(step.output_axes) or 'scalar'}) "
                                     f"produces {size:,} elements")
 
 
@@ -469,7 +310,7 @@ def plan(
     if pattern.nested and constants:
         raise EincError("constants are not supported in patterns with nested operations")
     if memory_limit is not None and memory_limit < 1:
-        raise _too_small(memory_limit, "it holds no element")
+        raise too_small(memory_limit, "it holds no element")
     known: dict[str, tuple[int, str]] = {}
     if pattern.nested:
         learn_leaf_sizes(pattern, shapes, sizes, known)
@@ -549,14 +390,14 @@ def _plan_level(pattern: ir.Pattern, shapes: tuple[Shape, ...], operands: tuple[
     atoms = [p.axes for p in preps]
     limit = request.memory_limit
     if limit is not None:
-        _check_output(output_axes, size, limit)  # the output, new axes included, must fit whatever the path
+        check_output(output_axes, size, limit)  # the output, new axes included, must fit whatever the path
     ssa_path, info = _path(atoms, contracted_output, size, request)
     steps = _steps(atoms, operands, ssa_path, contracted_output, size, numbering)
     output_shape = tuple(math.prod(size[a] for a in dim) for dim in level.output_dims)
     reduced = present - set(output_axes)
     empty = sorted(a for a in reduced if size[a] == 0)
     if pattern.op in ("max", "min") and empty:
-        raise EincError(f"cannot take {pattern.op} over axis {show_axis(empty[0])} of size 0 "
+        raise EincError(f"cannot take {pattern.op} over {show_axis(empty[0], noun=True)} of size 0 "
                         f"(torch.a{pattern.op} refuses empty reductions too)")
     for what, n in [("the output", math.prod(output_shape))] + [
         (f"step {i}", math.prod(size[a] for a in step.output_axes)) for i, step in enumerate(steps)
@@ -591,13 +432,13 @@ def _path(atoms: list[tuple[str, ...]], output: tuple[str, ...], sizes: Mapping[
     optimize, limit = request.optimize, request.memory_limit
     if isinstance(optimize, (list, tuple)):
         check_path(optimize, len(atoms))
-    ssa_path, info = _opt_einsum_path(atoms, output, sizes, optimize, limit)
+    ssa_path, info = opt_einsum_path(atoms, output, sizes, optimize, limit)
     constants = request.constants
     if len(constants) > 1 and not isinstance(optimize, (list, tuple)):
-        folding = _folding_path(list(atoms), output, sizes, optimize, limit, constants)
+        folding = folding_path(list(atoms), output, sizes, optimize, limit, constants)
         if folding is not None and _per_call_flops(atoms, folding, output, sizes, constants) < \
                 _per_call_flops(atoms, ssa_path, output, sizes, constants):
-            _, info = _opt_einsum_path(atoms, output, sizes, ssa_to_linear(folding, len(atoms)), limit)
+            _, info = opt_einsum_path(atoms, output, sizes, ssa_to_linear(folding, len(atoms)), limit)
             ssa_path = folding
     return ssa_path, info
 

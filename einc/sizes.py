@@ -16,8 +16,8 @@ from typing import Any
 from . import ir
 from .errors import EincError, size_hint
 
-__all__ = ["Group", "Level", "Shape", "check_sizes", "check_new_axes", "leaves", "learn_leaf_sizes", "rank",
-           "resolve", "show_axis"]
+__all__ = ["Group", "Level", "Shape", "check_sizes", "check_new_axes", "leaves", "learn_leaf_sizes",
+           "merge_ellipsis", "rank", "resolve", "show_axis"]
 
 Shape = tuple[int, ...]
 Group = tuple[str, ...]
@@ -34,15 +34,15 @@ def check_sizes(sizes: Mapping[str, Any]) -> None:
             raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
 
 
-def show_axis(axis: str) -> str:
-    """An axis as messages name it: ``'h'``, an anonymous axis by its size, an
-    ellipsis dimension by its place."""
+def show_axis(axis: str, *, noun: bool = False) -> str:
+    """An axis as messages name it: ``'h'`` (with ``noun``, ``axis 'h'``), an anonymous
+    axis by its size, an ellipsis dimension by its place."""
     if axis.startswith(ir.ELLIPSIS):
         return f"'...' (dimension {axis[3:]} of the broadcast ellipsis)"
     anonymous = ir.anonymous_size(axis)
     if anonymous is not None:
-        return f"anonymous axis {anonymous!r}"
-    return repr(axis)
+        return f"anonymous axis {anonymous}"
+    return f"axis {axis!r}" if noun else repr(axis)
 
 
 def check_new_axes(pattern: ir.Pattern, sizes: Mapping[str, int]) -> None:
@@ -79,7 +79,7 @@ class _Sizes:
             self.source[axis] = where
         elif known != value:
             raise EincError(
-                f"axis {show_axis(axis)} has size {value} in {where} but {known} in {self.source[axis]}"
+                f"{show_axis(axis, noun=True)} has size {value} in {where} but {known} in {self.source[axis]}"
             )
 
 
@@ -118,6 +118,36 @@ def learn_leaf_sizes(pattern: ir.Pattern, shapes: Sequence[Shape], keyword: Mapp
             known[name] = (value, table.source[name])
 
 
+def merge_ellipsis(pattern: ir.Pattern, shapes: Sequence[Shape]) -> tuple[Shape, ...]:
+    """Shapes with each operand's ``...`` dimensions merged into one, as shape-generic
+    code sees them (it serves ``...`` of any rank).  Every ``...`` must stand for the
+    same dimensions: a broadcast 1 and a real one would need different code.
+
+    >>> from einc.parser import parse
+    >>> merge_ellipsis(parse("... i, ... i -> ..."), [(2, 3, 4), (2, 3, 4)])
+    ((6, 4), (6, 4))
+    """
+    merged: list[Shape] = []
+    seen: Shape | None = None
+    first = 0
+    for index, ((_, axes), shape) in enumerate(zip(leaves(pattern), shapes)):
+        extra = rank(axes, shape)
+        if not axes.has_ellipsis or extra is None:
+            merged.append(shape)  # planning reports a wrong rank
+            continue
+        start = axes.dims.index((ir.ELLIPSIS,))
+        end = start + extra
+        own = shape[start:end]
+        if seen is not None and own != seen:
+            raise EincError(f"module() cannot broadcast size-1 '...' dimensions or '...' of different ranks: "
+                            f"'...' stands for {list(own)} in operand {index} but {list(seen)} in operand {first}; "
+                            "expand the operands first")
+        if seen is None:
+            seen, first = own, index
+        merged.append(shape[:start] + (math.prod(own),) + shape[end:])
+    return tuple(merged)
+
+
 @dataclass(frozen=True, slots=True)
 class Level:
     """The shapes of one level (one contraction) in axis terms."""
@@ -143,7 +173,7 @@ def resolve(pattern: ir.Pattern, shapes: Sequence[Shape], labels: Sequence[str],
         for axis in (a for dim in dims for a in dim):
             anonymous = ir.anonymous_size(axis)
             if anonymous is not None:
-                sizes.learn(axis, anonymous, "its spelling")
+                sizes.learn(axis, anonymous, "the pattern")
     for name, value in broadcast.items():
         sizes.learn(name, value, "the broadcast ellipsis")
     pending: list[tuple[Group, int, str]] = []
@@ -178,7 +208,7 @@ def _compositions(sizes: _Sizes, pending: list[tuple[Group, int, str]]) -> None:
                 if known == 0 or extent % known:
                     raise EincError(
                         f"composition {group} in {where} has size {extent}, which the known sizes "
-                        f"(product {known}) do not divide, so axis {show_axis(unknown[0])} has no integer size"
+                        f"(product {known}) do not divide, so {show_axis(unknown[0], noun=True)} has no integer size"
                     )
                 sizes.learn(unknown[0], extent // known, where)
             else:
@@ -186,8 +216,9 @@ def _compositions(sizes: _Sizes, pending: list[tuple[Group, int, str]]) -> None:
         if len(still) == len(pending):
             dim, extent, where = still[0]
             missing = ", ".join(repr(a) for a in dim if a not in sizes.size)
+            group = "(" + " ".join(map(ir.spell_axis, dim)) + ")"
             raise EincError(
-                f"cannot infer the sizes of {missing} in composition ({' '.join(dim)}) of {where} "
+                f"cannot infer the sizes of {missing} in composition {group} of {where} "
                 f"(size {extent}): give all but one, e.g. {size_hint(dim[0], 'N')}"
             )
         pending = still
@@ -226,7 +257,7 @@ def _expand_ellipsis(
                 if size != 1:
                     if sizes.get(name, 1) not in (1, size):
                         raise EincError(
-                            f"axis {show_axis(name)} has size {size} in {labels[index]} "
+                            f"{show_axis(name, noun=True)} has size {size} in {labels[index]} "
                             f"but {sizes[name]} in {labels[origin[name]]}, and they do not broadcast"
                         )
                     sizes[name], origin[name] = size, index

@@ -1,0 +1,96 @@
+"""Dtype rules: how mixed operands promote, what each operation computes in and returns.
+
+- Operands of different dtypes meet in torch's promoted dtype (``torch.promote_types``,
+  as ``a * b``).
+- Reductions, semirings and normalizers of half floats compute in float32 (as
+  torch.softmax does inside) and return the half dtype.
+- Sums of integers and bools (a contraction, or a ``sum``/``mean``/``prod`` reduction)
+  compute in int64, as torch.sum does; ``mean`` and fractional scales then give
+  torch's default float.  Everything else keeps the operands' dtype.
+
+Generated code applies these rules; shape-generic code applies them at run time
+(``einc_computed`` in :mod:`einc._runtime`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from . import ir
+from .errors import EincError
+
+__all__ = ["HALF", "promoted", "dtype_of", "check", "sums", "computed", "result", "name"]
+
+HALF = (torch.float16, torch.bfloat16)
+
+_SUMMING = (None, "sum", "mean", "prod", "softmax", "log_softmax")
+"""Operations whose reduction adds (or multiplies) numbers up."""
+_NEEDS_FLOAT = ("logsumexp", "softmax", "log_softmax")
+_SEMIRINGS = ("logsumexp", "max", "min")
+
+_NAMES = {str(t).removeprefix("torch."): t for t in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool)}
+
+
+def promoted(dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The common dtype of operands, by torch's type promotion (as ``a * b``).
+
+    >>> promoted([torch.float32, torch.complex64, torch.int64])
+    torch.complex64
+    """
+    return functools.reduce(torch.promote_types, dtypes)
+
+
+def dtype_of(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
+    """A torch dtype given as itself or by name (``"float32"``)."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _NAMES:
+        return _NAMES[value.removeprefix("torch.")]
+    raise EincError(f"{what} must be a torch.dtype or one of {', '.join(map(repr, _NAMES))}, not {value!r}")
+
+
+def check(pattern: ir.Pattern, dtype: torch.dtype) -> None:
+    """What each operation of ``pattern`` computes on, for operands promoted to ``dtype``."""
+    for level in pattern.levels():
+        op = level.op
+        if dtype.is_complex and op not in (None, "sum", "mean", "prod"):
+            raise EincError(f"{op}(...) needs real tensors, got {dtype}")
+        if not (dtype.is_floating_point or dtype.is_complex) and op in _NEEDS_FLOAT:
+            raise EincError(f"{op}(...) needs floating-point tensors, got {dtype}")
+        if dtype == torch.bool and op in _SEMIRINGS and len(level.inputs) > 1:
+            raise EincError(f"{op}(...) of several operands adds them, which bool tensors cannot")
+
+
+def sums(op: str | None, reduces: bool) -> bool:
+    """Whether a level adds numbers up: it ``reduces`` axes with a summing operation."""
+    return reduces and op in _SUMMING
+
+
+def computed(dtype: torch.dtype, op: str | None, summing: bool) -> torch.dtype:
+    """The dtype a level computes in, for operands of ``dtype``."""
+    if dtype in HALF and op is not None:
+        return torch.float32
+    if not (dtype.is_floating_point or dtype.is_complex) and summing:
+        return torch.int64
+    return dtype
+
+
+def result(dtype: torch.dtype, op: str | None, summing: bool, fractional: bool) -> torch.dtype:
+    """The dtype of a level's result for operands of ``dtype`` (``fractional``: a ``mean``
+    or a scale that divides)."""
+    inner = computed(dtype, op, summing)
+    if dtype in HALF:
+        return dtype
+    if not (inner.is_floating_point or inner.is_complex) and fractional:
+        return torch.get_default_dtype()
+    return inner
+
+
+def name(dtype: torch.dtype) -> str:
+    """A dtype as generated code spells it: ``torch.float32``."""
+    return f"torch.{str(dtype).removeprefix('torch.')}"

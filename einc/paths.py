@@ -1,0 +1,178 @@
+"""Path choice: which order of pairwise contractions opt_einsum's strategies give.
+
+A registry of einc's own strategies beside opt_einsum's names (``optimize=``), an
+explicit path's check, the constant-folding path, and the one converter pair between
+path formats: opt_einsum's ``linear_to_ssa``, and :func:`ssa_to_linear` back (opt_einsum's
+own sorts each entry; this one keeps a user's order).  Paths here are in SSA form:
+operands ``0..n-1``, then one id per entry.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+import opt_einsum as oe
+
+from .errors import EincError
+from .sizes import show_axis
+
+__all__ = ["Optimize", "STRATEGY_NAMES", "check_output", "check_path", "folding_path", "opt_einsum_path",
+           "ssa_to_linear", "too_small"]
+
+Optimize = Union[str, oe.paths.PathOptimizer, Sequence[Sequence[int]]]
+"""An opt_einsum strategy name, a ``PathOptimizer`` instance, or an explicit path."""
+
+
+def ssa_to_linear(ssa_path: Sequence[tuple[int, ...]], operands: int) -> list[tuple[int, ...]]:
+    """An SSA path (operands ``0..n-1``, then one id per entry) in opt_einsum's linear
+    format, each entry's order kept (``opt_einsum.paths.linear_to_ssa`` goes back;
+    opt_einsum's own ``ssa_to_linear`` sorts every entry).
+
+    >>> ssa_to_linear([(2, 0), (1, 3)], 3)
+    [(2, 0), (0, 1)]
+    """
+    live = list(range(operands))
+    linear = []
+    for index, entry in enumerate(ssa_path):
+        linear.append(tuple(live.index(i) for i in entry))
+        live = [i for i in live if i not in entry] + [operands + index]
+    return linear
+
+
+OPTIMAL_MAX_OPERANDS = 6
+EXACT_MAX_OPERANDS = 10
+DP_MAX_OPERANDS = 20
+"""einc's ``"auto"``: opt_einsum's exhaustive ``"optimal"`` up to
+:data:`OPTIMAL_MAX_OPERANDS` operands, dynamic programming with outer products up to
+:data:`EXACT_MAX_OPERANDS`, without them up to :data:`DP_MAX_OPERANDS`, and
+``"greedy"`` beyond.
+
+Measured on chains and random networks (benchmarks/RESULTS.md): plain ``"dp"`` matched
+the cheapest path in 0.2-25 ms nearly always, but skips outer products and so missed it
+in rare cases; with them it stays under 25 ms up to 10 operands and grows to seconds at
+16-20. opt_einsum's own ``"auto"`` (greedy beyond 8 operands) chose paths up to 8x
+costlier. Plans are cached per signature, so the planning time is paid once.
+"""
+
+
+def _auto(operands: int) -> Any:
+    if operands <= OPTIMAL_MAX_OPERANDS:
+        return "optimal"
+    if operands <= EXACT_MAX_OPERANDS:
+        return oe.paths.DynamicProgramming(search_outer=True)
+    return "dp" if operands <= DP_MAX_OPERANDS else "greedy"
+
+
+def _cotengra(operands: int) -> Any:
+    with warnings.catch_warnings():
+        # cotengra warns when its optional kahypar is missing, on every optimizer.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            import cotengra
+        except ImportError:
+            raise EincError("optimize='cotengra' needs cotengra: pip install 'einc[cotengra]'") from None
+        return cotengra.HyperOptimizer(max_repeats=32, progbar=False)
+
+
+_STRATEGIES: dict[str, Callable[[int], Any]] = {"auto": _auto, "cotengra": _cotengra}
+"""einc's own strategies, by name: each makes opt_einsum's ``optimize`` for a number of
+operands.  opt_einsum's names are passed through."""
+
+STRATEGY_NAMES: tuple[str, ...] = tuple(sorted({*oe.paths._PATH_OPTIONS, *_STRATEGIES}))
+"""Every strategy name ``optimize`` takes."""
+
+
+def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> Any:
+    if isinstance(optimize, str) and 0 in sizes.values():
+        # Every path costs nothing when an axis is empty, and some strategies ("dp")
+        # find no path at all then.
+        return "greedy"
+    if isinstance(optimize, str) and optimize in _STRATEGIES:
+        return _STRATEGIES[optimize](operands)
+    return optimize
+
+
+def too_small(limit: int, what: str) -> EincError:
+    return EincError(f"memory_limit={limit:,} elements is too small: {what}")
+
+
+def check_output(output: Sequence[str], sizes: Mapping[str, int], limit: int) -> None:
+    size = math.prod(sizes[a] for a in output)
+    if size > limit:
+        raise too_small(limit, f"the output alone ({' '.join(map(show_axis, output)) or 'scalar'}) "
+                                f"has {size:,} elements")
+
+
+def opt_einsum_path(operands: Sequence[tuple[str, ...]], output: tuple[str, ...], sizes: Mapping[str, int],
+                     optimize: Optimize, memory_limit: int | None) -> tuple[list[tuple[int, ...]], Any]:
+    """opt_einsum's path (SSA form) and ``PathInfo`` for atomic axes."""
+    symbols = {a: oe.get_symbol(i) for i, a in enumerate(dict.fromkeys(a for op in operands for a in op))}
+    equation = ",".join("".join(symbols[a] for a in op) for op in operands)
+    equation += "->" + "".join(symbols[a] for a in output)
+    shapes = [tuple(sizes[a] for a in op) for op in operands]
+    strategy = _strategy(optimize, len(operands), sizes)
+    try:
+        try:
+            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize=strategy,
+                                          memory_limit=memory_limit)
+        except RuntimeError:
+            if optimize != "auto" or memory_limit is None:
+                raise
+            # Dynamic programming finds nothing under some limits that a greedy path
+            # (checked by the caller) fits.
+            path, info = oe.contract_path(equation, *shapes, shapes=True, optimize="greedy",
+                                          memory_limit=memory_limit)
+    except RuntimeError as err:
+        if memory_limit is None:
+            raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
+        check_output(output, sizes, memory_limit)
+        raise too_small(memory_limit, "no contraction path keeps every intermediate under it") from None
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise EincError(f"opt_einsum could not plan with optimize={optimize!r}: {err}") from None
+    return [tuple(entry) for entry in oe.paths.linear_to_ssa(path)], info
+
+
+def check_path(path: Sequence[Sequence[int]], operands: int) -> None:
+    """An explicit path in opt_einsum's linear format must contract ``operands``
+    operands into one: each entry names distinct live positions."""
+    live = operands
+    for contraction in path:
+        if not contraction or len(set(contraction)) != len(contraction) or not all(
+            0 <= i < live for i in contraction
+        ):
+            raise EincError(f"invalid contraction {tuple(contraction)} in path {list(map(tuple, path))} "
+                            f"for {operands} operands")
+        live += 1 - len(contraction)
+    if live != 1:
+        raise EincError(f"path {list(map(tuple, path))} leaves {live} operands uncontracted; it must end with one")
+
+
+def folding_path(operands: list[tuple[str, ...]], output: tuple[str, ...], sizes: Mapping[str, int],
+                  optimize: Optimize, memory_limit: int | None, constants: frozenset[int]
+                  ) -> list[tuple[int, ...]] | None:
+    """An SSA path that contracts the constants among themselves first (opt_einsum's
+    order for that sub-network), then the rest; ``None`` where that cannot be planned.
+
+    opt_einsum's constant folding only folds what its cost-optimal path happens to
+    contract first; a separate plan lets work that depends on constants alone be done
+    once, which pays whenever it lowers the per-call cost.
+    """
+    fixed = sorted(constants)
+    others = [i for i in range(len(operands)) if i not in constants]
+    needed = set(output).union(*(set(operands[i]) for i in others))
+    inner = [operands[i] for i in fixed]
+    inner_output = tuple(a for a in dict.fromkeys(a for op in inner for a in op) if a in needed)
+    try:
+        inner_path, _ = opt_einsum_path(inner, inner_output, sizes, optimize, memory_limit)
+        rest_path, _ = opt_einsum_path([operands[i] for i in others] + [inner_output], output, sizes,
+                                        optimize, memory_limit)
+    except EincError:
+        return None
+    n, m = len(operands), len(fixed)
+    # Renumber both sub-paths into the level's SSA ids: its operands, then one per entry.
+    inner_ids = fixed + [n + j for j in range(len(inner_path))]
+    rest_ids = others + [inner_ids[-1]] + [n + len(inner_path) + j for j in range(len(rest_path))]
+    return [tuple(inner_ids[i] for i in e) for e in inner_path] + [tuple(rest_ids[i] for i in e) for e in rest_path]
