@@ -9,8 +9,6 @@ pattern and the shapes, ``from None``, so users see one clear :class:`EincError`
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,7 +19,7 @@ from . import dtypes, ir
 from .backends import get_backend, instantiate
 from .codegen import Generated, generate
 from .errors import EincError, format_shape
-from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, settings
+from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, configure, settings
 from .parser import Notation, parse
 from .paths import Optimize, check_path
 from .planner import Program, plan
@@ -121,20 +119,10 @@ class Expression:
     True
     """
 
-    def __init__(
-        self,
-        pattern: str,
-        /,
-        *,
-        backend: Backend = "torchscript",
-        optimize: Optimize = "auto",
-        notation: Notation = "auto",
-        memory_limit: int | str | None = None,
-        constants: Mapping[int, torch.Tensor] | None = None,
-        cache_size: int | None = None,
-        fuse: bool = True,
-        **sizes: int,
-    ) -> None:
+    def __init__(self, pattern: str, /, *, cache_size: int | None = None, backend: Backend = "torchscript",
+                 optimize: Optimize = "auto", notation: Notation = "auto", memory_limit: int | str | None = None,
+                 constants: Mapping[int, torch.Tensor] | None = None, fuse: bool = True, **sizes: int) -> None:
+        # compile()'s options, and cache_size: the signatures this expression keeps.
         options = _options(pattern, backend=backend, optimize=optimize, notation=notation,
                            memory_limit=memory_limit, fuse=fuse, cache_size=cache_size)
         self._setup(pattern, options, constants, sizes)
@@ -402,59 +390,20 @@ _widen_tensor = widen
 # ------------------------------------------------------------ module functions
 
 
-_UNSET: Any = object()
-
-
-def configure(
-    *,
-    plan_cache_size: int = _UNSET,
-    expression_cache_size: int = _UNSET,
-    memory_limit: int | str | None = _UNSET,
-) -> dict[str, Any]:
-    """Set process-wide defaults; returns the previous values (pass them back to restore).
-
-    - ``plan_cache_size``: input signatures each new :class:`Expression` keeps (LRU).
-    - ``expression_cache_size``: expressions :func:`compile`/:func:`einsum` keep (LRU).
-    - ``memory_limit``: a cap on every intermediate and output, in elements (int) or
-      bytes (``"8GiB"``), on top of each expression's own; ``None`` for no cap.  It
-      applies to every call from now on, of expressions compiled before too (what they
-      cached is planned again); a module made by :meth:`Expression.module` or
-      ``einc.nn`` checks, on every call, the limits in effect when it was made.  A
-      plan over it raises :class:`EincError` before anything is allocated.
-
-    >>> import einc
-    >>> previous = einc.configure(memory_limit="1GiB")
-    >>> einc.configure(**previous)["memory_limit"]
-    '1GiB'
-    """
-    from .options import parse_memory_limit
-
-    previous = {
-        "plan_cache_size": settings.plan_cache_size,
-        "expression_cache_size": settings.expression_cache_size,
-        "memory_limit": settings.memory_limit,
-    }
-    for name, value in (("plan_cache_size", plan_cache_size), ("expression_cache_size", expression_cache_size)):
-        if value is not _UNSET and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise EincError(f"{name} must be a positive int, not {value!r}")
+def _reset_expression_cache(size: int) -> None:
+    """``configure``'s hook: a cache of ``size`` expressions, none compiled under old settings."""
     global _cached
-    with settings.lock:
-        if memory_limit is not _UNSET:
-            settings.limit = parse_memory_limit(memory_limit)
-            settings.memory_limit = memory_limit
-        if plan_cache_size is not _UNSET:
-            settings.plan_cache_size = plan_cache_size
-        if expression_cache_size is not _UNSET:
-            settings.expression_cache_size = expression_cache_size
-            _cached = functools.lru_cache(maxsize=expression_cache_size)(_cached.__wrapped__)
-        settings.version += 1
+    if size != _cached.cache_info().maxsize:
+        _cached = functools.lru_cache(maxsize=size)(_cached.__wrapped__)
     _cached.cache_clear()
-    return previous
 
 
 @functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)
 def _cached(pattern: str, options: Options, sizes: tuple[tuple[str, int], ...]) -> Expression:
     return _restore(pattern, options, None, dict(sizes))
+
+
+settings.on_change.append(_reset_expression_cache)
 
 
 def compile(  # noqa: A001 - the name is the API

@@ -39,103 +39,135 @@ def _leaf_lists(program: Program) -> list[tuple[ir.AxisList, tuple[Group, ...]]]
 
 
 def prologue(unit: Unit, program: Program, leaves: list[str], lines: list[str],
-              limits: Sequence[tuple[int | None, bool]]) -> list[str]:
+             limits: Sequence[tuple[int | None, bool]]) -> list[str]:
     """Generic code's checks and sizes: each leaf's rank, one size per name, compositions,
-    the common dtype, ``...`` merged into one dimension (any rank), and the memory limit.
+    the common dtype, ``...`` merged into one dimension (any rank), and the memory limits.
     Returns the leaves' variables, reshaped where ``...`` was merged."""
     for level in program.programs():
         for name, value in level.keyword:
             unit.literal[name] = value
         for name, _ in level.sizes:
-            if ir.anonymous_size(name) is not None:
-                unit.literal[name] = ir.anonymous_size(name)  # type: ignore[assignment]
-    found: dict[str, tuple[int, int]] = {}  # axis -> (leaf, dimension) it was read from
-    values = list(leaves)
-    lists = _leaf_lists(program)
-    compact = program.ir.compact
-    for index, (axes, dims) in enumerate(lists):
-        x = values[index]
-        named = len(axes.dims) - axes.has_ellipsis
-        spelled = axes.render(compact) or "(scalar)"
-        if not axes.has_ellipsis:
-            unit.check(lines, f"{x}.dim() != {named}",
-                       f"operand {index} has {{}} dimensions but its axis list '{spelled}' has {named}", f"{x}.dim()")
-            continue
-        unit.check(lines, f"{x}.dim() < {named}",
-                   f"operand {index} has {{}} dimensions but its axis list '{spelled}' has {named} and '...'",
-                   f"{x}.dim()")
-        start = axes.dims.index((ir.ELLIPSIS,))
-        end = f"{x}.dim() - {named - start}" if named > start else f"{x}.dim()"
-        if unit.ellipsis is None:
+            anonymous = ir.anonymous_size(name)
+            if anonymous is not None:
+                unit.literal[name] = anonymous
+    reader = _Reader(unit, _leaf_lists(program), list(leaves), lines, program.ir.compact)
+    reader.ranks()
+    reader.sizes()
+    values = _promotion(unit, program, reader.values, lines)
+    for limit in limits:
+        if limit[0] is not None:
+            _memory_checks(unit, program, lines, limit, values[0])
+    return values
+
+
+class _Reader:
+    """Reads sizes from the leaves' shapes into ``unit.size_vars``, checking as it goes."""
+
+    def __init__(self, unit: Unit, lists: list[tuple[ir.AxisList, tuple[Group, ...]]], values: list[str],
+                 lines: list[str], compact: bool) -> None:
+        self.unit = unit
+        self.compact = compact
+        self.lists = lists
+        self.values = values
+        self.lines = lines
+        self.found: dict[str, tuple[int, int]] = {}
+        """axis -> (leaf, dimension) it was read from."""
+
+    def check(self, condition: str, message: str, *values: str) -> None:
+        self.unit.check(self.lines, condition, message, *values)
+
+    def ranks(self) -> None:
+        """Each leaf's rank; ``...`` the same dimensions everywhere, merged into one."""
+        unit, first = self.unit, 0
+        for index, (axes, _) in enumerate(self.lists):
+            x = self.values[index]
+            named = len(axes.dims) - axes.has_ellipsis
+            spelled = f"operand {index} has {{}} dimensions but its axis list '{axes.render(self.compact) or '(scalar)'}'"
+            if not axes.has_ellipsis:
+                self.check(f"{x}.dim() != {named}", f"{spelled} has {named}", f"{x}.dim()")
+                continue
+            self.check(f"{x}.dim() < {named}", f"{spelled} has {named} and '...'", f"{x}.dim()")
+            start = axes.dims.index((ir.ELLIPSIS,))
+            end = f"{x}.dim() - {named - start}" if named > start else f"{x}.dim()"
             # list(): torch.Size is a tuple in Python, List[int] in TorchScript.
-            unit.ellipsis = unit.assign(lines, f"list({x}.shape[{start}:{end}])", "e")
-            unit.size_vars[ir.ellipsis_axis(0)] = unit.assign(lines, f"{unit.helper('einc_prod')}({unit.ellipsis})", "n")
-            first = index
-        else:
-            unit.check(lines, f"list({x}.shape[{start}:{end}]) != {unit.ellipsis}",
-                       f"'...' stands for dimensions {{}} in operand {index} but {{}} in operand {first}; "
-                       "a module needs every '...' to stand for the same dimensions",
-                       f"list({x}.shape[{start}:{end}])", unit.ellipsis)
-        values[index] = unit.assign(lines, f"{x}.reshape(list({x}.shape[:{start}]) + "
-                                             f"[{unit.size_vars[ir.ellipsis_axis(0)]}] + list({x}.shape[{end}:]))", "x")
+            own = f"list({x}.shape[{start}:{end}])"
+            if unit.ellipsis is None:
+                unit.ellipsis = unit.assign(self.lines, own, "e")
+                unit.size_vars[ir.ellipsis_axis(0)] = unit.assign(
+                    self.lines, f"{unit.helper('einc_prod')}({unit.ellipsis})", "n")
+                first = index
+            else:
+                self.check(f"{own} != {unit.ellipsis}",
+                           f"'...' stands for dimensions {{}} in operand {index} but {{}} in operand {first}; "
+                           "a module needs every '...' to stand for the same dimensions", own, unit.ellipsis)
+            merged = f"[{unit.size_vars[ir.ellipsis_axis(0)]}]"
+            self.values[index] = unit.assign(
+                self.lines, f"{x}.reshape(list({x}.shape[:{start}]) + {merged} + list({x}.shape[{end}:]))", "x")
 
-    def known(axis: str) -> str | None:
-        if axis in unit.literal:
-            return str(int(unit.literal[axis]))
-        return unit.size_vars.get(axis)
+    def known(self, axis: str) -> str | None:
+        if axis in self.unit.literal:
+            return str(int(self.unit.literal[axis]))
+        return self.unit.size_vars.get(axis)
 
-    def where(axis: str) -> str:
-        if axis in unit.literal:
-            return f"keyword {axis}={unit.literal[axis]}" if ir.anonymous_size(axis) is None else "the pattern"
-        leaf, dim = found[axis]
+    def where(self, axis: str) -> str:
+        if axis in self.unit.literal:
+            return f"keyword {axis}={self.unit.literal[axis]}" if ir.anonymous_size(axis) is None else "the pattern"
+        leaf, dim = self.found[axis]
         return f"operand {leaf} (dimension {dim})"
 
-    pending: list[tuple[int, int, Group]] = []
-    for index, (_, dims) in enumerate(lists):
-        x = values[index]
-        for position, dim in enumerate(dims):
-            extent = f"{x}.shape[{position}]"
-            if not dim:
-                unit.check(lines, f"{extent} != 1",
-                           f"operand {index} (dimension {position}) is the unit axis '1' but has size {{}}", extent)
-            elif len(dim) > 1:
-                pending.append((index, position, dim))
-            elif dim[0] == ir.ellipsis_axis(0):
-                continue  # checked above, whole
-            elif known(dim[0]) is None:
-                unit.size_vars[dim[0]] = unit.assign(lines, extent, "n")
-                found[dim[0]] = (index, position)
-            else:
-                unit.check(lines, f"{extent} != {known(dim[0])}",
-                           f"{show_axis(dim[0], noun=True)} has size {{}} in operand {index} (dimension {position}) "
-                           f"but {{}} in {where(dim[0])}", extent, str(known(dim[0])))
-    # Compositions resolve in any order: one group's size may unlock another's.
-    while pending:
-        still = []
-        for index, position, dim in pending:
-            extent = f"{values[index]}.shape[{position}]"
-            unknown = [a for a in dim if known(a) is None]
-            group = "(" + " ".join(map(ir.spell_axis, dim)) + ")"
-            product = " * ".join(str(known(a)) for a in dim if known(a) is not None) or "1"
-            if not unknown:
-                unit.check(lines, f"{extent} != {product}",
-                           f"composition {group} in operand {index} (dimension {position}) has size {{}}, "
-                           "but its axes multiply to {}", extent, product)
-            elif len(unknown) == 1:
-                divisor = unit.assign(lines, product, "n")
-                unit.check(lines, f"{divisor} == 0 or {extent} % {divisor} != 0",
-                           f"composition {group} in operand {index} (dimension {position}) has size {{}}, "
-                           f"which the known sizes (product {{}}) do not divide, so {show_axis(unknown[0], noun=True)} "
-                           "has no integer size", extent, divisor)
-                unit.size_vars[unknown[0]] = unit.assign(lines, f"{extent} // {divisor}", "n")
-                found[unknown[0]] = (index, position)
-            else:
-                still.append((index, position, dim))
-        if len(still) == len(pending):  # pragma: no cover - planning resolved these sizes already
-            raise AssertionError(f"unresolvable compositions {still}")
-        pending = still
-    # Torch's type promotion and the widening of half floats and integers: in a branch
-    # the usual call (one floating dtype) skips.
+    def read(self, axis: str, extent: str, index: int, position: int) -> None:
+        self.unit.size_vars[axis] = self.unit.assign(self.lines, extent, "n")
+        self.found[axis] = (index, position)
+
+    def sizes(self) -> None:
+        """One size per name: read from the first dimension that has it, checked elsewhere."""
+        pending: list[tuple[int, int, Group]] = []
+        for index, (_, dims) in enumerate(self.lists):
+            for position, dim in enumerate(dims):
+                extent = f"{self.values[index]}.shape[{position}]"
+                if not dim:
+                    self.check(f"{extent} != 1",
+                               f"operand {index} (dimension {position}) is the unit axis '1' but has size {{}}", extent)
+                elif len(dim) > 1:
+                    pending.append((index, position, dim))
+                elif dim[0] == ir.ellipsis_axis(0):
+                    continue  # checked whole, in ranks()
+                elif self.known(dim[0]) is None:
+                    self.read(dim[0], extent, index, position)
+                else:
+                    self.check(f"{extent} != {self.known(dim[0])}",
+                               f"{show_axis(dim[0], noun=True)} has size {{}} in operand {index} (dimension "
+                               f"{position}) but {{}} in {self.where(dim[0])}", extent, str(self.known(dim[0])))
+        # Compositions resolve in any order: one group's size may unlock another's.
+        while pending:
+            still = [entry for entry in pending if not self.composition(*entry)]
+            if len(still) == len(pending):  # pragma: no cover - planning resolved these sizes already
+                raise AssertionError(f"unresolvable compositions {still}")
+            pending = still
+
+    def composition(self, index: int, position: int, dim: Group) -> bool:
+        """Check or split one composition; ``False`` while two of its axes are unknown."""
+        extent = f"{self.values[index]}.shape[{position}]"
+        unknown = [a for a in dim if self.known(a) is None]
+        where = f"composition ({' '.join(map(ir.spell_axis, dim))}) in operand {index} (dimension {position})"
+        product = " * ".join(str(self.known(a)) for a in dim if self.known(a) is not None) or "1"
+        if len(unknown) > 1:
+            return False
+        if not unknown:
+            self.check(f"{extent} != {product}", f"{where} has size {{}}, but its axes multiply to {{}}",
+                       extent, product)
+            return True
+        divisor = self.unit.assign(self.lines, product, "n")
+        self.check(f"{divisor} == 0 or {extent} % {divisor} != 0",
+                   f"{where} has size {{}}, which the known sizes (product {{}}) do not divide, so "
+                   f"{show_axis(unknown[0], noun=True)} has no integer size", extent, divisor)
+        self.read(unknown[0], f"{extent} // {divisor}", index, position)
+        return True
+
+
+def _promotion(unit: Unit, program: Program, values: list[str], lines: list[str]) -> list[str]:
+    """Torch's type promotion and the widening of half floats and integers, in a branch
+    the usual call (one floating dtype) skips.  Returns the promoted leaves."""
     unit.dtype = unit.assign(lines, f"{values[0]}.dtype", "d")
     several = len(values) > 1
     promoted = [unit.assign(lines, v, "x") for v in values] if several else values
@@ -153,11 +185,7 @@ def prologue(unit: Unit, program: Program, leaves: list[str], lines: list[str],
             lines += [f"        {p} = {v}.to({unit.dtype})" for p, v in zip(promoted, values)]
         lines += [f"        {unit.targets[kind]} = {unit.helper('einc_computed')}({unit.dtype}, {kind[0]}, {kind[1]})"
                   for kind in kinds]
-    values = promoted
-    for limit in limits:
-        if limit[0] is not None:
-            _memory_checks(unit, program, lines, limit, values[0])
-    return values
+    return promoted
 
 
 def _memory_checks(unit: Unit, program: Program, lines: list[str], limit: tuple[int | None, bool], leaf: str) -> None:

@@ -20,8 +20,8 @@ import torch
 
 from . import __version__, ir
 from .api import Expression
-from .reference import compare
 from .errors import EincError
+from .reference import compare
 
 __all__ = ["main"]
 

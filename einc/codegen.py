@@ -28,10 +28,11 @@ import torch
 
 from . import dtypes, ir
 from ._runtime import FLOOR, HELPERS, TINY
-from .errors import EincError
-from .ir import NORMALIZERS, Factor
-from .planner import Program, Step
 from .checks import prologue, widening
+from .errors import EincError
+from .ir import NORMALIZERS
+from .planner import Program, Step
+from .scaling import Scaling, integral
 from .source import CONSTANT_FUNCTION_NAME, EMPTY_LIST, FUNCTION_NAME, MODULE_NAME, Group, Unit, ints, singles
 
 __all__ = ["Generated", "generate", "FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME", "result_dtype"]
@@ -70,21 +71,17 @@ _SEMIRING = {"logsumexp": "log", "max": "max", "min": "min"}
 """Operations whose operands combine by addition; the rest multiply."""
 
 
-def _integral(factors: Sequence[Factor]) -> bool:
-    return all(not f.divide and not f.sqrt for f in factors)
-
-
 def _computed(dtype: torch.dtype, program: Program) -> torch.dtype:
     return dtypes.computed(dtype, program.ir.op, dtypes.sums(program.ir.op, bool(program.reduced)))
 
 
 def result_dtype(dtype: torch.dtype, program: Program) -> torch.dtype:
     """The dtype of a level's result for operands of ``dtype`` (:func:`einc.dtypes.result`)."""
-    fractional = program.ir.op == "mean" or not _integral(program.ir.scale)
+    fractional = program.ir.op == "mean" or not integral(program.ir.scale)
     return dtypes.result(dtype, program.ir.op, dtypes.sums(program.ir.op, bool(program.reduced)), fractional)
 
 
-class _Emitter:
+class Emitter:
     """Emits the code of one level (one contraction) of a program."""
 
     def __init__(self, program: Program, dtype: torch.dtype | None, unit: Unit, lines: list[str],
@@ -107,7 +104,7 @@ class _Emitter:
         self.sizes = dict(program.sizes) if sizes is None else sizes
         self.owned: set[str] = set()
         """Variables holding contiguous intermediates nothing else refers to (see ``fresh``)."""
-        self.scaling = _Scaling(self) if program.ir.scale else None
+        self.scaling = Scaling(self) if program.ir.scale else None
 
     # ------------------------------------------------------------------ sizes
 
@@ -361,98 +358,6 @@ class _Emitter:
         return value
 
 
-class _Scaling:
-    """Where and how a level applies its scale (``* 2 / sqrt(d)``).
-
-    The scale is an expression of integer literals and sizes only.  A sum of products
-    is linear in each operand, so scaling the smallest operand costs least; the result
-    is scaled instead where that would change the answer: a fractional scale of
-    integers (it would make floats before the product) and a zero divisor (an empty
-    axis: ``0 / 0`` is NaN, as ``x.sum() / 0``, where scaling an operand gives 0).
-    Generic code decides these at run time.
-    """
-
-    def __init__(self, emit: _Emitter) -> None:
-        self.emit = emit
-        self.factors = emit.program.ir.scale
-        self.integral = _integral(self.factors)
-        self.variable = ""
-        self.early = ""
-        """Generic code: the variable saying whether the operand took the scale."""
-
-    def _parts(self) -> tuple[list[str], list[str]]:
-        numerator, denominator = [], []
-        for factor in self.factors:
-            value = str(int(factor.value)) if isinstance(factor.value, int) else self.emit.size(factor.value)
-            value = f"{value} ** 0.5" if factor.sqrt else value
-            (denominator if factor.divide else numerator).append(value)
-        return numerator, denominator
-
-    def _value(self) -> float | int:
-        """Literal code: the scale's value, exact for integers, IEEE for a zero divisor."""
-        value: float | int = 1
-        divisor: float | int = 1
-        for factor in self.factors:
-            number = factor.value if isinstance(factor.value, int) else self.emit.sizes[factor.value]
-            number = math.sqrt(number) if factor.sqrt else number
-            if factor.divide:
-                divisor *= number
-            else:
-                value *= number
-        if divisor == 0:
-            return math.nan if value == 0 else math.inf
-        return value / divisor if not self.integral else value
-
-    def expression(self) -> str:
-        """The scale as code: an int product for integral scales of integers, else a float."""
-        numerator, denominator = self._parts()
-        if self.integral and self.emit.integral():
-            return "(" + " * ".join(numerator or ["1"]) + ")"
-        if denominator and (self.emit.generic or math.isinf(self._value()) or math.isnan(self._value())):
-            return f"{self.emit.helper('einc_ratio')}({' * '.join(['1.0', *numerator])}, " \
-                   f"{' * '.join(['1.0', *denominator])})"
-        return "(" + " ".join(["1.0", *(f"* {v}" for v in numerator), *(f"/ {v}" for v in denominator)]) + ")"
-
-    def _on_result(self) -> bool:
-        """Literal code: whether the result takes the scale (see the class docstring)."""
-        if self.integral:
-            return False
-        value = self._value()
-        return self.emit.integral() or math.isinf(value) or math.isnan(value)
-
-    def operand(self, value: str) -> str:
-        emit = self.emit
-        if not emit.generic:
-            if self.integral and emit.integral() and self._value() >= 2**63:
-                raise EincError(f"the scale {self._value():,} does not fit in int64, which integer tensors "
-                                "are scaled in")
-            return value if self._on_result() else emit.assign(f"{value} * {self.expression()}")
-        if self.integral:
-            return emit.assign(f"{value} * {self.expression()}")
-        self.variable = emit.assign(self.expression())
-        self.early = emit.assign(f"{emit.helper('einc_scales_early')}({value}, {self.variable})")
-        return emit.assign(f"{value} * {self.variable} if {self.early} else {value}")
-
-    def result(self, value: str) -> str:
-        emit = self.emit
-        if not emit.generic:
-            return emit.assign(f"{value} * {self.expression()}") if self._on_result() else value
-        if self.integral:
-            return value
-        return emit.assign(f"{value} if {self.early} else {value} * {self.variable}")
-
-    def float_value(self) -> str:
-        """The scale as a float expression (SDPA's ``scale=``)."""
-        numerator, denominator = self._parts()
-        if denominator and self.emit.generic:
-            return f"{self.emit.helper('einc_ratio')}({' * '.join(['1.0', *numerator])}, " \
-                   f"{' * '.join(['1.0', *denominator])})"
-        return "(" + " ".join(["1.0", *(f"* {v}" for v in numerator), *(f"/ {v}" for v in denominator)]) + ")"
-
-
-# ------------------------------------------------------------------ levels
-
-
 def _attention(unit: Unit, program: Program, values: dict[int, str], types_of: dict[int, torch.dtype | None],
                lines: list[str], top: bool) -> tuple[str, torch.dtype | None]:
     """The whole attention pattern ``program`` as one SDPA call on three tensors."""
@@ -465,8 +370,8 @@ def _attention(unit: Unit, program: Program, values: dict[int, str], types_of: d
     common = None if unit.generic else dtypes.promoted(types)  # type: ignore[arg-type]
     # One name, one size: the outer level reshapes q and k's own axes (the head) too.
     sizes = {**dict(inner.sizes), **dict(program.sizes)}
-    inner_emit = _Emitter(inner, common, unit, lines, sizes=sizes)
-    outer = _Emitter(program, common, unit, lines, top=top, sizes=sizes)
+    inner_emit = Emitter(inner, common, unit, lines, sizes=sizes)
+    outer = Emitter(program, common, unit, lines, top=top, sizes=sizes)
     first_inner = 0 if roles.v == 2 else 1
     where = {roles.q: (inner_emit, roles.q - first_inner), roles.k: (inner_emit, roles.k - first_inner),
              roles.v: (outer, 1 - first_inner)}
@@ -522,7 +427,7 @@ def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[
         operands.append(variable)
         types.append(dtype)
     common = None if unit.generic else dtypes.promoted(types)  # type: ignore[arg-type]
-    emit = _Emitter(program, common, unit, out.main, top=top)
+    emit = Emitter(program, common, unit, out.main, top=top)
 
     constant = program.constant_values()
     prepared: dict[int, str] = {}
@@ -557,6 +462,21 @@ def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[
     return result, result_type
 
 
+def _module_class(parameters: list[str], generic: bool) -> str:
+    """``EincModule``, whose ``forward`` calls ``einc_fn`` (with its messages, generic)."""
+    forward = ", ".join(f"{p}: torch.Tensor" for p in parameters)
+    passed = ", ".join(parameters + (["self.einc_messages"] if generic else []))
+    return "\n".join([
+        "", "", f"class {MODULE_NAME}(torch.nn.Module):",
+        "    def __init__(self, messages: List[str]) -> None:",
+        "        super().__init__()",
+        "        self.einc_messages = messages",
+        "",
+        f"    def forward(self, {forward}) -> torch.Tensor:",
+        f"        return {FUNCTION_NAME}({passed})", "",
+    ])
+
+
 def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torch.float32, *,
              generic: bool = False, module: bool = False, safe: bool = False,
              context: str = "", limits: Sequence[tuple[int | None, bool]] = ()) -> Generated:
@@ -589,10 +509,6 @@ def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torc
     result, _ = _level(unit, program, dict(enumerate(leaves)), types_of, out, top=True)
 
     variable = [p for i, p in enumerate(params) if i not in program.constants]
-    arguments = variable + [k for _, k in out.folded]
-    signature = ", ".join(f"{p}: torch.Tensor" for p in arguments)
-    if generic:
-        signature += f", {unit.messages_var}: List[str]"
     parts = [HELPERS[name][0].strip() + "\n\n\n" for name in unit.helpers]
     if program.constants:
         constant_params = ", ".join(f"{p}: torch.Tensor" for i, p in enumerate(params) if i in program.constants)
@@ -601,20 +517,13 @@ def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torc
             f"def {CONSTANT_FUNCTION_NAME}({constant_params}) -> List[torch.Tensor]:",
             *out.folding, f"    return [{returned}]", "", "",
         ]))
+    signature = ", ".join(f"{p}: torch.Tensor" for p in variable + [k for _, k in out.folded])
+    if generic:
+        signature += f", {unit.messages_var}: List[str]"
     parts.append("\n".join([f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *out.main,
                             f"    return {result}", ""]))
     if module:
-        forward = ", ".join(f"{p}: torch.Tensor" for p in variable)
-        passed = ", ".join(variable + (["self.einc_messages"] if generic else []))
-        parts.append("\n".join([
-            "", "", f"class {MODULE_NAME}(torch.nn.Module):",
-            "    def __init__(self, messages: List[str]) -> None:",
-            "        super().__init__()",
-            "        self.einc_messages = messages",
-            "",
-            f"    def forward(self, {forward}) -> torch.Tensor:",
-            f"        return {FUNCTION_NAME}({passed})", "",
-        ]))
+        parts.append(_module_class(variable, generic))
     source = "".join(parts)
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
     namespace = {"torch": torch, "List": List, "Tuple": Tuple, "EincError": EincError}

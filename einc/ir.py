@@ -131,6 +131,21 @@ class AxisList:
         """Whether the ellipsis is inside a composition: ``(...)``, ``(b ...)``."""
         return any(MERGED_ELLIPSIS in dim for dim in self.dims)
 
+    def spans(self, ndim: int) -> tuple[tuple[tuple[str, ...], int, int], ...]:
+        """(dimension's axes, first tensor dimension, how many) of each entry of ``dims``,
+        for a tensor of ``ndim`` dimensions: ``...`` spans what the others leave.
+
+        >>> AxisList((("b",), (ELLIPSIS,), ("c",))).spans(4)
+        ((('b',), 0, 1), (('...',), 1, 2), (('c',), 3, 1))
+        """
+        own = ndim - (len(self.dims) - self.has_ellipsis)
+        out, position = [], 0
+        for dim in self.dims:
+            count = own if dim == (ELLIPSIS,) else 1
+            out.append((dim, position, count))
+            position += count
+        return tuple(out)
+
     @property
     def axes(self) -> tuple[str, ...]:
         """Named axes in order of appearance, repeats included, ellipsis excluded."""

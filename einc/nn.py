@@ -339,6 +339,38 @@ class MultiheadAttention(torch.nn.Module):
             merged = padding if merged is None else merged + padding
         return merged
 
+    def _check_masks(self, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
+                     is_causal: bool, batched: bool, n: int, length: int, source: int) -> None:
+        """Refuse what torch's layer refuses: the causal hint without its mask, integer
+        masks, masks of other shapes."""
+        if is_causal and attn_mask is None:
+            raise EincError("MultiheadAttention: is_causal=True is a hint that attn_mask is causal and needs "
+                            "that mask: pass attn_mask too, e.g. "
+                            "torch.nn.Transformer.generate_square_subsequent_mask(L) (as torch's layer asks)")
+        _check_mask(attn_mask, "attn_mask", [[length, source], [n * self.num_heads, length, source]],
+                    ["(L, S)", "(N * num_heads, L, S)" if batched else "(num_heads, L, S)"], batched)
+        if batched:
+            _check_mask(key_padding_mask, "key_padding_mask", [[n, source]], ["(N, S)"], batched)
+        else:
+            _check_mask(key_padding_mask, "key_padding_mask", [[source]], ["(S,)"], batched)
+
+    def _with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],  # noqa: UP045
+                      dropout: float, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
+        """The unfused path, which returns the attention weights: scores, mask, softmax,
+        dropout and the weighted sum, as torch's layer computes them."""
+        scores = self.scores(q, k)
+        if mask is not None:
+            scores = scores + mask
+        if scores.requires_grad or not _may_write(scores):
+            probabilities = torch.softmax(scores, -1)
+        else:
+            # The scores are this layer's own tensor: normalizing them in place spares
+            # a score-sized allocation (as torch's native attention does).
+            probabilities = torch.softmax(scores, -1, out=scores)
+        if dropout > 0.0:
+            probabilities = F.dropout(probabilities, p=dropout)
+        return self.mix(probabilities, v), probabilities.mean(1) if average else probabilities
+
     def forward(
         self,
         query: torch.Tensor,
@@ -360,16 +392,8 @@ class MultiheadAttention(torch.nn.Module):
         sequence_axis = 1 if batched and self.batch_first else 0
         length, source = query.shape[sequence_axis], key.shape[sequence_axis]
         n = query.shape[1 - sequence_axis] if batched else 1
-        if is_causal and attn_mask is None:
-            raise EincError("MultiheadAttention: is_causal=True is a hint that attn_mask is causal and needs "
-                            "that mask: pass attn_mask too, e.g. "
-                            "torch.nn.Transformer.generate_square_subsequent_mask(L) (as torch's layer asks)")
-        _check_mask(attn_mask, "attn_mask", [[length, source], [n * self.num_heads, length, source]],
-                    ["(L, S)", "(N * num_heads, L, S)" if batched else "(num_heads, L, S)"], batched)
-        if batched:
-            _check_mask(key_padding_mask, "key_padding_mask", [[n, source]], ["(N, S)"], batched)
-        else:
-            _check_mask(key_padding_mask, "key_padding_mask", [[source]], ["(S,)"], batched)
+        self._check_masks(attn_mask, key_padding_mask, is_causal, batched, n, length, source)
+        if not batched:
             axis = 0 if self.batch_first else 1
             query, key, value = query.unsqueeze(axis), key.unsqueeze(axis), value.unsqueeze(axis)
         q = self._projected(query, 0)
@@ -388,19 +412,7 @@ class MultiheadAttention(torch.nn.Module):
                 self.split_heads(q), self.split_heads(k), self.split_heads(v),
                 attn_mask=mask, dropout_p=dropout, is_causal=causal))
         else:
-            scores = self.scores(q, k)
-            if mask is not None:
-                scores = scores + mask
-            if scores.requires_grad or not _may_write(scores):
-                probabilities = torch.softmax(scores, -1)
-            else:
-                # The scores are this layer's own tensor: normalizing them in place spares
-                # a score-sized allocation (as torch's native attention does).
-                probabilities = torch.softmax(scores, -1, out=scores)
-            if dropout > 0.0:
-                probabilities = F.dropout(probabilities, p=dropout)
-            attended = self.mix(probabilities, v)
-            weights = probabilities.mean(1) if average_attn_weights else probabilities
+            attended, weights = self._with_weights(q, k, v, mask, dropout, average_attn_weights)
         out = self.output(attended, self.out_proj.weight)
         if self.has_bias:
             out = out + self.out_proj.bias

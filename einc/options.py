@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,10 +19,11 @@ import opt_einsum as oe
 import torch
 
 from .backends import get_backend
-from .paths import STRATEGY_NAMES
 from .errors import EincError
+from .paths import STRATEGY_NAMES
 
-__all__ = ["Backend", "Options", "Settings", "settings", "check_constants", "element_limit", "parse_memory_limit",
+__all__ = ["Backend", "Options", "Settings", "settings", "check_constants", "configure", "element_limit",
+           "parse_memory_limit",
            "STRATEGY_NAMES", "BYTE_UNITS"]
 
 Backend = Literal["torchscript", "eager", "compile"]
@@ -131,6 +132,9 @@ class Settings:
         self.version = 0
         """Bumped by every :func:`configure`: signatures planned under older settings are planned again."""
         self.lock = threading.Lock()
+        self.on_change: list[Callable[[int], None]] = []
+        """Called after every :func:`configure` with the expression cache's size (the
+        API's cache of compiled expressions empties and resizes itself)."""
 
 
 settings = Settings()
@@ -149,3 +153,51 @@ def check_constants(value: Mapping[int, torch.Tensor] | None, operands: int) -> 
         if not isinstance(tensor, torch.Tensor):
             raise EincError(f"constants: operand {position} is a {type(tensor).__name__}, not a torch.Tensor")
     return tuple(sorted(value.items()))
+
+
+_UNSET: Any = object()
+
+
+def configure(
+    *,
+    plan_cache_size: int = _UNSET,
+    expression_cache_size: int = _UNSET,
+    memory_limit: int | str | None = _UNSET,
+) -> dict[str, Any]:
+    """Set process-wide defaults; returns the previous values (pass them back to restore).
+
+    - ``plan_cache_size``: input signatures each new ``einc.Expression`` keeps (LRU).
+    - ``expression_cache_size``: expressions ``einc.compile``/``einc.einsum`` keep (LRU).
+    - ``memory_limit``: a cap on every intermediate and output, in elements (int) or
+      bytes (``"8GiB"``), on top of each expression's own; ``None`` for no cap.  It
+      applies to every call from now on, of expressions compiled before too (what they
+      cached is planned again); a module made by ``Expression.module`` or
+      ``einc.nn`` checks, on every call, the limits in effect when it was made.  A
+      plan over it raises ``EincError`` before anything is allocated.  Any call empties
+      the expression cache, so later ``compile`` calls see the new values.
+
+    >>> import einc
+    >>> previous = einc.configure(memory_limit="1GiB")
+    >>> einc.configure(**previous)["memory_limit"]
+    '1GiB'
+    """
+    previous = {
+        "plan_cache_size": settings.plan_cache_size,
+        "expression_cache_size": settings.expression_cache_size,
+        "memory_limit": settings.memory_limit,
+    }
+    for name, value in (("plan_cache_size", plan_cache_size), ("expression_cache_size", expression_cache_size)):
+        if value is not _UNSET and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise EincError(f"{name} must be a positive int, not {value!r}")
+    with settings.lock:
+        if memory_limit is not _UNSET:
+            settings.limit = parse_memory_limit(memory_limit)
+            settings.memory_limit = memory_limit
+        if plan_cache_size is not _UNSET:
+            settings.plan_cache_size = plan_cache_size
+        if expression_cache_size is not _UNSET:
+            settings.expression_cache_size = expression_cache_size
+        settings.version += 1
+    for hook in settings.on_change:
+        hook(settings.expression_cache_size)
+    return previous

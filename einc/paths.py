@@ -171,7 +171,7 @@ def folding_path(operands: list[tuple[str, ...]], output: tuple[str, ...], sizes
                                         optimize, memory_limit)
     except EincError:
         return None
-    n, m = len(operands), len(fixed)
+    n = len(operands)
     # Renumber both sub-paths into the level's SSA ids: its operands, then one per entry.
     inner_ids = fixed + [n + j for j in range(len(inner_path))]
     rest_ids = others + [inner_ids[-1]] + [n + len(inner_path) + j for j in range(len(rest_path))]

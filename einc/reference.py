@@ -98,15 +98,9 @@ def reference(pattern: ir.Pattern, tensors: Sequence[torch.Tensor], sizes: Mappi
     rest = iter(tensors)
     # Plain axes of every tensor first: a nested level may need one another level has.
     for axes, tensor in zip(_leaf_lists(pattern), tensors):
-        own = tensor.dim() - (len(axes.dims) - axes.has_ellipsis)
-        position = 0
-        for dim in axes.dims:
-            if dim == (ir.ELLIPSIS,):
-                position += own
-                continue
-            if len(dim) == 1:
-                table.setdefault(dim[0], tensor.shape[position])
-            position += 1
+        for dim, start, _ in axes.spans(tensor.dim()):
+            if len(dim) == 1 and dim != (ir.ELLIPSIS,):
+                table.setdefault(dim[0], tensor.shape[start])
     return _level(pattern, rest, table, absolute)
 
 
@@ -118,13 +112,8 @@ def _split(axes: ir.AxisList, tensor: torch.Tensor, table: dict[str, int]) -> tu
     """``tensor`` with its compositions split and unit dimensions dropped; its axes, the
     ellipsis dimensions as ``"..."`` each.  Sizes of composed axes missing from
     ``table`` are learned into it."""
-    own = tensor.dim() - (len(axes.dims) - axes.has_ellipsis)
-    groups: list[tuple[tuple[str, ...], int]] = []
-    position = 0
-    for dim in axes.dims:
-        if len(dim) > 1:
-            groups.append((dim, tensor.shape[position]))
-        position += own if dim == (ir.ELLIPSIS,) else 1
+    spans = axes.spans(tensor.dim())
+    groups = [(dim, tensor.shape[start]) for dim, start, _ in spans if len(dim) > 1]
     while any(a not in table for dim, _ in groups for a in dim):
         for dim, extent in groups:
             unknown = [a for a in dim if a not in table]
@@ -133,16 +122,13 @@ def _split(axes: ir.AxisList, tensor: torch.Tensor, table: dict[str, int]) -> tu
                 table[unknown[0]] = extent // known if known else 0
     shape: list[int] = []
     names: list[str] = []
-    position = 0
-    for dim in axes.dims:
+    for dim, start, count in spans:
         if dim == (ir.ELLIPSIS,):
-            shape.extend(tensor.shape[position:position + own])
-            names.extend([ir.ELLIPSIS] * own)
-            position += own
+            shape.extend(tensor.shape[start:start + count])
+            names.extend([ir.ELLIPSIS] * count)
         else:
             shape.extend(table[a] for a in dim)
             names.extend(dim)
-            position += 1
     return tensor.reshape(shape), names
 
 

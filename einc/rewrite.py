@@ -58,20 +58,11 @@ def attention(pattern: ir.Pattern) -> Attention | None:
     >>> attention(parse("log_softmax(b q d, b k d -> b q [k]), b k e -> b q e")) is None
     True
     """
-    if pattern.op not in (None, "sum") or pattern.scale or len(pattern.inputs) != 2:
+    shape = _shape(pattern)
+    if shape is None:
         return None
-    first, second = pattern.inputs
-    if isinstance(first, ir.Pattern) and isinstance(second, ir.AxisList):
-        inner, v_axes, inner_first = first, second, True
-    elif isinstance(second, ir.Pattern) and isinstance(first, ir.AxisList):
-        inner, v_axes, inner_first = second, first, False
-    else:
-        return None
-    if inner.op != "softmax" or len(inner.inputs) != 2 or inner.nested:
-        return None
+    inner, v_axes, inner_first = shape
     a, b = inner.operands
-    if not all(_plain(x) for x in (a, b, v_axes, inner.output, pattern.output)):
-        return None
     key = set(inner.normalized)
     # k is the operand holding the normalized axes; q the other.
     if key <= set(b.axes) and not key & set(a.axes):
@@ -82,22 +73,12 @@ def attention(pattern: ir.Pattern) -> Attention | None:
         return None
     qs, ks, vs = set(q_axes.axes), set(k_axes.axes), set(v_axes.axes)
     scores, out = set(inner.output.axes), set(pattern.output.axes)
-    head = (qs & ks) - scores
-    batch = qs & ks & scores
-    query = qs - ks
-    value = vs - batch - key
-    fits = (
-        head
-        and ks - qs == key
-        and query <= scores
-        and scores == batch | query | key
-        and batch | key <= vs
-        and not query & vs
-        and out == batch | query | value
-    )
+    head, batch, query, value = (qs & ks) - scores, qs & ks & scores, qs - ks, vs - (qs & ks & scores) - key
+    fits = (head and ks - qs == key and query <= scores and scores == batch | query | key
+            and batch | key <= vs and not query & vs and out == batch | query | value)
     if not fits:
         return None
-    in_order = lambda axes: tuple(x for x in inner.output.axes if x in axes)
+    in_order = lambda axes: tuple(x for x in inner.output.axes if x in axes)  # noqa: E731
     first_leaf = 0 if inner_first else 1  # the softmax's two tensors, then v (or v first)
     return Attention(
         batch=in_order(batch),
@@ -110,6 +91,25 @@ def attention(pattern: ir.Pattern) -> Attention | None:
         v=2 if inner_first else 0,
         scale=inner.scale,
     )
+
+
+def _shape(pattern: ir.Pattern) -> tuple[ir.Pattern, ir.AxisList, bool] | None:
+    """(softmax, v's axes, softmax first) where ``pattern`` is a plain sum of a softmax of
+    two plain operands and a plain operand v; else ``None``."""
+    if pattern.op not in (None, "sum") or pattern.scale or len(pattern.inputs) != 2:
+        return None
+    first, second = pattern.inputs
+    if isinstance(first, ir.Pattern) and isinstance(second, ir.AxisList):
+        inner, v_axes, inner_first = first, second, True
+    elif isinstance(second, ir.Pattern) and isinstance(first, ir.AxisList):
+        inner, v_axes, inner_first = second, first, False
+    else:
+        return None
+    if inner.op != "softmax" or len(inner.inputs) != 2 or inner.nested:
+        return None
+    if not all(_plain(x) for x in (*inner.operands, v_axes, inner.output, pattern.output)):
+        return None
+    return inner, v_axes, inner_first
 
 
 PASSES: dict[str, Callable[[ir.Pattern], Attention | None]] = {"attention": attention}

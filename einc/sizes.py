@@ -102,17 +102,11 @@ def learn_leaf_sizes(pattern: ir.Pattern, shapes: Sequence[Shape], keyword: Mapp
     table = _Sizes(keyword)
     for position, operand in leaves(pattern):
         shape = shapes[position]
-        extra = rank(operand, shape)
-        if extra is None:
+        if rank(operand, shape) is None:
             continue  # the level's own planning reports it
-        dimension = 0
-        for dim in operand.dims:
-            if dim == (ir.ELLIPSIS,):
-                dimension += extra
-                continue
-            if len(dim) == 1:
-                table.learn(dim[0], shape[dimension], f"operand {position} (dimension {dimension})")
-            dimension += 1
+        for dim, start, _ in operand.spans(len(shape)):
+            if len(dim) == 1 and dim != (ir.ELLIPSIS,):
+                table.learn(dim[0], shape[start], f"operand {position} (dimension {start})")
     for name, value in table.size.items():
         if name not in keyword:
             known[name] = (value, table.source[name])
