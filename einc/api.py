@@ -399,8 +399,8 @@ def _reset_expression_cache(size: int) -> None:
 
 
 @functools.lru_cache(maxsize=EXPRESSION_CACHE_SIZE)
-def _cached(pattern: str, options: Options, sizes: tuple[tuple[str, int], ...]) -> Expression:
-    return _restore(pattern, options, None, dict(sizes))
+def _cached(pattern: str, options: Options, sizes: tuple[tuple[str, type, int], ...]) -> Expression:
+    return _restore(pattern, options, None, {name: value for name, _, value in sizes})
 
 
 settings.on_change.append(_reset_expression_cache)
@@ -429,14 +429,14 @@ def compile(  # noqa: A001 - the name is the API
     """
     options = _options(pattern, backend=backend, optimize=optimize, notation=notation, memory_limit=memory_limit,
                        fuse=fuse)
-    # Checked before the cache, which would take 2.0 for 2 and True for 1.
-    check_sizes(sizes)
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
         return _restore(pattern, options, constants, sizes)
     try:
-        return _cached(pattern, options, tuple(sorted(sizes.items())))
-    except TypeError:  # an unhashable PathOptimizer or pattern: nothing to cache by
+        # Sizes keyed with their types: the cache would take 2.0 for 2 and True for 1,
+        # which the expression (made on a miss) refuses.
+        return _cached(pattern, options, tuple(sorted((name, type(n), n) for name, n in sizes.items())))
+    except TypeError:  # an unhashable PathOptimizer, pattern or size: nothing to cache by
         return _restore(pattern, options, None, sizes)
 
 

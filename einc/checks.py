@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from . import dtypes, ir
+from .paths import too_small
 from .planner import Program
 from .sizes import show_axis
 from .source import Group, Unit
@@ -200,4 +201,4 @@ def _memory_checks(unit: Unit, program: Program, lines: list[str], limit: tuple[
         for what, axes in shapes:
             count = " * ".join(unit.size(a) for a in axes) or "1"
             unit.check(lines, f"{count} > {cap}",
-                       f"memory_limit={bound:,} {unit_of} is too small: {what} would hold {{}} elements", count)
+                       str(too_small(bound, f"{what} would hold {{}} elements", unit_of)), count)

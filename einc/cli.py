@@ -20,13 +20,13 @@ import torch
 
 from . import __version__, ir
 from .api import Expression
-from .errors import EincError
-from .reference import compare
+from .errors import EincError, format_shape
+from .reference import LETTERS, compare, letters
+from .report import table
 
 __all__ = ["main"]
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _EINC_BACKENDS = ("torchscript", "eager")
 
 _MAIN_EPILOG = """\
@@ -124,10 +124,6 @@ def _threads(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{value} threads: at most {MAX_THREADS} on this machine "
                                          f"({os.cpu_count()} CPUs)")
     return value
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape)) or "()"
 
 
 # ------------------------------------------------------------------- parser
@@ -261,10 +257,11 @@ def _einsum_equation(pattern: ir.Pattern) -> tuple[str | None, str]:
         return None, "cannot express compositions or unit axes"
     if pattern.new_axes:
         return None, f"cannot create new output axes ({', '.join(pattern.new_axes)})"
-    names = list(dict.fromkeys(a for axes in lists for a in axes.axes))
-    if len(names) > len(_LETTERS):
-        return None, f"at most {len(_LETTERS)} distinct axes"
-    letter = {a: a for a in names} if pattern.compact else dict(zip(names, _LETTERS))
+    names = [a for axes in lists for a in axes.axes]
+    try:
+        letter = {a: a for a in names} if pattern.compact else letters(names)
+    except EincError:
+        return None, f"at most {len(LETTERS)} distinct axes"
     letter[ir.ELLIPSIS] = ir.ELLIPSIS
     spell = lambda axes: "".join(letter[dim[0]] for dim in axes.dims)  # noqa: E731
     return ",".join(spell(axes) for axes in pattern.operands) + "->" + spell(pattern.output), ""
@@ -317,13 +314,6 @@ def _seconds(value: float) -> str:
     return f"{value * 1e3:.3f} ms" if value < 1 else f"{value:.3f} s"
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    """Left-aligned columns: the header row, a rule, then the other rows."""
-    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-    line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
-    return [line(rows[0]), line(["-" * w for w in widths]), *map(line, rows[1:])]
-
-
 def _bench(args: argparse.Namespace) -> int:
     """``einc bench``: check, then time each contender; print medians and ratios."""
     from torch.utils import benchmark
@@ -337,7 +327,7 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         tensors = [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
     except (RuntimeError, MemoryError) as err:  # torch's allocation failure
-        raise EincError(f"cannot allocate random tensors of shapes {', '.join(_dims(s) for s in shapes)}: "
+        raise EincError(f"cannot allocate random tensors of shapes {', '.join(format_shape(s) for s in shapes)}: "
                         f"{str(err).splitlines()[0]}") from None
     reference = first.reference(*tensors)
     bound = first.reference(*tensors, absolute=True)
@@ -365,9 +355,9 @@ def _bench(args: argparse.Namespace) -> int:
         ratios = ("-" if e == name else f"{timed[e][0] / median:.2f}x" for e in einc_names)
         rows.append([name, _seconds(median), *ratios, f"{error:.1e}"])
     threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
-    print(f"einc bench {args.pattern!r}: shapes {', '.join(_dims(s) for s in shapes)}, "
+    print(f"einc bench {args.pattern!r}: shapes {', '.join(format_shape(s) for s in shapes)}, "
           f"{args.dtype}, {threads}")
-    print("\n".join(_table(rows)))
+    print("\n".join(table(rows, rule=True)))
     for note in notes:
         print(f"not timed: {note}")
     print("ratios: einc time / contender time (below 1x, einc is faster); "

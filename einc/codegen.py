@@ -18,6 +18,7 @@ to the function (``messages``), never source.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Sequence
@@ -107,6 +108,13 @@ class Emitter:
         self.scaling = Scaling(self) if program.ir.scale else None
 
     # ------------------------------------------------------------------ sizes
+
+    def into(self, lines: list[str]) -> Emitter:
+        """This emitter writing to ``lines`` instead (constant folding's function), its
+        state shared."""
+        other = copy.copy(self)
+        other.lines = lines
+        return other
 
     def size(self, axis: str) -> str:
         """Code for the size of ``axis``: a literal, or (generic) a variable read from shapes."""
@@ -203,7 +211,7 @@ class Emitter:
         for d1, d2 in prep.diagonals:
             value = self.assign(f"torch.diagonal({value}, 0, {int(d1)}, {int(d2)})")
         if scale and self.scaling is not None and self.program.scaled == index:
-            value = self.scaling.operand(value)
+            value = self.scaling.operand(value, self)
         return value
 
     def unary(self, step: Step, value: str) -> tuple[str, str]:
@@ -340,7 +348,7 @@ class Emitter:
             value = self.reshape(value, singles(present), with_new)
             value = self.assign(f"{value}.expand({self.dims(singles(target))})")
         if self.scaling is not None:
-            value = self.scaling.result(value)
+            value = self.scaling.result(value, self)
         if program.ir.op in NORMALIZERS:
             value = self.normalize(value, target)
         merged = self.generic and self.top and program.ir.output.has_ellipsis
@@ -428,32 +436,29 @@ def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[
         types.append(dtype)
     common = None if unit.generic else dtypes.promoted(types)  # type: ignore[arg-type]
     emit = Emitter(program, common, unit, out.main, top=top)
-
+    # What depends on constants alone is computed once, in einc_constants.
     constant = program.constant_values()
+    folding = emit.into(out.folding)
     prepared: dict[int, str] = {}
     for index, (value_id, operand) in enumerate(zip(program.operands, operands)):
-        emit.lines = out.folding if value_id in constant else out.main
-        prepared[value_id] = emit.prep(index, operand, types[index])
+        prepared[value_id] = (folding if value_id in constant else emit).prep(index, operand, types[index])
 
-    def take(value_id: int) -> str:
+    def take(value_id: int, folded: bool) -> str:
         name = prepared.pop(value_id)
-        if value_id in constant and emit.lines is out.main:
-            out.folded.append((name, emit.names.create("k")))
+        if value_id in constant and not folded:
+            out.folded.append((name, emit.names.create("k")))  # einc_fn takes it as a parameter
             return out.folded[-1][1]
         return name
 
     for step in program.steps:
-        emit.lines = out.folding if step.value in constant else out.main
-        args = [take(i) for i in step.inputs]
-        if len(args) == 1:
-            variable, kernel = emit.unary(step, args[0])
-        else:
-            variable, kernel = emit.binary(step, args[0], args[1])
+        folded = step.value in constant
+        here = folding if folded else emit
+        args = [take(i, folded) for i in step.inputs]
+        variable, kernel = here.unary(step, args[0]) if len(args) == 1 else here.binary(step, args[0], args[1])
         unit.kernels.append(kernel)
         prepared[step.value] = variable
-    emit.lines = out.main
     last = program.steps[-1]
-    result = emit.finish(take(last.value), last.output_axes)
+    result = emit.finish(take(last.value, False), last.output_axes)
     if last.value in constant:
         # Everything was folded: hand out a copy, never the cached tensor (or a view of it).
         result = emit.assign(f"{result}.clone()")

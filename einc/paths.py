@@ -95,8 +95,9 @@ def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> An
     return optimize
 
 
-def too_small(limit: int, what: str) -> EincError:
-    return EincError(f"memory_limit={limit:,} elements is too small: {what}")
+def too_small(limit: int, what: str, unit: str = "elements") -> EincError:
+    """The one message for a plan over the memory limit."""
+    return EincError(f"memory_limit={limit:,} {unit} is too small: {what}")
 
 
 def check_output(output: Sequence[str], sizes: Mapping[str, int], limit: int) -> None:

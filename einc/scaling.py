@@ -79,8 +79,8 @@ class Scaling:
         value = self._value()
         return self.emit.integral() or math.isinf(value) or math.isnan(value)
 
-    def operand(self, value: str) -> str:
-        emit = self.emit
+    def operand(self, value: str, emit: Emitter) -> str:
+        """``value`` scaled if it takes the scale, the code written by ``emit``."""
         if not emit.generic:
             if self.integral and emit.integral() and self._value() >= 2**63:
                 raise EincError(f"the scale {self._value():,} does not fit in int64, which integer tensors "
@@ -92,8 +92,8 @@ class Scaling:
         self.early = emit.assign(f"{emit.helper('einc_scales_early')}({value}, {self.variable})")
         return emit.assign(f"{value} * {self.variable} if {self.early} else {value}")
 
-    def result(self, value: str) -> str:
-        emit = self.emit
+    def result(self, value: str, emit: Emitter) -> str:
+        """The level's result scaled if it takes the scale, the code written by ``emit``."""
         if not emit.generic:
             return emit.assign(f"{value} * {self.expression()}") if self._on_result() else value
         if self.integral:

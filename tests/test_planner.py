@@ -1,0 +1,122 @@
+"""Stage test: IR + shapes -> Program (:mod:`einc.planner`, :mod:`einc.paths`).
+
+Programs, paths and steps asserted directly.  References: opt_einsum's ``contract_path``
+on the same network (paths and FLOP counts), and each step's axis bookkeeping worked
+out by hand from its inputs.
+"""
+
+from __future__ import annotations
+
+import opt_einsum as oe
+import pytest
+
+import einc
+from einc.parser import parse
+from einc.paths import check_path, ssa_to_linear
+from einc.planner import plan
+
+
+def test_a_chain_follows_opt_einsums_path():
+    shapes = [(8, 64), (64, 8), (8, 64)]
+    program = plan(parse("ab,bc,cd->ad"), shapes, {})
+    path, info = oe.contract_path("ab,bc,cd->ad", *shapes, shapes=True, optimize="optimal")
+    assert list(program.path) == [tuple(p) for p in path]
+    assert program.flops == int(info.opt_cost) and program.naive_flops == int(info.naive_cost)
+    # Values: tensors 0..2, then one per step; the first step consumes two tensors.
+    first, second = program.steps
+    assert (first.inputs, first.value, second.value) == ((0, 1), 3, 4)
+    assert set(second.inputs) == {2, 3}
+    assert program.result == 4 and program.operands == (0, 1, 2)
+
+
+def test_a_step_records_its_axis_bookkeeping():
+    program = plan(parse("b i j, b j k -> b i k"), [(2, 3, 4), (2, 4, 5)], {})
+    (step,) = program.steps
+    assert step.input_axes == (("b", "i", "j"), ("b", "j", "k"))
+    assert (step.batch, step.left, step.right, step.contracted) == (("b",), ("i",), ("k",), ("j",))
+    assert step.output_axes == ("b", "i", "k")
+
+
+def test_axes_of_one_side_are_reduced_before_the_product():
+    program = plan(parse("i j, j k -> i"), [(2, 3), (3, 4)], {})
+    (step,) = program.steps
+    # (The last product may take its operands in either order, whichever lands in output order.)
+    assert step.a_reduce + step.b_reduce == ("k",) and step.contracted == ("j",)
+
+
+def test_diagonals_and_compositions_in_the_preparation():
+    program = plan(parse("(a b) a c -> b c"), [(6, 2, 5)], {"a": 2})
+    (prep,) = program.preps
+    assert prep.split == ("a", "b", "a", "c")
+    assert prep.diagonals == ((0, 2),) and prep.axes == ("b", "c", "a")
+
+
+def test_nested_levels_are_numbered_across_the_pattern():
+    pattern = parse("softmax(i j, j k -> i [k]), k l -> i l")
+    program = plan(pattern, [(2, 3), (3, 4), (4, 5)], {})
+    (index, inner), = program.nested
+    assert index == 0 and inner.operands == (0, 1) and inner.result == 3
+    assert program.operands == (3, 2)  # the nested result, then tensor 2
+    assert program.steps[0].value == 4
+    assert program.path_over_tensors() == [(0, 1), (1, 0)]  # tensor 2 and the result of step 0
+
+
+def test_an_explicit_path_is_kept_in_its_order():
+    program = plan(parse("ab,bc,cd->ad"), [(2, 3), (3, 4), (4, 5)], {}, optimize=((2, 1), (0, 1)))
+    assert program.path_over_tensors() == [(2, 1), (0, 1)]
+    # An entry of three operands runs as two pairwise steps; the second continues it.
+    chain = plan(parse("ab,bc,cd->ad"), [(2, 3), (3, 4), (4, 5)], {}, optimize=((0, 1, 2),))
+    assert [step.entry for step in chain.steps] == [0, None]
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ([(0, 1)], "leaves 2 operands"),
+        ([(0, 5), (0, 1)], "invalid contraction (0, 5)"),
+        ([(0, 0), (0, 1)], "invalid contraction (0, 0)"),
+        ([(), (0, 1, 2)], "invalid contraction ()"),
+    ],
+)
+def test_check_path(path, message):
+    with pytest.raises(einc.EincError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_path(path, 3)
+
+
+def test_ssa_to_linear_keeps_each_entrys_order():
+    ssa = oe.paths.linear_to_ssa([(2, 0), (1, 0)])
+    assert ssa_to_linear(ssa, 3) == [(2, 0), (1, 0)]
+
+
+def test_constants_are_contracted_among_themselves_first():
+    # B and C are constants: folding them first leaves one product per call.
+    shapes = [(4, 32), (32, 32), (32, 32), (32, 4)]
+    program = plan(parse("ab,bc,cd,de->ae"), shapes, {}, constants=frozenset({1, 2}))
+    folded = program.constant_values()
+    assert program.steps[0].inputs == (1, 2) and program.steps[0].value in folded
+    assert sum(1 for step in program.steps if step.value not in folded) == 2
+
+
+MEMORY = [
+    # (pattern, shapes, limit, message fragment)
+    ("i,j->ij", [(4,), (5,)], 10, "the output alone ('i' 'j') has 20 elements"),
+    ("ab,bc,cd->ad", [(4, 8), (8, 8), (8, 4)], 20, "no pairwise contraction path"),
+    ("ab,bc->ac", [(2, 3), (3, 4)], 0, "it holds no element"),
+]
+
+
+@pytest.mark.parametrize("pattern, shapes, limit, fragment", MEMORY, ids=[m[0] for m in MEMORY])
+def test_memory_limit_refusals(pattern, shapes, limit, fragment):
+    with pytest.raises(einc.EincError, match=f"memory_limit={limit} elements is too small") as err:
+        plan(parse(pattern), shapes, {}, memory_limit=limit)
+    assert fragment in str(err.value)
+
+
+def test_auto_strategy_by_operand_count():
+    # einc's documented "auto": optimal up to 6 operands, dynamic programming to 20, greedy beyond.
+    from einc import paths
+
+    assert paths._auto(6) == "optimal"
+    assert isinstance(paths._auto(10), oe.paths.DynamicProgramming)
+    assert paths._auto(20) == "dp" and paths._auto(21) == "greedy"
+    assert "cotengra" in paths.STRATEGY_NAMES and "greedy" in paths.STRATEGY_NAMES
