@@ -83,7 +83,8 @@ class _Reader:
         for index, (axes, _) in enumerate(self.lists):
             x = self.values[index]
             named = len(axes.dims) - axes.has_ellipsis
-            spelled = f"operand {index} has {{}} dimensions but its axis list '{axes.render(self.compact) or '(scalar)'}'"
+            listed = axes.render(self.compact) or "(scalar)"
+            spelled = f"operand {index} has {{}} dimensions but its axis list '{listed}'"
             if not axes.has_ellipsis:
                 self.check(f"{x}.dim() != {named}", f"{spelled} has {named}", f"{x}.dim()")
                 continue

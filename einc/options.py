@@ -62,8 +62,9 @@ def _check_optimize(optimize: Any) -> Any:
     if isinstance(optimize, str):
         if optimize in STRATEGY_NAMES:
             return optimize
-        raise EincError(f"optimize={optimize!r} is not a path strategy; use one of {', '.join(map(repr, STRATEGY_NAMES))}, "
-                        "a PathOptimizer, or an explicit path such as [(0, 1), (0, 1)]")
+        raise EincError(f"optimize={optimize!r} is not a path strategy; use one of "
+                        f"{', '.join(map(repr, STRATEGY_NAMES))}, a PathOptimizer, or an explicit path such as "
+                        "[(0, 1), (0, 1)]")
     if isinstance(optimize, oe.paths.PathOptimizer):
         return optimize
     if isinstance(optimize, (list, tuple)) and all(
