@@ -14,6 +14,7 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 
 import einops
 import opt_einsum as oe
@@ -21,10 +22,19 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import einc  # noqa: E402
 from common import (  # noqa: E402
-    Case, Contender, Target, check_targets, markdown_report, parse_args, print_targets, run_case, write_section,
+    Case,
+    Contender,
+    Target,
+    check_targets,
+    markdown_report,
+    parse_args,
+    print_targets,
+    run_case,
+    write_section,
 )
+
+import einc  # noqa: E402
 
 try:
     import einx
@@ -161,7 +171,30 @@ def case_overhead() -> Case:
     )
 
 
-CASES = [case_chain, case_small_attention, case_large_attention, case_matmul, case_overhead]
+def case_module() -> Case:
+    # A shape-generic module reads its sizes from the tensors and checks them on every
+    # call (rank, one name one size, dtype); the expression's code has them as literals.
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 6, 5)
+    pattern = "b h q d, b h k d -> b h q k"
+    module = einc.compile(pattern).module(q, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module)
+    contenders = _einc_pair(pattern, (q, k))
+    contenders.update({
+        "module (eager)": lambda: module(q, k),
+        "module (torch.jit.script)": lambda: scripted(q, k),
+        "hand: q @ k.transpose(-1, -2)": lambda: q @ k.transpose(-1, -2),
+    })
+    return Case(
+        "module", f"`{pattern}` at (2, 3, 4, 5): `Expression.module` (sizes read and checked at run time) "
+        "beside the expression (sizes in the code)", contenders,
+        reference=lambda: q.double() @ k.double().transpose(-1, -2), einc=[TS, EAGER],
+    )
+
+
+CASES = [case_chain, case_small_attention, case_large_attention, case_matmul, case_overhead, case_module]
 
 TARGETS = [
     Target("chain", TS, "torch.einsum", 0.25, "chain: einc ≥ 4x faster than torch.einsum (≤ 0.25x)"),
