@@ -23,12 +23,14 @@ TINY = {"float32": 1e-19, "float64": 1e-154}
 may have lost its dominant terms to underflow, and is recomputed exactly."""
 
 SHIFTED_EXP = '''
-def einc_shifted_exp(x: torch.Tensor, dims: List[int], floor: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def einc_shifted_exp(x: torch.Tensor, dims: List[int], floor: float,
+                     overwrite: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     raw = torch.amax(x.detach(), dims, True)
     shift = torch.where(torch.isfinite(raw), raw, torch.zeros_like(raw))
     e = x - shift
-    if e.requires_grad:
+    if e.requires_grad or not overwrite:
         # clamp's gradient is 0 at NaN; masked_fill passes it on, as torch.logsumexp does.
+        # (Nor under torch.func transforms: vmap batches no clamp_.)
         e = e.masked_fill(e < floor, floor).exp()
     else:
         e.clamp_(min=floor)
@@ -37,15 +39,15 @@ def einc_shifted_exp(x: torch.Tensor, dims: List[int], floor: float) -> Tuple[to
 '''
 
 LSE = '''
-def einc_lse_block(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
-    e, shift, raw = einc_shifted_exp(x, dims, floor)
+def einc_lse_block(x: torch.Tensor, dims: List[int], floor: float, overwrite: bool) -> torch.Tensor:
+    e, shift, raw = einc_shifted_exp(x, dims, floor, overwrite)
     out = torch.log(e.sum(dims))
     out = out + shift.reshape(out.shape)
     empty = (raw == float("-inf")).reshape(out.shape)
     return torch.where(empty, torch.full_like(out, float("-inf")), out)
 
 
-def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
+def einc_lse(x: torch.Tensor, dims: List[int], floor: float, overwrite: bool) -> torch.Tensor:
     numel = einc_prod(x.shape)
     if numel == 0:
         return torch.logsumexp(x, dims)
@@ -54,13 +56,13 @@ def einc_lse(x: torch.Tensor, dims: List[int], floor: float) -> torch.Tensor:
         width *= x.shape[d]
     trailing = sorted(dims) == list(range(x.dim() - len(dims), x.dim()))
     if not trailing or numel <= 262144 or width > 65536 or not x.is_contiguous():
-        return einc_lse_block(x, dims, floor)
+        return einc_lse_block(x, dims, floor, overwrite)
     # Row blocks of about 1 MiB keep the five passes in cache.
     rows = x.reshape(-1, width)
     step = max(1, 262144 // width)
     parts: List[torch.Tensor] = []
     for start in range(0, rows.shape[0], step):
-        parts.append(einc_lse_block(rows[start:start + step], [1], floor))
+        parts.append(einc_lse_block(rows[start:start + step], [1], floor, overwrite))
     return torch.cat(parts).reshape(x.shape[:x.dim() - len(dims)])
 '''
 
@@ -68,16 +70,16 @@ LOGMM = '''
 def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> torch.Tensor:
     if einc_prod(a.shape) == 0 or einc_prod(b.shape) == 0:
         return torch.logsumexp(a.unsqueeze(3) + b.unsqueeze(1), 2)
-    ea, sa, ra = einc_shifted_exp(a, [2], floor)
-    eb, sb, rb = einc_shifted_exp(b, [1], floor)
+    ea, sa, ra = einc_shifted_exp(a, [2], floor, True)
+    eb, sb, rb = einc_shifted_exp(b, [1], floor, True)
     r = torch.bmm(ea, eb)
     out = torch.log(torch.clamp(r, min=tiny)) + sa + sb
     lost = r < tiny
     if bool(lost.any()):
         # Second pass with k-dependent shifts: move B's row maxima into A, so each
         # entry's dominant term is shifted by at most its row's own maximum.
-        ek, sk, _ = einc_shifted_exp(b, [2], floor)
-        em, sm, _ = einc_shifted_exp(a + sk.transpose(1, 2), [2], floor)
+        ek, sk, _ = einc_shifted_exp(b, [2], floor, True)
+        em, sm, _ = einc_shifted_exp(a + sk.transpose(1, 2), [2], floor, True)
         r2 = torch.bmm(em, ek)
         rescued = lost & (r2 >= tiny)
         out = torch.where(rescued, torch.log(torch.clamp(r2, min=tiny)) + sm, out)
@@ -106,7 +108,7 @@ def einc_logmm_exact(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, lost: 
         rest = index - z * (m * n)
         i = torch.div(rest, n, rounding_mode="floor")
         j = rest - i * n
-        parts.append(einc_lse(a[z, i, :] + b[z, :, j], [1], floor))
+        parts.append(einc_lse(a[z, i, :] + b[z, :, j], [1], floor, True))
     return out.reshape(-1).index_copy(0, flat, torch.cat(parts)).reshape(out.shape)
 '''
 

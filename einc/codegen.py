@@ -173,7 +173,8 @@ class Emitter:
             for dim in sorted(dims, reverse=True):  # torch.prod takes one dim at a time
                 value = self.fresh(f"{value}.prod({int(dim)})")
         elif kind == "lse":
-            value = self.fresh(f"{self.helper('einc_lse')}({value}, {ints(dims)}, {self.floor!r})")
+            value = self.fresh(f"{self.helper('einc_lse')}({value}, {ints(dims)}, {self.floor!r}, "
+                               f"{not self.unit.safe})")
         else:
             value = self.fresh(f"{value}.{kind}({ints(dims)})")
         return value, tuple(a for a in axes if a not in drop)
