@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import itertools
+import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,13 +23,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import lark
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from . import ir
 from .errors import EincError, PatternError, at
 
-__all__ = ["parse", "grammar_path", "Notation", "MAX_PATTERN_LENGTH", "MAX_NESTING"]
+__all__ = ["parse", "grammar_path", "tables_path", "write_tables", "Notation", "MAX_PATTERN_LENGTH", "MAX_NESTING"]
 
 Notation = Literal["auto", "compact", "spaced"]
 
@@ -66,15 +69,47 @@ def grammar_path() -> Path:
     return Path(__file__).resolve().parent.parent / "grammar" / _GRAMMAR
 
 
+_OPTIONS: dict[str, Any] = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": False}
+
+
+def tables_path() -> Path:
+    """The LALR tables built from the grammar, shipped beside it (``einc.lark.tables``)."""
+    return grammar_path().with_name(_GRAMMAR + ".tables")
+
+
+def _tables_key(grammar: str) -> bytes:
+    """What the tables were built from: the grammar, the options and lark's version."""
+    text = grammar + repr(sorted(_OPTIONS.items())) + lark.__version__
+    return hashlib.sha256(text.encode()).hexdigest().encode() + b"\n"
+
+
+def write_tables(path: Path | None = None) -> Path:
+    """Build the parser from the grammar and save its tables: after changing the grammar,
+    ``python -c "from einc.parser import write_tables; write_tables()"``.
+
+    Building the LALR tables takes about 100 ms, loading them about 2 ms: they ship with
+    einc, and a test checks that they match the grammar.
+    """
+    grammar = grammar_path().read_text(encoding="utf-8")
+    path = path or tables_path()
+    with open(path, "wb") as f:
+        f.write(_tables_key(grammar))
+        Lark(grammar, **_OPTIONS).save(f)
+    return path
+
+
 @functools.cache
 def _lark() -> Lark:
-    # Built on first use, not at import: importing einc stays cheap.
-    return Lark(
-        grammar_path().read_text(encoding="utf-8"),
-        parser="lalr",
-        propagate_positions=True,
-        maybe_placeholders=False,
-    )
+    # Made on first use, not at import: importing einc stays cheap.  The shipped tables
+    # are einc's own file; where they do not match (another lark version), build.
+    grammar = grammar_path().read_text(encoding="utf-8")
+    try:
+        with open(tables_path(), "rb") as f:
+            if f.readline() == _tables_key(grammar):
+                return Lark.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        pass
+    return Lark(grammar, **_OPTIONS)
 
 
 # ------------------------------------------------------------------ located terms

@@ -130,3 +130,32 @@ def test_spans_place_the_ellipsis():
     axes = dims("b", E, ("h", "d"))
     assert axes.spans(5) == ((("b",), 0, 1), ((E,), 1, 3), (("h", "d"), 4, 1))
     assert axes.spans(2) == ((("b",), 0, 1), ((E,), 1, 0), (("h", "d"), 1, 1))
+
+
+def test_shipped_tables_match_the_grammar(tmp_path):
+    # The LALR tables ship beside the grammar (building them takes ~100 ms): they must be
+    # the grammar's.  Stale?  python -c "from einc.parser import write_tables; write_tables()"
+    from einc import parser
+
+    grammar = parser.grammar_path().read_text(encoding="utf-8")
+    with open(parser.tables_path(), "rb") as f:
+        assert f.readline() == parser._tables_key(grammar), "stale tables: run write_tables()"
+    from lark import Lark
+
+    with open(parser.tables_path(), "rb") as f:
+        f.readline()
+        shipped = Lark.load(f)
+    built = Lark(grammar, **parser._OPTIONS)
+    for pattern, _, _ in PARSED + [(c[0], None, None) for c in CARETS if c[0] != "a 0 -> a"]:
+        assert shipped.parse(pattern) == built.parse(pattern), pattern
+
+
+def test_missing_tables_fall_back_to_building(monkeypatch, tmp_path):
+    from einc import parser
+
+    monkeypatch.setattr(parser, "tables_path", lambda: tmp_path / "none")
+    parser._lark.cache_clear()
+    try:
+        assert parse("b h q d, b h k d -> b h q k") == PARSED[1][2]
+    finally:
+        parser._lark.cache_clear()

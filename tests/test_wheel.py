@@ -40,6 +40,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "einc/grammar/einc.lark" in names
+    assert "einc/grammar/einc.lark.tables" in names  # the parser's tables, built once
     assert "einc/py.typed" in names
     for module in ("__init__", "__main__", "api", "cli", "codegen", "errors", "ir", "parser", "planner"):
         assert f"einc/{module}.py" in names
