@@ -8,6 +8,8 @@ floats and bools, so nothing from a pattern string reaches them.
 
 from __future__ import annotations
 
+from . import dtypes
+
 __all__ = ["HELPERS", "FLOOR", "TINY"]
 
 FLOOR = {"float32": -87.0, "float64": -708.0}
@@ -150,16 +152,15 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
     return out
 '''
 
-COMPUTED = '''
+COMPUTED = f'''
 def einc_computed(dtype: torch.dtype, half: bool, sums: bool) -> torch.dtype:
-    if half and (dtype == torch.float16 or dtype == torch.bfloat16):
+    if half and ({" or ".join(f"dtype == {dtypes.name(d)}" for d in dtypes.HALF)}):
         return torch.float32
-    integral = dtype == torch.bool or dtype == torch.uint8 or dtype == torch.int8 or dtype == torch.int16 \
-        or dtype == torch.int32
-    if sums and integral:
+    if sums and ({" or ".join(f"dtype == {dtypes.name(d)}" for d in dtypes.INTEGRAL)}):
         return torch.int64
     return dtype
 '''
+"""Run-time :func:`einc.dtypes.computed`, from the same tables."""
 
 PROD = '''
 def einc_prod(sizes: List[int]) -> int:

@@ -13,20 +13,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.autograd.forward_ad as _forward_ad
 
 from . import dtypes, ir
-from .backends import get_backend, instantiate
+from .backends import get_backend, instantiate, transformed
 from .codegen import Generated, generate
 from .errors import EincError, format_shape
-from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, configure, settings
+from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, configure, element_limit, settings
 from .parser import Notation, parse
 from .paths import Optimize, check_path
 from .planner import Program, plan
-from .reference import compare, reference, widen
+from .reference import compare, reference
+from .reference import widen as to_wide
 from .report import Plan, describe
 from .rewrite import fusions
-from .sizes import check_new_axes, check_sizes, merge_ellipsis
+from .sizes import check_keyword_axes, check_new_axes, check_sizes, merge_ellipsis
 
 __all__ = ["Expression", "compile", "compile_ir", "configure", "einsum"]
 
@@ -62,15 +62,6 @@ def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join(map(format_shape, shapes))
 
 
-_functorch_level = torch._C._functorch.maybe_current_level
-
-
-def _transformed() -> bool:
-    """Whether a torch.func transform (vmap, grad, jvp) or forward-mode AD is active:
-    their tensors take no in-place writes and no branches on data."""
-    return _functorch_level() is not None or _forward_ad._current_level >= 0
-
-
 def _options(pattern: str, **options: Any) -> Options:
     try:
         return Options(**options)
@@ -102,9 +93,10 @@ def compile_ir(pattern: ir.Pattern, *, fuse: bool = True, **sizes: int) -> Expre
 
 
 def _restore_module(pattern: str, options: Options, sizes: dict[str, int], shapes: tuple[tuple[int, ...], ...],
-                    dtype: torch.dtype) -> torch.nn.Module:
-    """Unpickle a module made by :meth:`Expression.module`: generated again."""
-    return _restore(pattern, options, None, sizes).module(*shapes, dtype=dtype)
+                    dtype: torch.dtype, process_limit: tuple[int | None, bool]) -> torch.nn.Module:
+    """Unpickle a module made by :meth:`Expression.module`: generated again, with the
+    process-wide limit it was made under (not the loading process's)."""
+    return _restore(pattern, options, None, sizes)._module(shapes, [dtype] * len(shapes), process_limit)
 
 
 class Expression:
@@ -143,10 +135,7 @@ class Expression:
                 except EincError as err:
                     raise EincError(f"pattern {pattern!r}: optimize={list(options.optimize)}: {err}") from None
         check_sizes(sizes)
-        everywhere = self.ir.all_axes
-        for name in sizes:
-            if name not in everywhere:
-                raise EincError(f"size given for axis {name!r}, which is not in the pattern {pattern!r}")
+        check_keyword_axes(sizes, self.ir.all_axes, f"the pattern {pattern!r}")
         try:
             check_new_axes(self.ir, sizes)
         except EincError as err:
@@ -208,10 +197,14 @@ class Expression:
     def _context(self, shapes: Sequence[Sequence[int]], err: EincError) -> EincError:
         return EincError(f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}: {err}")
 
-    def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype) -> Program:
+    def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype,
+                  process_limit: tuple[int | None, bool] | None = None) -> Program:
         # The dtype matters to the plan through a memory limit given in bytes, and
-        # whether a fused kernel takes it (SDPA takes floating tensors only).
-        return self._plan_lookup(shapes, self.options.element_limit(dtype.itemsize), dtype.is_floating_point)
+        # whether a fused kernel takes it (SDPA takes floating tensors only).  A module
+        # keeps the process-wide limit it was made under (``process_limit``).
+        limit = element_limit([self.options.limit, settings.limit if process_limit is None else process_limit],
+                              dtype.itemsize)
+        return self._plan_lookup(shapes, limit, dtype.is_floating_point)
 
     def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None, floating: bool) -> Program:
         try:
@@ -252,7 +245,7 @@ class Expression:
 
     def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:
         try:
-            key = (tuple([(t.shape, t.dtype) for t in tensors]), _transformed(), settings.version)
+            key = (tuple([(t.shape, t.dtype) for t in tensors]), transformed(), settings.version)
             return self._lookup(key)
         except (AttributeError, EincError):
             # Tensor-likes (numpy arrays) get this far; name the culprit's type.
@@ -328,15 +321,20 @@ class Expression:
         if self._constants:
             raise EincError(f"pattern {self.pattern!r}: module() does not take constants")
         shapes, types = self._shapes_and_dtype(tensors_or_shapes, dtype)
+        return self._module(shapes, types, settings.limit)
+
+    def _module(self, shapes: tuple[tuple[int, ...], ...], types: Sequence[torch.dtype],
+                process_limit: tuple[int | None, bool]) -> torch.nn.Module:
         try:
             # Generic code merges '...' into one dimension: plan it so.
             merged = merge_ellipsis(self.ir, shapes)
         except EincError as err:
             raise self._context(shapes, err) from None
         common = dtypes.promoted(types)
-        code = generate(self._plan_for(merged, common), types, generic=True, module=True,
-                        context=f"pattern {self.pattern!r}", limits=(self.options.limit, settings.limit))
-        return instantiate(code, (_restore_module, (self.pattern, self.options, self.sizes, shapes, common)))
+        code = generate(self._plan_for(merged, common, process_limit), types, generic=True, module=True,
+                        context=f"pattern {self.pattern!r}", limits=(self.options.limit, process_limit))
+        recipe = (self.pattern, self.options, self.sizes, shapes, common, process_limit)
+        return instantiate(code, (_restore_module, recipe))
 
     def reference(self, *tensors: torch.Tensor, absolute: bool = False, widen: bool = True) -> torch.Tensor:
         """The pattern evaluated the plain way, in float64 (complex128) unless ``widen=False``.
@@ -355,7 +353,7 @@ class Expression:
         common = dtypes.promoted([t.dtype for t in given]) if given else torch.float64
         given = [t.to(common) for t in given]
         if widen:
-            given = [_widen_tensor(t) for t in given]
+            given = [to_wide(t) for t in given]
         if absolute and self.ir.op in (None, "sum", "mean"):
             return reference(self.ir, given, self.sizes, absolute=True)
         result = reference(self.ir, given, self.sizes)
@@ -383,8 +381,6 @@ class Expression:
         except EincError as err:
             raise EincError(f"pattern {self.pattern!r}: result {err}") from None
 
-
-_widen_tensor = widen
 
 
 # ------------------------------------------------------------ module functions

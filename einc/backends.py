@@ -16,11 +16,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, MODULE_NAME, Generated
 from .errors import EincError
 
-__all__ = ["Functions", "BACKENDS", "get_backend", "instantiate", "namespace", "registered_sources"]
+__all__ = ["Functions", "BACKENDS", "get_backend", "instantiate", "namespace", "registered_sources", "transformed"]
 
 
 class Functions(NamedTuple):
@@ -79,6 +80,16 @@ def instantiate(code: Generated, reduce: tuple[Callable[..., Any], tuple[Any, ..
     module: torch.nn.Module = cls(list(code.messages))
     module.einc_source = code.source  # type: ignore[assignment]
     return module
+
+
+_functorch_level = torch._C._functorch.maybe_current_level
+
+
+def transformed() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp) or forward-mode AD is active:
+    their tensors take no in-place writes and no branches on data, so they run the
+    safe code."""
+    return _functorch_level() is not None or _forward_ad._current_level >= 0
 
 
 _get_optimize = torch._C._get_graph_executor_optimize

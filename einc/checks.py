@@ -12,13 +12,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from . import dtypes, ir
+from .errors import EincError
 from .paths import too_small
 from .planner import Program
-from .sizes import show_axis
+from .sizes import show_axes, show_axis
 from .source import Group, Unit
 
-__all__ = ["prologue", "widening"]
+__all__ = ["prologue", "tensors", "widening"]
+
+
+@torch.jit.unused
+def tensors(values: list[torch.Tensor], message: str) -> None:
+    """A module's call in Python: every operand a tensor (``message`` formatted with the
+    operand's index and type), as TorchScript's signature checks scripted calls."""
+    for index, value in enumerate(values):
+        if not isinstance(value, torch.Tensor):
+            raise EincError(message.format(index, type(value).__name__))
 
 
 def widening(program: Program) -> tuple[bool, bool]:
@@ -176,7 +188,8 @@ def _promotion(unit: Unit, program: Program, values: list[str], lines: list[str]
     kinds = sorted({widening(level) for level in program.programs()} - {(False, False)})
     for kind in kinds:
         unit.targets[kind] = unit.assign(lines, unit.dtype, "d")
-    if several or kinds:
+    refusals = dtypes.refusals(program.ir)
+    if several or kinds or refusals:
         usual = f"({unit.dtype} == torch.float32 or {unit.dtype} == torch.float64)"
         lines.append(f"    if {' or '.join([f'{v}.dtype != {unit.dtype}' for v in values[1:]] + [f'not {usual}'])}:")
         if several:
@@ -185,6 +198,11 @@ def _promotion(unit: Unit, program: Program, values: list[str], lines: list[str]
                 common = f"torch.promote_types({common}, {other}.dtype)"
             lines.append(f"        {unit.dtype} = {common}")
             lines += [f"        {p} = {v}.to({unit.dtype})" for p, v in zip(promoted, values)]
+        branch: list[str] = []
+        for refused, why in refusals:
+            for dtype in refused:
+                unit.check(branch, f"{unit.dtype} == {dtypes.name(dtype)}", dtypes.refusal(why, dtype))
+        lines += ["    " + line for line in branch]
         lines += [f"        {unit.targets[kind]} = {unit.helper('einc_computed')}({unit.dtype}, {kind[0]}, {kind[1]})"
                   for kind in kinds]
     return promoted
@@ -196,7 +214,7 @@ def _memory_checks(unit: Unit, program: Program, lines: list[str], limit: tuple[
     cap = f"{bound} // {leaf}.element_size()" if in_bytes else str(bound)
     unit_of = "bytes" if in_bytes else "elements"
     for level in program.programs():
-        shapes = [(f"step {i} ({' '.join(map(show_axis, step.output_axes)) or 'scalar'})", step.output_axes)
+        shapes = [(f"step {i} ({show_axes(step.output_axes)})", step.output_axes)
                   for i, step in enumerate(level.steps) if not step.fused]
         shapes.append(("the output", level.output_axes))
         for what, axes in shapes:

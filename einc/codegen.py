@@ -29,12 +29,22 @@ import torch
 
 from . import dtypes, ir
 from ._runtime import FLOOR, HELPERS, TINY
-from .checks import prologue, widening
+from .checks import prologue, tensors, widening
 from .errors import EincError
 from .ir import NORMALIZERS
 from .planner import Program, Step
 from .scaling import Scaling, integral
-from .source import CONSTANT_FUNCTION_NAME, EMPTY_LIST, FUNCTION_NAME, MODULE_NAME, Group, Unit, ints, singles
+from .source import (
+    CONSTANT_FUNCTION_NAME,
+    EMPTY_LIST,
+    FUNCTION_NAME,
+    MODULE_NAME,
+    TENSORS_CHECK,
+    Group,
+    Unit,
+    ints,
+    singles,
+)
 
 __all__ = ["Generated", "generate", "FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME", "result_dtype"]
 
@@ -110,10 +120,13 @@ class Emitter:
     # ------------------------------------------------------------------ sizes
 
     def into(self, lines: list[str]) -> Emitter:
-        """This emitter writing to ``lines`` instead (constant folding's function), its
-        state shared."""
+        """This emitter writing to ``lines`` instead (constant folding's function): the
+        same sizes and scale, its own intermediates.  Only literal code folds constants
+        (modules take none), so the scale has no run-time state to share."""
+        assert not self.generic, "generic code has no constants to fold"
         other = copy.copy(self)
         other.lines = lines
+        other.owned = set()
         return other
 
     def size(self, axis: str) -> str:
@@ -439,7 +452,7 @@ def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[
     emit = Emitter(program, common, unit, out.main, top=top)
     # What depends on constants alone is computed once, in einc_constants.
     constant = program.constant_values()
-    folding = emit.into(out.folding)
+    folding = emit.into(out.folding) if constant else emit
     prepared: dict[int, str] = {}
     for index, (value_id, operand) in enumerate(zip(program.operands, operands)):
         prepared[value_id] = (folding if value_id in constant else emit).prep(index, operand, types[index])
@@ -468,10 +481,12 @@ def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[
     return result, result_type
 
 
-def _module_class(parameters: list[str], generic: bool) -> str:
-    """``EincModule``, whose ``forward`` calls ``einc_fn`` (with its messages, generic)."""
+def _module_class(parameters: list[str], not_tensor: int) -> str:
+    """``EincModule``, whose ``forward`` calls ``einc_fn`` with its messages, after
+    checking (in Python; TorchScript's signature does it there) that it got tensors,
+    the message ``not_tensor`` saying which did not."""
     forward = ", ".join(f"{p}: torch.Tensor" for p in parameters)
-    passed = ", ".join(parameters + (["self.einc_messages"] if generic else []))
+    passed = ", ".join(parameters + ["self.einc_messages"])
     return "\n".join([
         "", "", f"class {MODULE_NAME}(torch.nn.Module):",
         "    def __init__(self, messages: List[str]) -> None:",
@@ -479,6 +494,8 @@ def _module_class(parameters: list[str], generic: bool) -> str:
         "        self.einc_messages = messages",
         "",
         f"    def forward(self, {forward}) -> torch.Tensor:",
+        "        if not torch.jit.is_scripting():",
+        f"            {TENSORS_CHECK}([{', '.join(parameters)}], self.einc_messages[{not_tensor}])",
         f"        return {FUNCTION_NAME}({passed})", "",
     ])
 
@@ -529,9 +546,11 @@ def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torc
     parts.append("\n".join([f"def {FUNCTION_NAME}({signature}) -> torch.Tensor:", *out.main,
                             f"    return {result}", ""]))
     if module:
-        parts.append(_module_class(variable, generic))
+        assert generic, "modules are shape-generic"
+        unit.messages.append(f"{unit.context}: operand {{}} must be a torch.Tensor, not {{}}")
+        parts.append(_module_class(variable, len(unit.messages) - 1))
     source = "".join(parts)
     digest = hashlib.sha1(source.encode()).hexdigest()[:12]
-    namespace = {"torch": torch, "List": List, "Tuple": Tuple, "EincError": EincError}
+    namespace = {"torch": torch, "List": List, "Tuple": Tuple, "EincError": EincError, TENSORS_CHECK: tensors}
     return Generated(source, namespace, tuple(unit.kernels), f"<einc-generated-{digest}>", bool(program.constants),
                      ", ".join(unit.rewrites), tuple(unit.messages))

@@ -9,7 +9,7 @@
   torch's default float.  Everything else keeps the operands' dtype.
 
 Generated code applies these rules; shape-generic code applies them at run time
-(``einc_computed`` in :mod:`einc._runtime`).
+(``einc_computed`` in :mod:`einc._runtime`, written from this module's tables).
 """
 
 from __future__ import annotations
@@ -22,9 +22,14 @@ import torch
 from . import ir
 from .errors import EincError
 
-__all__ = ["HALF", "promoted", "dtype_of", "check", "sums", "computed", "result", "name"]
+__all__ = ["HALF", "INTEGRAL", "COMPLEX", "promoted", "dtype_of", "refusals", "refusal", "check", "sums", "computed",
+           "result", "name"]
 
 HALF = (torch.float16, torch.bfloat16)
+INTEGRAL = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+            torch.uint64)
+"""Every dtype that is neither floating nor complex (torch.sum of any of them gives int64)."""
+COMPLEX = (torch.complex32, torch.complex64, torch.complex128)
 
 _SUMMING = (None, "sum", "mean", "prod", "softmax", "log_softmax")
 """Operations whose reduction adds (or multiplies) numbers up."""
@@ -54,16 +59,30 @@ def dtype_of(value: torch.dtype | str, what: str = "dtype") -> torch.dtype:
     raise EincError(f"{what} must be a torch.dtype or one of {', '.join(map(repr, _NAMES))}, not {value!r}")
 
 
-def check(pattern: ir.Pattern, dtype: torch.dtype) -> None:
-    """What each operation of ``pattern`` computes on, for operands promoted to ``dtype``."""
+def refusals(pattern: ir.Pattern) -> list[tuple[tuple[torch.dtype, ...], str]]:
+    """(dtypes refused, why) for each operation of ``pattern`` that some dtypes cannot run."""
+    out: list[tuple[tuple[torch.dtype, ...], str]] = []
     for level in pattern.levels():
         op = level.op
-        if dtype.is_complex and op not in (None, "sum", "mean", "prod"):
-            raise EincError(f"{op}(...) needs real tensors, got {dtype}")
-        if not (dtype.is_floating_point or dtype.is_complex) and op in _NEEDS_FLOAT:
-            raise EincError(f"{op}(...) needs floating-point tensors, got {dtype}")
-        if dtype == torch.bool and op in _SEMIRINGS and len(level.inputs) > 1:
-            raise EincError(f"{op}(...) of several operands adds them, which bool tensors cannot")
+        if op not in (None, "sum", "mean", "prod"):
+            out.append((COMPLEX, f"{op}(...) needs real tensors"))
+        if op in _NEEDS_FLOAT:
+            out.append((INTEGRAL, f"{op}(...) needs floating-point tensors"))
+        if op in _SEMIRINGS and len(level.inputs) > 1:
+            out.append(((torch.bool,), f"{op}(...) of several operands adds them, which bool tensors cannot"))
+    return out
+
+
+def refusal(why: str, dtype: torch.dtype) -> str:
+    """The message for operands of ``dtype`` that an operation refuses ``why``."""
+    return f"{why}, got {dtype}"
+
+
+def check(pattern: ir.Pattern, dtype: torch.dtype) -> None:
+    """Refuse operands promoted to ``dtype`` where an operation of ``pattern`` cannot run on them."""
+    for refused, why in refusals(pattern):
+        if dtype in refused:
+            raise EincError(refusal(why, dtype))
 
 
 def sums(op: str | None, reduces: bool) -> bool:
@@ -75,7 +94,7 @@ def computed(dtype: torch.dtype, op: str | None, summing: bool) -> torch.dtype:
     """The dtype a level computes in, for operands of ``dtype``."""
     if dtype in HALF and op is not None:
         return torch.float32
-    if not (dtype.is_floating_point or dtype.is_complex) and summing:
+    if dtype in INTEGRAL and summing:
         return torch.int64
     return dtype
 

@@ -16,6 +16,7 @@ from .errors import EincError, PatternError
 
 __all__ = [
     "ELLIPSIS",
+    "INT64_LIMIT",
     "MERGED_ELLIPSIS",
     "anonymous_axis",
     "anonymous_size",
@@ -37,6 +38,10 @@ ELLIPSIS = "..."
 MERGED_ELLIPSIS = "(...)"
 """Marks the ellipsis inside a composition, ``(...)`` or ``(b ...)``: its dimensions
 merge into that one (einops allows it in an output only)."""
+
+INT64_LIMIT = 2**63
+"""Sizes, element counts, memory limits and scales of integer tensors stay below it
+(what an int64 holds, and a tensor can index)."""
 
 REDUCERS = ("sum", "mean", "max", "min", "prod", "logsumexp")
 NORMALIZERS = ("softmax", "log_softmax")
@@ -188,7 +193,7 @@ class Factor:
             raise EincError(f"a scale factor is an int or an axis name, not {self.value!r}")
         if isinstance(self.value, int) and self.value < 1:
             raise PatternError("a scale factor must be positive", ("factor",))
-        if isinstance(self.value, int) and self.value >= 2**63:
+        if isinstance(self.value, int) and self.value >= INT64_LIMIT:
             raise PatternError("a scale factor must be below 2**63", ("factor",))
         if isinstance(self.value, str):
             check_axis(self.value)
@@ -278,6 +283,11 @@ class Pattern:
         """This pattern's nested operations (depth first, in operand order), then itself."""
         inner = tuple(p for x in self.inputs if isinstance(x, Pattern) for p in x.levels())
         return inner + (self,)
+
+    def leaf_lists(self) -> tuple[AxisList, ...]:
+        """The axis list of each tensor the pattern takes, nested operations' included, in
+        the order a call takes the tensors."""
+        return tuple(a for x in self.inputs for a in (x.leaf_lists() if isinstance(x, Pattern) else (x,)))
 
     @property
     def nested(self) -> bool:

@@ -18,8 +18,10 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 from . import ir
 from .api import compile as _compile
 from .api import compile_ir
+from .backends import transformed
 from .errors import EincError
 from .parser import Notation, parse
+from .sizes import check_keyword_axes, check_sizes
 
 __all__ = ["Einsum", "MultiheadAttention"]
 
@@ -36,6 +38,17 @@ def _example_shape(axes: ir.AxisList, sizes: Mapping[str, int]) -> tuple[int, ..
         else:
             shape.append(math.prod(sizes.get(a, EXAMPLE_SIZE) for a in dim))
     return tuple(shape)
+
+
+def _axis_list(text: str, notation: Notation, what: str) -> ir.AxisList:
+    """The weight's or bias's axes: one axis list, nothing else."""
+    if not isinstance(text, str):
+        raise EincError(f"Einsum: the {what} must be an axis list as a string, e.g. 'o c', not {text!r}")
+    parsed = parse(text, notation)
+    if "->" in text or len(parsed.inputs) != 1 or parsed.op is not None or parsed.nested or parsed.scale:
+        raise EincError(f"Einsum: the {what} must be one axis list such as 'o c' (no arrow, comma, operation "
+                        f"or scale), not {text!r}")
+    return parsed.operands[0]
 
 
 def _fixed_shape(axes: ir.AxisList, sizes: Mapping[str, int], what: str) -> tuple[int, ...]:
@@ -77,21 +90,24 @@ class Einsum(torch.nn.Module):
     def __init__(self, pattern: str, weight: str | None = None, bias: str | None = None, *,
                  fuse: bool = True, **sizes: int) -> None:
         super().__init__()
+        check_sizes(sizes)
         parsed = parse(pattern)
         notation: Notation = "compact" if parsed.compact else "spaced"
-        named = {a for text in (weight, bias) if text is not None for a in parse(text, notation).all_axes}
-        for name in sizes:
-            if name not in parsed.all_axes | named:
-                raise EincError(f"Einsum: size given for axis {name!r}, which is in neither the pattern "
-                                f"{pattern!r} nor its weight or bias (the layer takes no other keyword)")
+        weight_axes = None if weight is None else _axis_list(weight, notation, "weight")
+        bias_axes = None if bias is None else _axis_list(bias, notation, "bias")
+        named = {a for axes in (weight_axes, bias_axes) if axes is not None for a in axes.axes}
+        try:
+            check_keyword_axes(sizes, parsed.all_axes | named, f"the pattern {pattern!r}, its weight or its bias "
+                               "(the layer takes no other keyword)")
+        except EincError as err:
+            raise EincError(f"Einsum: {err}") from None
         self.pattern = pattern
         self.has_weight = weight is not None
         self.has_bias = bias is not None
-        if weight is not None:
+        if weight_axes is not None:
             if parsed.op is not None or parsed.nested or len(parsed.inputs) != 1 or "->" not in pattern:
                 raise EincError(f"Einsum: with a weight, the pattern must be one operand and an output, "
                                 f"'x -> y', not {pattern!r}")
-            weight_axes = parse(weight, notation).operands[0]
             # The weight joins as operand 1 (error messages name the joined pattern).
             full = ir.Pattern((parsed.inputs[0], weight_axes), parsed.output, compact=parsed.compact,
                               scale=parsed.scale)
@@ -108,8 +124,7 @@ class Einsum(torch.nn.Module):
                 raise EincError(f"Einsum: the pattern takes one input, not {len(operands)}: {pattern!r}")
             full = parsed
         self.bias_view = []
-        if bias is not None:
-            bias_axes = parse(bias, notation).operands[0]
+        if bias_axes is not None:
             bias_shape = _fixed_shape(bias_axes, sizes, "bias")
             self.bias_view = self._bias_view(parsed.output, bias_axes, sizes)
             self.bias = torch.nn.Parameter(torch.empty(bias_shape))
@@ -199,11 +214,11 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 @torch.jit.unused
 def _untransformed() -> bool:
     """Whether no torch.func transform (vmap, jvp, grad) or forward-mode AD is active."""
-    return torch._C._functorch.maybe_current_level() is None and torch.autograd.forward_ad._current_level < 0
+    return not transformed()
 
 
-def _may_write(scores: torch.Tensor) -> bool:
-    """Whether the layer may normalize its own ``scores`` in place: not under torch.func
+def _may_write() -> bool:
+    """Whether the layer may normalize its own scores in place: not under torch.func
     transforms or forward-mode AD (they take no ``out=``), which only eager code can
     tell; scripted and compiled code stays out of place."""
     if torch.jit.is_scripting():
@@ -258,6 +273,11 @@ class MultiheadAttention(torch.nn.Module):
                  vdim: int | None = None, batch_first: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        for name, number in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(number, bool) or not isinstance(number, int):
+                raise EincError(f"MultiheadAttention: {name} must be an int, not {number!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            raise EincError(f"MultiheadAttention: dropout must be a probability between 0 and 1, not {dropout!r}")
         if add_bias_kv or add_zero_attn:
             raise EincError("einc.nn.MultiheadAttention does not support add_bias_kv or add_zero_attn")
         if kdim not in (None, embed_dim) or vdim not in (None, embed_dim):
@@ -354,6 +374,20 @@ class MultiheadAttention(torch.nn.Module):
         else:
             _check_mask(key_padding_mask, "key_padding_mask", [[source]], ["(S,)"], batched)
 
+    def _check_inputs(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Refuse what torch's layer refuses: other ranks, ranks that differ, another embedding size."""
+        layout = "(N, L, E)" if self.batch_first else "(L, N, E)"
+        names = ["query", "key", "value"]
+        tensors = [query, key, value]
+        for index in range(3):
+            x = tensors[index]
+            if x.dim() < 2 or x.dim() > 3 or x.dim() != query.dim():
+                raise EincError(f"MultiheadAttention: {names[index]} has shape {_shape_text(list(x.shape))}; "
+                                f"query, key and value must all be batched {layout} or all unbatched (L, E)")
+            if x.shape[-1] != self.embed_dim:
+                raise EincError(f"MultiheadAttention: {names[index]} has shape {_shape_text(list(x.shape))}, "
+                                f"whose last dimension is not embed_dim={self.embed_dim}")
+
     def _with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],  # noqa: UP045
                       dropout: float, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
         """The unfused path, which returns the attention weights: scores, mask, softmax,
@@ -361,7 +395,7 @@ class MultiheadAttention(torch.nn.Module):
         scores = self.scores(q, k)
         if mask is not None:
             scores = scores + mask
-        if scores.requires_grad or not _may_write(scores):
+        if scores.requires_grad or not _may_write():
             probabilities = torch.softmax(scores, -1)
         else:
             # The scores are this layer's own tensor: normalizing them in place spares
@@ -388,6 +422,7 @@ class MultiheadAttention(torch.nn.Module):
         Where torch's layer trusts the hint (``need_weights=False`` and no
         ``key_padding_mask``), ``scaled_dot_product_attention`` applies its own causal
         mask in place of ``attn_mask``; elsewhere ``attn_mask`` is what applies."""
+        self._check_inputs(query, key, value)
         batched = query.dim() == 3
         sequence_axis = 1 if batched and self.batch_first else 0
         length, source = query.shape[sequence_axis], key.shape[sequence_axis]

@@ -2,9 +2,9 @@
 
 :class:`Options` is validated once, when an expression is made, and is hashable, so it
 keys :func:`einc.compile`'s cache; nothing downstream re-checks an option.
-:func:`configure` (in :mod:`einc.api`) changes the process-wide defaults in
-:data:`settings`; every change bumps :attr:`Settings.version`, which expressions read
-to re-plan what they cached before.
+:func:`configure` changes the process-wide defaults in :data:`settings`; a new memory
+limit bumps :attr:`Settings.version`, which expressions read to re-plan what they
+cached before.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from .backends import get_backend
 from .errors import EincError
+from .ir import INT64_LIMIT
 from .paths import STRATEGY_NAMES
 
 __all__ = ["Backend", "Options", "Settings", "settings", "check_constants", "configure", "element_limit",
@@ -32,7 +33,6 @@ Backend = Literal["torchscript", "eager", "compile"]
 BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _BYTES = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([a-z]+)\s*\Z")
-_LIMIT = 2**63
 
 
 def parse_memory_limit(value: int | str | None) -> tuple[int | None, bool]:
@@ -43,13 +43,13 @@ def parse_memory_limit(value: int | str | None) -> tuple[int | None, bool]:
     """
     if value is None:
         return None, False
-    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < _LIMIT:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < INT64_LIMIT:
         return value, False
     if isinstance(value, str):
         match = _BYTES.match(value.lower())
         if match and match.group(2) in BYTE_UNITS:
             number = float(match.group(1)) * BYTE_UNITS[match.group(2)]
-            if 1 <= number < _LIMIT:
+            if 1 <= number < INT64_LIMIT:
                 return int(number), True
     raise EincError(
         f"memory_limit must be a positive int (elements) below 2**63 or a size in bytes such as '64MiB' "
@@ -105,10 +105,6 @@ class Options:
         ):
             raise EincError(f"cache_size must be a positive int, not {self.cache_size!r}")
 
-    def element_limit(self, itemsize: int) -> int | None:
-        """The tighter of this and the process-wide memory limit, in elements of ``itemsize`` bytes."""
-        return element_limit([self.limit, settings.limit], itemsize)
-
 
 def element_limit(limits: list[tuple[int | None, bool]], itemsize: int) -> int | None:
     """The tightest of parsed ``limits``, in elements of ``itemsize`` bytes."""
@@ -131,7 +127,8 @@ class Settings:
         self.memory_limit: int | str | None = None
         self.limit: tuple[int | None, bool] = (None, False)
         self.version = 0
-        """Bumped by every :func:`configure`: signatures planned under older settings are planned again."""
+        """Bumped by :func:`configure` when the memory limit changes: signatures planned under
+        another limit are planned again."""
         self.lock = threading.Lock()
         self.on_change: list[Callable[[int], None]] = []
         """Called after every :func:`configure` with the expression cache's size (the
@@ -182,23 +179,26 @@ def configure(
     >>> einc.configure(**previous)["memory_limit"]
     '1GiB'
     """
-    previous = {
-        "plan_cache_size": settings.plan_cache_size,
-        "expression_cache_size": settings.expression_cache_size,
-        "memory_limit": settings.memory_limit,
-    }
     for name, value in (("plan_cache_size", plan_cache_size), ("expression_cache_size", expression_cache_size)):
         if value is not _UNSET and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise EincError(f"{name} must be a positive int, not {value!r}")
+    limit = parse_memory_limit(memory_limit) if memory_limit is not _UNSET else None
     with settings.lock:
-        if memory_limit is not _UNSET:
-            settings.limit = parse_memory_limit(memory_limit)
+        previous = {
+            "plan_cache_size": settings.plan_cache_size,
+            "expression_cache_size": settings.expression_cache_size,
+            "memory_limit": settings.memory_limit,
+        }
+        if limit is not None:
+            if limit != settings.limit:
+                # Only the limit changes plans: cached signatures are planned again.
+                settings.version += 1
+            settings.limit = limit
             settings.memory_limit = memory_limit
         if plan_cache_size is not _UNSET:
             settings.plan_cache_size = plan_cache_size
         if expression_cache_size is not _UNSET:
             settings.expression_cache_size = expression_cache_size
-        settings.version += 1
     for hook in settings.on_change:
         hook(settings.expression_cache_size)
     return previous

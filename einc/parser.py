@@ -378,7 +378,7 @@ class _Builder:
         except PatternError as err:
             raise self.error(term.start, term.end, err.message) from None
 
-    def _group(self, term: _Term, located: dict[str, Span], output: bool) -> tuple[str, ...]:
+    def _group(self, term: _Term, located: dict[str, Span]) -> tuple[str, ...]:
         if self.compact:
             raise self.error(term.start, term.end, "composition '( )' needs spaced notation")
         names: list[str] = []
@@ -396,7 +396,7 @@ class _Builder:
             located[name] = (item.start, item.end)
         return tuple(names)
 
-    def axis_list(self, terms: tuple[_Term, ...], *, brackets: bool, output: bool = False
+    def axis_list(self, terms: tuple[_Term, ...], *, brackets: bool
                   ) -> tuple[ir.AxisList, list[str], dict[str, Span]]:
         """(axis list, bracketed names, where each name's term is) of one list of terms.
 
@@ -426,12 +426,12 @@ class _Builder:
                     dims.append((name,))
                     located[name] = (sub.start, sub.end)
             elif term.kind == "group":
-                dims.append(self._group(term, located, output))
+                dims.append(self._group(term, located))
             else:  # bracket
                 if not brackets:
                     raise self.error(term.start, term.end,
                                      "brackets mark normalized axes, only in the output of softmax/log_softmax")
-                inner, _, inner_located = self.axis_list(term.items, brackets=False, output=output)
+                inner, _, inner_located = self.axis_list(term.items, brackets=False)
                 dims.extend(inner.dims)
                 bracketed.extend(inner.axes)
                 located.update(inner_located)
@@ -476,7 +476,7 @@ class _Builder:
         if body.output is None:
             output = lists[0] if arrowless else _implicit_output(lists)
         else:
-            output, marks, spans.output = self.axis_list(body.output, brackets=normalizer, output=True)
+            output, marks, spans.output = self.axis_list(body.output, brackets=normalizer)
             bracketed.extend(marks)
         scale = tuple(self.factor(s) for s in body.scale)
         spans.scale = [(s.start, s.end) for s in body.scale]

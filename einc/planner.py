@@ -24,7 +24,7 @@ from . import ir
 from .errors import EincError
 from .paths import Optimize, check_output, check_path, folding_path, opt_einsum_path, ssa_to_linear, too_small
 from .rewrite import Attention
-from .sizes import LIMIT, Group, Shape, learn_leaf_sizes, resolve, show_axis
+from .sizes import LIMIT, Group, Shape, check_keyword_axes, learn_leaf_sizes, resolve, show_axes, show_axis
 
 __all__ = ["Prep", "Step", "Program", "plan"]
 
@@ -248,7 +248,7 @@ def _check_memory(steps: Sequence[Step], ssa_path: Sequence[tuple[int, ...]], op
     for index, step in enumerate(steps):
         size = math.prod(sizes[a] for a in step.output_axes)
         if size > limit:
-            raise too_small(limit, f"step {index} ({' '.join(step.output_axes) or 'scalar'}) "
+            raise too_small(limit, f"step {index} ({show_axes(step.output_axes)}) "
                                     f"produces {size:,} elements")
 
 
@@ -304,9 +304,7 @@ def plan(
     shapes = tuple(tuple(int(n) for n in s) for s in shapes)
     if len(shapes) != pattern.leaves:
         raise EincError(f"the pattern has {pattern.leaves} operands but {len(shapes)} tensors were given")
-    for name in sizes:
-        if name not in pattern.all_axes:
-            raise EincError(f"size given for axis {name!r}, which is not in the pattern")
+    check_keyword_axes(sizes, pattern.all_axes)
     if pattern.nested and constants:
         raise EincError("constants are not supported in patterns with nested operations")
     if memory_limit is not None and memory_limit < 1:

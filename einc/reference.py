@@ -97,15 +97,11 @@ def reference(pattern: ir.Pattern, tensors: Sequence[torch.Tensor], sizes: Mappi
     table = {**sizes, **{a: n for a in pattern.all_axes if (n := ir.anonymous_size(a)) is not None}}
     rest = iter(tensors)
     # Plain axes of every tensor first: a nested level may need one another level has.
-    for axes, tensor in zip(_leaf_lists(pattern), tensors):
+    for axes, tensor in zip(pattern.leaf_lists(), tensors):
         for dim, start, _ in axes.spans(tensor.dim()):
             if len(dim) == 1 and dim != (ir.ELLIPSIS,):
                 table.setdefault(dim[0], tensor.shape[start])
     return _level(pattern, rest, table, absolute)
-
-
-def _leaf_lists(pattern: ir.Pattern) -> list[ir.AxisList]:
-    return [a for x in pattern.inputs for a in (_leaf_lists(x) if isinstance(x, ir.Pattern) else [x])]
 
 
 def _split(axes: ir.AxisList, tensor: torch.Tensor, table: dict[str, int]) -> tuple[torch.Tensor, list[str]]:
@@ -115,11 +111,16 @@ def _split(axes: ir.AxisList, tensor: torch.Tensor, table: dict[str, int]) -> tu
     spans = axes.spans(tensor.dim())
     groups = [(dim, tensor.shape[start]) for dim, start, _ in spans if len(dim) > 1]
     while any(a not in table for dim, _ in groups for a in dim):
+        learned = len(table)
         for dim, extent in groups:
             unknown = [a for a in dim if a not in table]
             if len(unknown) == 1:
                 known = math.prod(table[a] for a in dim if a in table)
                 table[unknown[0]] = extent // known if known else 0
+        if len(table) == learned:
+            missing = sorted({a for dim, _ in groups for a in dim if a not in table})
+            raise EincError(f"the reference cannot split a composition: give the size of "
+                            f"{', '.join(map(repr, missing))} by keyword")
     shape: list[int] = []
     names: list[str] = []
     for dim, start, count in spans:

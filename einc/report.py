@@ -18,7 +18,7 @@ from . import ir
 from .codegen import Generated
 from .errors import format_shape
 from .planner import Program, Step
-from .sizes import Shape, leaves
+from .sizes import Shape
 
 __all__ = ["Plan", "PlanStep", "describe", "table"]
 
@@ -182,9 +182,9 @@ def describe(program: Program, code: Generated, *, pattern: str, shapes: Sequenc
     levels = program.programs()
     located = [(level, step) for level in levels for step in level.steps]
     path = program.path_over_tensors()
-    spelled = tuple(axes.render(top.compact) or "(scalar)" for _, axes in leaves(top))
+    spelled = tuple(axes.render(top.compact) or "(scalar)" for axes in top.leaf_lists())
     steps = tuple(_plan_step(level, step, kernel, path, shapes, spelled)
-                  for (level, step), kernel in zip(located, code.kernels))
+                  for (level, step), kernel in zip(located, code.kernels, strict=True))
     # A nested operation's result is an intermediate of the whole pattern (unless one
     # fused kernel consumes it inside).
     nested_results = [math.prod(inner.output_shape) for level in levels if level.fused is None

@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .errors import EincError
-from .ir import Factor
+from .ir import INT64_LIMIT, Factor
 
 if TYPE_CHECKING:
     from .codegen import Emitter
 
 __all__ = ["Scaling", "integral"]
+
+_TOO_BIG = "the scale {} does not fit in int64, which integer tensors are scaled in"
 
 
 def integral(factors: Sequence[Factor]) -> bool:
@@ -82,12 +84,18 @@ class Scaling:
     def operand(self, value: str, emit: Emitter) -> str:
         """``value`` scaled if it takes the scale, the code written by ``emit``."""
         if not emit.generic:
-            if self.integral and emit.integral() and self._value() >= 2**63:
-                raise EincError(f"the scale {self._value():,} does not fit in int64, which integer tensors "
-                                "are scaled in")
+            if self.integral and emit.integral() and self._value() >= INT64_LIMIT:
+                raise EincError(_TOO_BIG.format(f"{self._value():,}"))
             return value if self._on_result() else emit.assign(f"{value} * {self.expression()}")
         if self.integral:
-            return emit.assign(f"{value} * {self.expression()}")
+            # Integers stay integers (an int product, checked against int64 in floats,
+            # which never wrap); floats take the float product.
+            numerator, _ = self._parts()
+            floating = emit.assign(f"{value}.is_floating_point() or {value}.is_complex()")
+            wide = emit.assign(self.expression())
+            emit.unit.check(emit.lines, f"not {floating} and {wide} >= {float(INT64_LIMIT)!r}", _TOO_BIG, wide)
+            whole = "(" + " * ".join(numerator or ["1"]) + ")"
+            return emit.assign(f"{value} * {wide} if {floating} else {value} * {whole}")
         self.variable = emit.assign(self.expression())
         self.early = emit.assign(f"{emit.helper('einc_scales_early')}({value}, {self.variable})")
         return emit.assign(f"{value} * {self.variable} if {self.early} else {value}")

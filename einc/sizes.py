@@ -16,15 +16,14 @@ from typing import Any
 from . import ir
 from .errors import EincError, size_hint
 
-__all__ = ["Group", "Level", "Shape", "check_sizes", "check_new_axes", "leaves", "learn_leaf_sizes",
-           "merge_ellipsis", "rank", "resolve", "show_axis"]
+__all__ = ["Group", "Level", "Shape", "check_sizes", "check_keyword_axes", "check_new_axes", "show_axes",
+           "learn_leaf_sizes", "merge_ellipsis", "rank", "resolve", "show_axis"]
 
 Shape = tuple[int, ...]
 Group = tuple[str, ...]
 """One tensor dimension as the axes merged into it (``()`` is a size-1 dimension)."""
 
-LIMIT = 2**63
-"""Sizes, element counts and scales must stay below what a tensor can index."""
+LIMIT = ir.INT64_LIMIT
 
 
 def check_sizes(sizes: Mapping[str, Any]) -> None:
@@ -32,6 +31,13 @@ def check_sizes(sizes: Mapping[str, Any]) -> None:
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < LIMIT:
             raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
+
+
+def check_keyword_axes(sizes: Mapping[str, Any], axes: frozenset[str], where: str = "the pattern") -> None:
+    """Every keyword size names an axis of ``axes`` (``where`` says what holds them)."""
+    for name in sizes:
+        if name not in axes:
+            raise EincError(f"size given for axis {name!r}, which is not in {where}")
 
 
 def show_axis(axis: str, *, noun: bool = False) -> str:
@@ -43,6 +49,11 @@ def show_axis(axis: str, *, noun: bool = False) -> str:
     if anonymous is not None:
         return f"anonymous axis {anonymous}"
     return f"axis {axis!r}" if noun else repr(axis)
+
+
+def show_axes(axes: Sequence[str]) -> str:
+    """A tensor's axes as messages name them: ``'b' 'h' 'q'``, or ``scalar``."""
+    return " ".join(map(show_axis, axes)) or "scalar"
 
 
 def check_new_axes(pattern: ir.Pattern, sizes: Mapping[str, int]) -> None:
@@ -83,24 +94,12 @@ class _Sizes:
             )
 
 
-def leaves(pattern: ir.Pattern, first: int = 0) -> list[tuple[int, ir.AxisList]]:
-    """(tensor position, axis list) of every tensor operand, nested ones included."""
-    out: list[tuple[int, ir.AxisList]] = []
-    for operand in pattern.inputs:
-        position = first + len(out)
-        if isinstance(operand, ir.Pattern):
-            out.extend(leaves(operand, position))
-        else:
-            out.append((position, operand))
-    return out
-
-
 def learn_leaf_sizes(pattern: ir.Pattern, shapes: Sequence[Shape], keyword: Mapping[str, int],
                      known: MutableMapping[str, tuple[int, str]]) -> None:
     """Sizes of plain axes of every tensor, so a nested level can use what another
     operand says (``h`` learned from ``v`` splits ``(h d)`` in the nested ``q``)."""
     table = _Sizes(keyword)
-    for position, operand in leaves(pattern):
+    for position, operand in enumerate(pattern.leaf_lists()):
         shape = shapes[position]
         if rank(operand, shape) is None:
             continue  # the level's own planning reports it
@@ -124,7 +123,7 @@ def merge_ellipsis(pattern: ir.Pattern, shapes: Sequence[Shape]) -> tuple[Shape,
     merged: list[Shape] = []
     seen: Shape | None = None
     first = 0
-    for index, ((_, axes), shape) in enumerate(zip(leaves(pattern), shapes)):
+    for index, (axes, shape) in enumerate(zip(pattern.leaf_lists(), shapes)):
         extra = rank(axes, shape)
         if not axes.has_ellipsis or extra is None:
             merged.append(shape)  # planning reports a wrong rank

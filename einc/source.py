@@ -14,12 +14,13 @@ from collections.abc import Sequence
 
 from ._runtime import HELPERS
 
-__all__ = ["FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME", "EMPTY_LIST", "Group", "Unit", "ints",
-           "singles"]
+__all__ = ["FUNCTION_NAME", "CONSTANT_FUNCTION_NAME", "MODULE_NAME", "TENSORS_CHECK", "EMPTY_LIST", "Group", "Unit",
+           "ints", "singles"]
 
 FUNCTION_NAME = "einc_fn"
 CONSTANT_FUNCTION_NAME = "einc_constants"
 MODULE_NAME = "EincModule"
+TENSORS_CHECK = "einc_tensors"
 
 Group = tuple[str, ...]
 """One tensor dimension as the axes merged into it (``()`` is a size-1 dimension)."""
@@ -45,7 +46,7 @@ class _Namespace:
     _reserved = (
         frozenset(keyword.kwlist)
         | frozenset(dir(builtins))
-        | {"torch", "List", "Tuple", "EincError", FUNCTION_NAME, CONSTANT_FUNCTION_NAME, MODULE_NAME}
+        | {"torch", "List", "Tuple", "EincError", FUNCTION_NAME, CONSTANT_FUNCTION_NAME, MODULE_NAME, TENSORS_CHECK}
     )
 
     def __init__(self) -> None:
@@ -60,23 +61,6 @@ class _Namespace:
             if name not in self._reserved and name not in self._used:
                 self._used.add(name)
                 return name
-
-
-_EMPTY_LIST = "torch.jit.annotate(List[int], [])"
-
-
-def _ints(values: Sequence[int]) -> str:
-    if not values:
-        return _EMPTY_LIST
-    return "[" + ", ".join(str(int(v)) for v in values) + "]"
-
-
-Group = tuple[str, ...]
-"""One tensor dimension as the axes merged into it (``()`` is a size-1 dimension)."""
-
-
-def _singles(axes: Sequence[str]) -> list[Group]:
-    return [(a,) for a in axes]
 
 
 class Unit:

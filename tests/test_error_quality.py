@@ -233,6 +233,10 @@ ROWS = {
     # The output alone is over the limit: the message says so (not "every intermediate").
     "memory-output-alone": Row(_call("ab,bc,cd->ad", _t(8, 8), _t(8, 8), _t(8, 8), memory_limit=20), [
         "memory_limit=20 elements is too small", "the output alone", "64 elements", "'a' 'd'"]),
+    # A user's path whose first step is over the limit: the step's axes as every message names axes.
+    "memory-step-axes": Row(_call("a b, c d, b d -> a c", _t(2, 5), _t(2, 6), _t(5, 6), memory_limit=20,
+                                  optimize=[(0, 1), (0, 1)]), [
+        "memory_limit=20 elements is too small", "step 0 ('a' 'b' 'c' 'd') produces 120 elements"]),
     # A limit in bytes below one element.
     "memory-under-one-element": Row(_call("ij->ji", _t(2, 3), memory_limit="3b"), [
         "memory_limit=0 elements is too small", "2x3"]),

@@ -8,6 +8,7 @@ gives for the same shapes (one rule, one message, on both paths).
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -114,6 +115,85 @@ def test_run_time_checks_cost_a_few_microseconds():
     assert seconds < 2e-3
 
 
+@pytest.mark.parametrize("value, kind", [(3, "int"), ([1.0, 2.0], "list"), ("x", "str")])
+def test_modules_refuse_what_is_not_a_tensor(value, kind):
+    # Once an AttributeError from deep inside the generated code.
+    module = einc.compile("a b -> b a").module((2, 3))
+    with pytest.raises(einc.EincError, match=f"operand 0 must be a torch.Tensor, not {kind}"):
+        module(value)
+    layer = einc.nn.Einsum("b c -> b o", weight="o c", o=3, c=4)
+    with pytest.raises(einc.EincError, match=f"operand 0 must be a torch.Tensor, not {kind}"):
+        layer(value)
+
+
+# ------------------------------------------------------------ dtypes
+
+DTYPES = [
+    # (pattern, dtype, torch reference): modules decide dtypes at run time, by the same rules
+    # A whole-number scale keeps integers integers (it once made floats in modules).
+    ("a b -> a * 3", torch.int64, lambda x: x.sum(1) * 3),
+    # A size in the scale is read from the shape: still an int.
+    ("a b -> a * b", torch.int32, lambda x: x.sum(1) * x.shape[1]),
+    # A dividing scale gives torch's default float, as x.sum(1) / 2 does.
+    ("a b -> a * 2 / 4", torch.int64, lambda x: x.sum(1) / 2),
+    # Floats never wrap: 2**64 as a float scale.
+    ("a b -> a * 4294967296 * 4294967296", torch.float64, lambda x: x.sum(1) * 2.0**64),
+    # uint16 sums in int64, as torch.sum does (the run-time table once stopped at int32).
+    ("a b -> a", torch.uint16, lambda x: x.sum(1)),
+    ("a b -> a", torch.uint32, lambda x: x.sum(1)),
+    # bool sums count.
+    ("a b -> a", torch.bool, lambda x: x.sum(1)),
+    # Half floats: logsumexp computes in float32 and returns float16.
+    ("logsumexp(a b -> a)", torch.float16, lambda x: torch.logsumexp(x.float(), 1).half()),
+]
+
+
+@pytest.mark.parametrize("pattern, dtype, reference", DTYPES, ids=[f"{c[0]}-{c[1]}" for c in DTYPES])
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_modules_compute_in_the_same_dtypes_as_expressions(pattern, dtype, reference, backend):
+    x = (torch.arange(12).reshape(3, 4) % 5).to(dtype)
+    expected = reference(x)
+    expression = einc.compile(pattern, backend=backend)
+    for result in (expression(x), expression.module((3, 4))(x)):
+        assert result.dtype == expected.dtype
+        torch.testing.assert_close(result, expected, rtol=1e-3, atol=0)
+
+
+REFUSED = [
+    # (pattern, dtypes, message): the same EincError from expressions and modules
+    ("logsumexp(a b -> a)", [torch.int64], "logsumexp(...) needs floating-point tensors, got torch.int64"),
+    ("softmax(a [b])", [torch.uint8], "softmax(...) needs floating-point tensors, got torch.uint8"),
+    ("max(a b, b c -> a c)", [torch.bool, torch.bool], "bool tensors cannot, got torch.bool"),
+    ("max(a b -> a)", [torch.complex64], "max(...) needs real tensors, got torch.complex64"),
+    # An integral scale beyond int64 for integer tensors.
+    ("a b -> a * 3037000500 * 3037000500", [torch.int64], "does not fit in int64"),
+]
+
+
+@pytest.mark.parametrize("pattern, kinds, message", REFUSED, ids=[c[0] for c in REFUSED])
+def test_modules_refuse_the_dtypes_expressions_refuse(pattern, kinds, message):
+    tensors = [torch.ones(2, 2, dtype=d) for d in kinds]
+    expression = einc.compile(pattern)
+    for function in (expression, expression.module(*[(2, 2)] * len(kinds))):
+        with pytest.raises(einc.EincError, match=re.escape(message)):
+            function(*tensors)
+
+
+def test_a_module_scripted_by_the_user_has_exact_complex_gradients_without_graph_optimizations():
+    # The documented way: TorchScript's profiling executor differentiates a scripted
+    # graph itself from the second call on, without conjugating; with its optimizations
+    # off from the first call, autograd differentiates torch's ops. Reference: torch.einsum.
+    module = script(einc.compile("bdn,bn->bd").module((2, 3, 4), (2, 4)))
+    with torch.jit.optimized_execution(False):
+        for _ in range(3):
+            x, c = randn(2, 3, 4, dtype=torch.complex128), randn(2, 4, dtype=torch.complex128)
+            x.requires_grad_(), c.requires_grad_()
+            got = torch.autograd.grad(module(x, c).real.sum(), (x, c))
+            expected = torch.autograd.grad(torch.einsum("bdn,bn->bd", x, c).real.sum(), (x, c))
+            for g, r in zip(got, expected):
+                assert_close(g, r)
+
+
 # ------------------------------------------------------------ pickling
 
 
@@ -146,6 +226,36 @@ def test_expressions_and_modules_pickle_and_load_in_a_fresh_process(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_pickled_module_keeps_the_process_limit_it_was_made_under(tmp_path):
+    # The limit is part of the module (checked on every call); once the loading
+    # process's own setting replaced it, both ways.
+    previous = einc.configure(memory_limit=1000)
+    try:
+        limited = einc.compile("b q d, b k d -> b q k").module((2, 4, 5), (2, 4, 5))
+    finally:
+        einc.configure(**previous)
+    free = einc.compile("b q d, b k d -> b q k").module((2, 4, 5), (2, 4, 5))
+    torch.save({"limited": limited, "free": free}, tmp_path / "modules.pt")
+    code = textwrap.dedent(f"""
+        import torch, einc
+        einc.configure(memory_limit=10)  # this process's limit applies to what it makes, not to what it loads
+        modules = torch.load({str(tmp_path / 'modules.pt')!r}, weights_only=False)
+        einc.configure(memory_limit=None)
+        small, large = torch.randn(2, 4, 5), torch.randn(2, 40, 5)
+        assert modules["free"](large, large).shape == (2, 40, 40)
+        modules["limited"](small, small)
+        try:
+            modules["limited"](large, large)
+        except einc.EincError as err:
+            assert "memory_limit=1,000 elements is too small" in str(err), err
+        else:
+            raise SystemExit("the limited module ran over its limit")
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr + result.stdout
 
 
 def test_pickled_expression_keeps_its_options_and_constants():
@@ -187,6 +297,26 @@ def test_process_wide_limit_applies_to_modules_made_under_it_and_to_cached_signa
         einc.configure(**previous)
     # Lifted again: the expression plans the signature anew.
     assert expression(q, q).shape == (2, 40, 40)
+
+
+def test_configure_compiles_cached_signatures_again_only_when_the_limit_changes(monkeypatch):
+    # Cache sizes do not change a plan; once every configure() made every expression
+    # plan and compile every signature again.
+    expression = einc.compile("ij,jk->ik", backend="eager")
+    x, y = randn(2, 3), randn(3, 4)
+    expression(x, y)
+    compiled = []
+    real = einc.api.generate
+    monkeypatch.setattr(einc.api, "generate", lambda *args, **kw: compiled.append(1) or real(*args, **kw))
+    previous = einc.configure(plan_cache_size=64)
+    try:
+        assert_close(expression(x, y), x @ y)
+        assert compiled == []
+        einc.configure(memory_limit=10**9)
+        assert_close(expression(x, y), x @ y)
+        assert compiled == [1]
+    finally:
+        einc.configure(**previous)
 
 
 def test_a_limit_in_bytes_is_checked_with_the_actual_element_size():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -100,6 +101,18 @@ def test_einsum_layer_gradients_match_torch_einsum():
     ("sum(b t c -> b t)", "c", None, {"c": 4}, "the pattern must be one operand and an output"),
     # a weight with '...'
     ("b c -> b d", "... d", None, {"d": 2}, "the weight cannot have '...'"),
+    # a weight of two axis lists (once taken as its first list, silently)
+    ("b c -> b o", "o c, o", None, {"o": 3, "c": 4}, "the weight must be one axis list"),
+    # a weight with an arrow
+    ("b c -> b o", "o c -> o", None, {"o": 3, "c": 4}, "the weight must be one axis list"),
+    # a weight with an operation
+    ("b c -> b o", "sum(o c -> o)", None, {"o": 3, "c": 4}, "the weight must be one axis list"),
+    # a bias of two lists
+    ("b c -> b o", "o c", "o, o", {"o": 3, "c": 4}, "the bias must be one axis list"),
+    # a weight that is not text
+    ("b c -> b o", 3, None, {"o": 3, "c": 4}, "the weight must be an axis list as a string"),
+    # a float size (once a raw TypeError from torch.empty)
+    ("b c -> b o", "o c", None, {"o": 3.0, "c": 4}, "size of axis 'o' must be a non-negative int"),
 ])
 def test_einsum_layer_errors(pattern, weight, bias, sizes, message):
     with pytest.raises(einc.EincError, match=message):
@@ -229,6 +242,36 @@ def test_dropout_applies_in_training_only():
 def test_attention_unsupported_options(options, message):
     with pytest.raises(einc.EincError, match=message):
         einc.nn.MultiheadAttention(32, 4, **options)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    # a string embedding size (once a raw TypeError from a comparison)
+    ({"embed_dim": "8", "num_heads": 2}, "embed_dim must be an int, not '8'"),
+    ({"embed_dim": 8, "num_heads": 2.0}, "num_heads must be an int, not 2.0"),
+    # dropout that is no probability (once a raw ValueError from float())
+    ({"embed_dim": 8, "num_heads": 2, "dropout": "x"}, "dropout must be a probability between 0 and 1, not 'x'"),
+    ({"embed_dim": 8, "num_heads": 2, "dropout": 1.5}, "dropout must be a probability between 0 and 1, not 1.5"),
+])
+def test_attention_constructor_arguments_are_checked(arguments, message):
+    with pytest.raises(einc.EincError, match=re.escape(message)):
+        einc.nn.MultiheadAttention(**arguments)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    # a 4-D query (once a message naming the layer's internal projection pattern)
+    ([(1, 2, 5, 32), (2, 7, 32), (2, 7, 32)], "query has shape (1, 2, 5, 32); query, key and value must all be"),
+    # a batched query with unbatched keys
+    ([(2, 5, 32), (7, 32), (7, 32)], "key has shape (7, 32); query, key and value must all be"),
+    # another embedding size
+    ([(2, 5, 32), (2, 7, 16), (2, 7, 32)], "key has shape (2, 7, 16), whose last dimension is not embed_dim=32"),
+])
+def test_attention_input_shapes_are_checked_like_torch(shapes, message):
+    reference, mine = pair(batch_first=True)
+    q, k, v = (torch.randn(s) for s in shapes)
+    with pytest.raises((RuntimeError, AssertionError)):
+        reference(q, k, v)
+    with pytest.raises(einc.EincError, match=re.escape(message)):
+        mine(q, k, v)
 
 
 def test_attention_heads_must_divide_embed_dim():
