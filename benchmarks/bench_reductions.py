@@ -286,6 +286,75 @@ def case_maxplus(n: int, quick: bool) -> Case:
                 lambda: (a.double()[:, :, None] + b.double()[None]).amax(1))
 
 
+# --------------------------------------------------------------------------- under autograd
+
+
+def _backward(forward: Callable[..., torch.Tensor], leaves: list[torch.Tensor], weight: torch.Tensor
+              ) -> Callable[[], torch.Tensor]:
+    """Forward and backward (a weighted sum, so normalizers get a non-zero gradient);
+    returns the first leaf's gradient, which is validated."""
+    def run() -> torch.Tensor:
+        for leaf in leaves:
+            leaf.grad = None
+        (forward(*leaves) * weight).sum().backward()
+        return leaves[0].grad
+    return run
+
+
+def case_autograd(key: str, pattern: str, shapes: list[tuple[int, ...]], torch_form: Callable[..., torch.Tensor],
+                  label: str, backward: bool) -> Case:
+    """A reduction or normalizer with gradients enabled, against its torch form."""
+    g = torch.Generator().manual_seed(5)
+    leaves = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    ts = einc.compile(pattern)
+    eager = einc.compile(pattern, backend="eager")
+    weight = torch.randn(torch_form(*leaves).shape, generator=g)
+    wide = [leaf.detach().double().requires_grad_() for leaf in leaves]
+    if backward:
+        run = lambda f: _backward(f, leaves, weight)  # noqa: E731
+        reference = _backward(torch_form, wide, weight.double())
+    else:
+        run = lambda f: lambda: f(*leaves)  # noqa: E731
+        reference = lambda: torch_form(*wide)  # noqa: E731
+    contenders = [Contender(TS, run(ts)), Contender(EAGER, run(eager)), Contender(label, run(torch_form))]
+    what = "forward and backward" if backward else "forward, inputs requiring grad"
+    return Case(key, f"`{pattern}`, {' x '.join(map(str, shapes))} float32 ~ N(0, 1), {what}", contenders,
+                reference, atol=2e-5)
+
+
+AUTOGRAD = [
+    # (key, pattern, shapes, torch form, its label)
+    ("lse", "logsumexp(b v -> b)", [(256, 8192)], lambda x: torch.logsumexp(x, 1), "torch.logsumexp(x, 1)"),
+    ("lse-small", "logsumexp(b v -> b)", [(64, 4096)], lambda x: torch.logsumexp(x, 1), "torch.logsumexp(x, 1)"),
+    ("lse-proj", "logsumexp(sum(b d, v d -> b v) -> b)", [(512, 64), (2048, 64)],
+     lambda h, w: torch.logsumexp(h @ w.T, 1), "torch.logsumexp(h @ w.T, 1)"),
+    ("softmax", "softmax(b [v])", [(256, 8192)], lambda x: torch.softmax(x, 1), "torch.softmax(x, 1)"),
+    ("log_softmax", "log_softmax(b [v])", [(256, 8192)], lambda x: torch.log_softmax(x, 1),
+     "torch.log_softmax(x, 1)"),
+    ("max", "max(b v -> b)", [(256, 8192)], lambda x: torch.amax(x, 1), "torch.amax(x, 1)"),
+    ("mean", "mean(b v -> b)", [(256, 8192)], lambda x: torch.mean(x, 1), "torch.mean(x, 1)"),
+    ("logmm", "logsumexp(i k, k j -> i j)", [(128, 128), (128, 128)],
+     lambda a, b: torch.logsumexp(a[:, :, None] + b[None], 1), "torch.logsumexp(a[:, :, None] + b[None], 1)"),
+]
+
+
+def first_calls(pattern: str, shapes: list[tuple[int, ...]], torch_form: Callable[..., torch.Tensor],
+                calls: int = 3) -> tuple[float, float]:
+    """Seconds of the first ``calls`` forward+backward calls of a newly compiled
+    expression (default backend) and of the torch form, in this process."""
+    einc.configure()  # empties the expression cache: a new compile
+    g = torch.Generator().manual_seed(6)
+    leaves = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    expression = einc.compile(pattern)
+    out = []
+    for forward in (expression, torch_form):
+        start = time.perf_counter()
+        for _ in range(calls):
+            forward(*leaves).sum().backward()
+        out.append(time.perf_counter() - start)
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------- n=2048 validation
 
 
@@ -381,6 +450,8 @@ def targets() -> list[Target]:
                "3. log-matmul n=256: einc ≤ 1/50 of naive broadcast"),
         Target("softmax", 'torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), -1)', 1.1,
                "4. softmax: einc ≤ 1.1x torch.einsum + torch.softmax"),
+        *[Target(f"{key}-{kind}", label, 1.2, f"autograd (issue 11.7): {key} {kind}: einc ≤ 1.2x {label}")
+          for key, _, _, _, label in AUTOGRAD for kind in ("fwd", "fwdbwd")],
     ]
 
 
@@ -457,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("logmm-adversarial-256", lambda: case_logmm_adversarial(256, quick)),
         ("softmax", lambda: case_softmax(quick)),
         ("maxplus-256", lambda: case_maxplus(256, quick)),
+        *[(f"{key}-{kind}", lambda row=row, kind=kind: case_autograd(f"{row[0]}-{kind}", *row[1:], kind == "fwdbwd"))
+          for row in AUTOGRAD for key in row[:1] for kind in ("fwd", "fwdbwd")],
     ]
     cases: dict[str, Case] = {}
     for key, build in builders:
@@ -496,6 +569,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"= {m['bytes'] / (4 * m['n'] ** 3):.2f} x (n^3 float32)", flush=True)
     else:
         naive_mem = []
+
+    firsts = []
+    if not args.only or "first" in args.only:
+        for key, pattern, shapes, form, label in AUTOGRAD:
+            mine, theirs = first_calls(pattern, shapes, form)
+            firsts.append((key, pattern, mine, theirs, label))
+            print(f"first 3 fwd+bwd calls {key}: einc {fmt_time(mine)} (compile included), {label} {fmt_time(theirs)}")
 
     checked = []
     for t in targets():
@@ -542,6 +622,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             lines += [f"- {n}" for n in case.notes]
             if case.notes:
                 lines.append("")
+        if firsts:
+            lines += ["### First calls under autograd", "",
+                      "The first three forward+backward calls of a newly compiled expression (default backend, "
+                      "compile included) against the torch form's first three in the same process.", "",
+                      "| case | einc | torch form | ratio |", "|---|---:|---:|---:|"]
+            lines += [f"| {key} `{pattern}` | {fmt_time(m)} | {fmt_time(t)} ({label}) | {m / t:.2f}x |"
+                      for key, pattern, m, t, label in firsts]
+            lines.append("")
         if large_failed:
             lines += ["### logmm-large (einc only)", "", f"einc FAILED: `{large_failed}`", ""]
         if large:

@@ -53,6 +53,14 @@ def einc_lse(x: torch.Tensor, dims: List[int], floor: float, overwrite: bool) ->
     numel = einc_prod(x.shape)
     if numel == 0:
         return torch.logsumexp(x, dims)
+    if overwrite and x.requires_grad and torch.is_grad_enabled():
+        # Under autograd torch's fused kernel and its one-pass backward beat the
+        # shifted passes below (each of them a node to differentiate).  Its gradient
+        # of an all -inf slice is NaN where einc's is 0: those (rare) take the passes.
+        # Not in transform-safe code (overwrite False), which may not branch on data.
+        out = torch.logsumexp(x, dims)
+        if not bool((out == float("-inf")).any()):
+            return out
     width = 1
     for d in dims:
         width *= x.shape[d]
