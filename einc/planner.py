@@ -186,6 +186,18 @@ class _Numbering:
         self.ssa_id[value] = self.tensors + entry
 
 
+def _consumer_batch(index: int, ssa_path: Sequence[tuple[int, ...]], axes: Mapping[int, tuple[str, ...]],
+                    output: set[str], operands: int) -> set[str]:
+    """The output axes that the entry consuming entry ``index``'s result shares with its
+    other (already known) operands: its batch axes, as far as they are known now."""
+    result = operands + index
+    for later in ssa_path[index + 1:]:
+        if result in later:
+            others = [axes[i] for i in later if i != result and i in axes]
+            return {a for other in others for a in other if a in output}
+    return set()
+
+
 def _steps(prepared: Sequence[tuple[str, ...]], operands: Sequence[int], ssa_path: Sequence[tuple[int, ...]],
            output: tuple[str, ...], sizes: Mapping[str, int], numbering: _Numbering) -> list[Step]:
     """One level's steps for its SSA path (ids: its operands, then one per entry)."""
@@ -209,10 +221,27 @@ def _steps(prepared: Sequence[tuple[str, ...]], operands: Sequence[int], ssa_pat
         else:
             if len(picked) == 2 and index == len(ssa_path) - 1:
                 # The last product: take the operands in the order that lands the
-                # result in output order, sparing a final transposing copy.
-                swapped = _pairwise(axes[picked[1]], axes[picked[0]], keep)
-                if swapped["batch"] + swapped["left"] + swapped["right"] == tuple(output):
+                # result in output order (no final copy), else whose result ends in
+                # the output's innermost axis (a final copy, but not a transposing
+                # one), else with the larger free side on the right, as the GEMM's N
+                # (a skinny N is 4x slower: "l b n d, v b n l -> v b n d").
+                orders = [_pairwise(axes[x], axes[y], keep) for x, y in (picked, picked[::-1])]
+                results = [p["batch"] + p["left"] + p["right"] for p in orders]
+                rank = [(r == tuple(output), r[-1:] == tuple(output[-1:]),
+                         math.prod(sizes[a] for a in p["right"]) - math.prod(sizes[a] for a in p["left"]))
+                        for p, r in zip(orders, results)]
+                if rank[1] > rank[0]:
                     picked.reverse()
+            elif len(picked) == 2:
+                # An intermediate: the side holding the axes its consumer keeps as
+                # batch axes goes first; they must be outer for a bmm without a copy
+                # ("i j o, b i, b j -> b o": [b, j, o], not [j, o, b]).
+                batch = _consumer_batch(index, ssa_path, axes, set(output), len(prepared))
+                if batch:
+                    orders = [_pairwise(axes[x], axes[y], keep) for x, y in (picked, picked[::-1])]
+                    rank = [tuple(a in batch for a in p["left"] + p["right"]) for p in orders]
+                    if rank[1] > rank[0]:
+                        picked.reverse()
             # An entry of more than two operands (explicit paths) runs pairwise, left to right.
             value, acc = value_of[picked[0]], axes[picked[0]]
             for position, other in enumerate(picked[1:], start=1):

@@ -146,7 +146,7 @@ GENERATED = re.compile(r"[xckt][0-9]+\Z")
 """einc's generated names: parameters ``x<N>``, constants ``c<N>``, folded ``k<N>``, temps ``t<N>``."""
 EINC_FLOATS = frozenset(repr(abs(v)) for v in (*FLOOR.values(), *TINY.values()))
 """The clamp floors and underflow thresholds of einc/_runtime.py, as float literals."""
-_ATTRIBUTE_OWNERS = (torch, torch.Tensor, torch.jit)
+_ATTRIBUTE_OWNERS = (torch, torch.Tensor, torch.jit, torch.linalg)
 
 
 def _is_attribute(name: str) -> bool:

@@ -37,6 +37,35 @@ def test_a_step_records_its_axis_bookkeeping():
     assert step.output_axes == ("b", "i", "k")
 
 
+@pytest.mark.parametrize("pattern, shapes, left, right", [
+    # Neither order lands in output order; the one ending in the output's innermost axis
+    # 'd' puts the wide d on the GEMM's N (the other order ends in v and has N = 3).
+    ("l b n d, v b n l -> v b n d", [(4, 2, 3, 16), (3, 2, 3, 4)], ("v",), ("d",)),
+    # Output order decides first: the order as written lands in it.
+    ("b i j, b j k -> b i k", [(2, 30, 4), (2, 4, 5)], ("i",), ("k",)),
+    # ... also when that puts the narrow side right.
+    ("b j k, b i j -> b i k", [(2, 4, 30), (2, 5, 4)], ("i",), ("k",)),
+    # Unfused attention's second product: the result ends in the output's innermost 'd'
+    # (a straight final copy, not a transposing one), though q is wider than d.
+    ("b h q k, b k h d -> b q (h d)", [(2, 2, 9, 7), (2, 7, 2, 4)], ("q",), ("d",)),
+    # Neither lands nor ends in the output's innermost axis (b): the wider free side goes right.
+    ("b a x, b x c -> a c b", [(2, 3, 5), (2, 5, 40)], ("a",), ("c",)),
+    ("b a x, b x c -> a c b", [(2, 40, 5), (2, 5, 3)], ("c",), ("a",)),
+])
+def test_the_last_product_orients_its_operands(pattern, shapes, left, right):
+    step = plan(parse(pattern), shapes, {}).steps[-1]
+    assert (step.left, step.right) == (left, right)
+
+
+def test_an_intermediate_puts_the_output_axes_first():
+    # The weight comes first in the pattern, but the intermediate is laid out [b, j, o]:
+    # b (an output axis) is the next product's batch axis and must be outer.
+    program = plan(parse("i j o, b i, b j -> b o"), [(8, 8, 4), (16, 8), (16, 8)], {})
+    first = program.steps[0]
+    assert first.output_axes == ("b", "j", "o")
+    assert program.steps[-1].batch == ("b",)
+
+
 def test_axes_of_one_side_are_reduced_before_the_product():
     program = plan(parse("i j, j k -> i"), [(2, 3), (3, 4)], {})
     (step,) = program.steps
