@@ -286,6 +286,40 @@ def case_maxplus(n: int, quick: bool) -> Case:
                 lambda: (a.double()[:, :, None] + b.double()[None]).amax(1))
 
 
+def case_logmm_structural(n: int) -> Case:
+    """Diagonal log-space matrices (forbidden transitions): nearly every output is a true
+    -inf, told from underflow by one bmm of masks (once recomputed entry by entry)."""
+    g = torch.Generator().manual_seed(8)
+    a = torch.full((n, n), float("-inf"))
+    b = torch.full((n, n), float("-inf"))
+    a.diagonal().copy_(torch.randn(n, generator=g))
+    b.diagonal().copy_(torch.randn(n, generator=g))
+    dense_a, dense_b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    contenders = _pair("logsumexp(i k, k j -> i j)", a, b)
+    dense = einc.compile("logsumexp(i k, k j -> i j)")
+    contenders.append(Contender("einc (torchscript) on dense N(0,1) data [benign]", lambda: dense(dense_a, dense_b),
+                                bound=True))
+
+    def reference() -> torch.Tensor:  # diagonal times diagonal: the diagonal sums, -inf elsewhere
+        out = torch.full((n, n), float("-inf"), dtype=torch.float64)
+        out.diagonal().copy_(a.diagonal().double() + b.diagonal().double())
+        return out
+    return Case(f"logmm-diagonal-{n}", f"log semiring `logsumexp(i k, k j -> i j)`, diagonal {n}x{n} "
+                "matrices (-inf off the diagonal), against einc on dense data of the same shapes", contenders,
+                reference)
+
+
+def case_maxplus_batched(z: int, n: int) -> Case:
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(z, n, n, generator=g) * 10
+    b = torch.randn(z, n, n, generator=g) * 10
+    contenders = _pair("max(z i k, z k j -> z i j)", a, b)
+    contenders.append(Contender("naive (a[..., None] + b[:, None]).amax(2)",
+                                lambda: (a[..., None] + b[:, None]).amax(2)))
+    return Case(f"maxplus-{z}x{n}", f"max-plus `max(z i k, z k j -> z i j)`, ({z}, {n}, {n}), float32 ~ N(0, 10^2)",
+                contenders, lambda: (a.double()[..., None] + b.double()[:, None]).amax(2))
+
+
 # --------------------------------------------------------------------------- under autograd
 
 
@@ -450,6 +484,12 @@ def targets() -> list[Target]:
                "3. log-matmul n=256: einc ≤ 1/50 of naive broadcast"),
         Target("softmax", 'torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k), -1)', 1.1,
                "4. softmax: einc ≤ 1.1x torch.einsum + torch.softmax"),
+        Target("maxplus-8x64", "naive (a[..., None] + b[:, None]).amax(2)", 1.05,
+               "5. max-plus (8, 64, 64): einc ≤ 1.05x the naive broadcast (issue 11.5: ≤ 1.0x, within noise)"),
+        Target("logmm-diagonal-512", "einc (torchscript) on dense N(0,1) data [benign]", 2.0,
+               "5. log semiring, structural -inf (diagonal 512²): einc ≤ 2x its dense time"),
+        Target("maxplus-256", "naive (a[:, :, None] + b[None]).amax(1)", 1 / 7,
+               "5. max-plus 256²: einc ≥ 7x faster than the naive broadcast"),
         *[Target(f"{key}-{kind}", label, 1.2, f"autograd (issue 11.7): {key} {kind}: einc ≤ 1.2x {label}")
           for key, _, _, _, label in AUTOGRAD for kind in ("fwd", "fwdbwd")],
     ]
@@ -528,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("logmm-adversarial-256", lambda: case_logmm_adversarial(256, quick)),
         ("softmax", lambda: case_softmax(quick)),
         ("maxplus-256", lambda: case_maxplus(256, quick)),
+        ("maxplus-8x64", lambda: case_maxplus_batched(8, 64)),
+        ("logmm-diagonal-512", lambda: case_logmm_structural(512)),
         *[(f"{key}-{kind}", lambda row=row, kind=kind: case_autograd(f"{row[0]}-{kind}", *row[1:], kind == "fwdbwd"))
           for row in AUTOGRAD for key in row[:1] for kind in ("fwd", "fwdbwd")],
     ]

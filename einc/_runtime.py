@@ -86,14 +86,24 @@ def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> t
     out = torch.log(torch.clamp(r, min=tiny)) + sa + sb
     lost = r < tiny
     if bool(lost.any()):
-        # Second pass with k-dependent shifts: move B's row maxima into A, so each
-        # entry's dominant term is shifted by at most its row's own maximum.
-        ek, sk, _ = einc_shifted_exp(b, [2], floor, True)
-        em, sm, _ = einc_shifted_exp(a + sk.transpose(1, 2), [2], floor, True)
-        r2 = torch.bmm(em, ek)
-        rescued = lost & (r2 >= tiny)
-        out = torch.where(rescued, torch.log(torch.clamp(r2, min=tiny)) + sm, out)
-        lost = lost & (r2 < tiny)
+        # Structural -inf (forbidden transitions: no k where neither side is -inf) is
+        # told from underflow by one bmm of masks.  Where many entries are lost they are
+        # likely structural, so that comes first; a few are underflow, retried first.
+        checked = False
+        if int(lost.sum()) * 100 > lost.numel():  # over 1%
+            out, lost = einc_structural(a, b, out, lost)
+            checked = True
+        if bool(lost.any()):
+            # Second pass with k-dependent shifts: move B's row maxima into A, so each
+            # entry's dominant term is shifted by at most its row's own maximum.
+            ek, sk, _ = einc_shifted_exp(b, [2], floor, True)
+            em, sm, _ = einc_shifted_exp(a + sk.transpose(1, 2), [2], floor, True)
+            r2 = torch.bmm(em, ek)
+            rescued = lost & (r2 >= tiny)
+            out = torch.where(rescued, torch.log(torch.clamp(r2, min=tiny)) + sm, out)
+            lost = lost & (r2 < tiny)
+        if bool(lost.any()) and not checked:
+            out, lost = einc_structural(a, b, out, lost)
         if bool(lost.any()):
             out = einc_logmm_exact(a, b, out, lost, floor)
     infinite = (ra == float("inf")) | (rb == float("inf"))
@@ -102,6 +112,14 @@ def einc_logmm(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> t
         # in the naive form, so those entries are computed the naive way.
         out = einc_logmm_exact(a, b, out, infinite.expand(out.shape), floor)
     return out
+'''
+
+STRUCTURAL = '''
+def einc_structural(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                    lost: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    pairs = torch.bmm((a != float("-inf")).to(out.dtype), (b != float("-inf")).to(out.dtype))
+    structural = lost & (pairs == 0)
+    return torch.where(structural, torch.full_like(out, float("-inf")), out), lost & (pairs != 0)
 '''
 
 LOGMM_EXACT = '''
@@ -132,7 +150,9 @@ def einc_logmm_safe(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float)
     n = b.shape[2]
     if k == 0:
         return torch.logsumexp(a.unsqueeze(3) + b.unsqueeze(1), 2)
-    chunk = max(1, 262144 // max(1, z * m * n))
+    # Up to 2M elements the broadcast runs at once (one amax, as the naive form); beyond,
+    # chunks of k of about 256K elements keep each pass in cache.
+    chunk = k if z * m * n * k <= 2097152 else max(1, 262144 // max(1, z * m * n))
     out = torch.empty(0)
     for start in range(0, k, chunk):
         part = torch.logsumexp(a[:, :, start:start + chunk].unsqueeze(3) + b[:, start:start + chunk, :].unsqueeze(1), 2)
@@ -146,7 +166,9 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
     m = a.shape[1]
     k = a.shape[2]
     n = b.shape[2]
-    chunk = max(1, 262144 // max(1, z * m * n))
+    # Up to 2M elements the broadcast runs at once (one amax, as the naive form); beyond,
+    # chunks of k of about 256K elements keep each pass in cache.
+    chunk = k if z * m * n * k <= 2097152 else max(1, 262144 // max(1, z * m * n))
     out = torch.empty(0)
     for start in range(0, k, chunk):
         s = a[:, :, start:start + chunk].unsqueeze(3) + b[:, start:start + chunk, :].unsqueeze(1)
@@ -208,7 +230,8 @@ HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "einc_shifted_exp": (SHIFTED_EXP, ()),
     "einc_lse": (LSE, ("einc_prod", "einc_shifted_exp")),
     "einc_logmm_exact": (LOGMM_EXACT, ("einc_lse",)),
-    "einc_logmm": (LOGMM, ("einc_prod", "einc_shifted_exp", "einc_logmm_exact")),
+    "einc_structural": (STRUCTURAL, ()),
+    "einc_logmm": (LOGMM, ("einc_prod", "einc_shifted_exp", "einc_structural", "einc_logmm_exact")),
     "einc_logmm_safe": (LOGMM_SAFE, ()),
     "einc_tropical": (TROPICAL, ()),
 }

@@ -1104,16 +1104,45 @@ def test_complex_rejected_where_order_is_needed(pattern, n):
 
 
 @pytest.mark.parametrize("op", ["max", "min"])
-def test_tropical_large_contraction_is_chunked_correctly(op):
-    # README: max/min contractions materialise the broadcast sum in chunks of at most 16M
-    # elements; 128 * 1100 * 128 = 18M spans two chunks.
-    a, b = rand(128, 1100, seed=90, dtype=F32), rand(1100, 128, seed=91, dtype=F32)
+@pytest.mark.parametrize("k", [
+    1100,  # 128 * 1100 * 128 = 18M: chunks of 16 along k (256K elements each)
+    129,   # 2,113,536: just over the one-shot bound (2**21), chunks of 16 with a partial last one
+    128,   # 2,097,152: exactly the bound, at once
+    100,   # 1.6M: at once
+])
+def test_tropical_large_contraction_is_chunked_correctly(op, k):
+    # README: max/min contractions materialise the broadcast sum at once up to 2M
+    # elements, in chunks of about 256K elements beyond; the last chunk may be partial.
+    a, b = rand(128, k, seed=90, dtype=F32), rand(k, 128, seed=91, dtype=F32)
     out = compile_(f"{op}(i k, k j -> i j)")(a, b)
     ad, bd = a.double(), b.double()
     reduce = torch.amax if op == "max" else torch.amin
-    ref = torch.stack([reduce(ad[:, s:s + 100, None] + bd[None, s:s + 100], 1) for s in range(0, 1100, 100)])
+    ref = torch.stack([reduce(ad[:, s:s + 100, None] + bd[None, s:s + 100], 1) for s in range(0, k, 100)])
     ref = reduce(ref, 0)
     assert_matches(out, ref, bound=torch.full_like(ref, 10.0), tol=TOL[F32], dtype=F32)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", "band", "half-rows"])
+@pytest.mark.parametrize("dtype", [F32, torch.float64])
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_log_semiring_structural_neg_inf_matches_the_naive_form(structure, dtype, backend):
+    # Forbidden transitions (HMMs, CRFs): entries with no k where both sides are finite
+    # are -inf exactly, told from underflow by counting pairs; the finite ones match.
+    n = 96
+    g = torch.Generator().manual_seed(7)
+    a = torch.full((n, n), float("-inf"), dtype=dtype)
+    b = torch.full((n, n), float("-inf"), dtype=dtype)
+    a.diagonal().copy_(torch.randn(n, generator=g, dtype=dtype) * 10)
+    b.diagonal().copy_(torch.randn(n, generator=g, dtype=dtype) * 10)
+    if structure == "band":
+        a.diagonal(1).copy_(torch.randn(n - 1, generator=g, dtype=dtype) * 10)
+    if structure == "half-rows":  # a few dense rows beside structural ones: both kinds at once
+        a[: n // 8] = torch.randn(n // 8, n, generator=g, dtype=dtype) * 10
+    out = compile_("logsumexp(i k, k j -> i j)", backend)(a, b)
+    ref = torch.logsumexp(a.double()[:, :, None] + b.double()[None], 1)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite].double(), ref[finite], rtol=1e-5, atol=1e-5)
 
 
 def test_log_semiring_partial_underflow_mixed_with_normal_entries():
