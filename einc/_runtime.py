@@ -55,11 +55,14 @@ def einc_lse(x: torch.Tensor, dims: List[int], floor: float, overwrite: bool) ->
         return torch.logsumexp(x, dims)
     if overwrite and x.requires_grad and torch.is_grad_enabled():
         # Under autograd torch's fused kernel and its one-pass backward beat the
-        # shifted passes below (each of them a node to differentiate).  Its gradient
-        # of an all -inf slice is NaN where einc's is 0: those (rare) take the passes.
-        # Not in transform-safe code (overwrite False), which may not branch on data.
+        # shifted passes below (each of them a node to differentiate).  Its gradient,
+        # exp(x - out), loses the bits of out beyond the dtype's precision (|out| of
+        # 1e8 in float32 gives 1 per entry, not 1/n) and is NaN for an all -inf slice
+        # where einc's is 0: results past 2**7 (float32; 2**36 in float64) or infinite
+        # take the passes.  Not in transform-safe code (overwrite False): no data branches.
         out = torch.logsumexp(x, dims)
-        if not bool((out == float("-inf")).any()):
+        limit = 68719476736 if x.dtype == torch.float64 else 128
+        if not bool((out.abs() > limit).any()):
             return out
     width = 1
     for d in dims:
@@ -200,6 +203,17 @@ def einc_prod(sizes: List[int]) -> int:
     return n
 '''
 
+INT_PRODUCT = '''
+def einc_int_product(values: List[int]) -> int:
+    # The product of non-negative ints, or -1 past int64 (TorchScript's ints wrap).
+    n = 1
+    for v in values:
+        if v != 0 and n > 9223372036854775807 // v:
+            return -1
+        n *= v
+    return n
+'''
+
 RATIO = '''
 def einc_ratio(numerator: float, denominator: float) -> float:
     # IEEE, as a tensor divided by 0: inf, or NaN for 0 / 0.
@@ -225,6 +239,7 @@ HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "einc_computed": (COMPUTED, ()),
     "einc_prod": (PROD, ()),
     "einc_ratio": (RATIO, ()),
+    "einc_int_product": (INT_PRODUCT, ()),
     "einc_scales_early": (SCALES_EARLY, ()),
     "einc_int_bmm": (INT_BMM, ()),
     "einc_shifted_exp": (SHIFTED_EXP, ()),

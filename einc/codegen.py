@@ -261,12 +261,13 @@ class Emitter:
             b = self.permute(b, b_axes, batch + con + right)
             return self.fresh(f"torch.matmul({a}, {b})"), "matmul"
         if self.semiring == "sum" and not left and not right and self.computed is not None \
-                and (self.computed.is_floating_point or self.computed.is_complex):
+                and (self.computed.is_floating_point or self.computed.is_complex and not self.unit.safe):
             # Dot products (one per batch entry) in one pass: a bmm of 1xK by Kx1
-            # matrices runs up to 5x slower.  vecdot conjugates its first argument.
+            # matrices runs up to 5x slower.  vecdot conjugates its first argument, so
+            # complex ones pass it conjugated (a view vmap cannot batch: not in safe code).
             a = self.matrices(a, a_axes, (), batch, con, False)
             b = self.matrices(b, b_axes, (), batch, con, False)
-            value = self.fresh(f"torch.linalg.vecdot({a}.conj(), {b})")
+            value = self.fresh(f"torch.linalg.vecdot({a}{'.conj()' if self.computed.is_complex else ''}, {b})")
             return self.reshape(value, [batch], singles(batch)), "vecdot"
         # The semiring and integer helpers take stacks; mm/bmm by whether there is a batch.
         stack = bool(batch) or self.semiring != "sum" or integral

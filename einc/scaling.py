@@ -93,8 +93,9 @@ class Scaling:
             numerator, _ = self._parts()
             floating = emit.assign(f"{value}.is_floating_point() or {value}.is_complex()")
             wide = emit.assign(self.expression())
-            emit.unit.check(emit.lines, f"not {floating} and {wide} >= {float(INT64_LIMIT)!r}", _TOO_BIG, wide)
-            whole = "(" + " * ".join(numerator or ["1"]) + ")"
+            # Exact: the int product with an overflow test at each factor (-1 if over).
+            whole = emit.assign(f"{emit.helper('einc_int_product')}([{', '.join(numerator or ['1'])}])")
+            emit.unit.check(emit.lines, f"not {floating} and {whole} < 0", _TOO_BIG, wide)
             return emit.assign(f"{value} * {wide} if {floating} else {value} * {whole}")
         self.variable = emit.assign(self.expression())
         self.early = emit.assign(f"{emit.helper('einc_scales_early')}({value}, {self.variable})")

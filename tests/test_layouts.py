@@ -68,3 +68,15 @@ def test_integer_dot_products_stay_exact(dtype):
     a = torch.arange(24).reshape(4, 6).to(dtype)
     expected = torch.einsum("b i, b i -> b", a.long(), a.long())
     assert torch.equal(einc.compile("b i, b i -> b")(a, a), expected)
+
+
+@pytest.mark.parametrize("pattern, shapes, kernel", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layouts_under_vmap(pattern, shapes, kernel, dtype, backend):
+    # A conjugated view (vecdot's complex form) has no vmap batching rule: safe code
+    # keeps the bmm for complex dot products.  Reference: torch.einsum per batch entry.
+    expression = einc.compile(pattern, backend=backend)
+    tensors = [randn(2, *s, dtype=dtype) for s in shapes]
+    expected = torch.stack([torch.einsum(pattern, *[t[i] for t in tensors]) for i in range(2)])
+    assert_close(torch.func.vmap(expression)(*tensors), expected, rtol=1e-4, atol=1e-4)

@@ -159,6 +159,17 @@ def test_modules_compute_in_the_same_dtypes_as_expressions(pattern, dtype, refer
         torch.testing.assert_close(result, expected, rtol=1e-3, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_modules_take_the_largest_int64_scale(backend):
+    # A float check once refused it (float(2**63 - 1) == 2**63); the product is exact now.
+    x = torch.zeros(3, 4, dtype=torch.int64)
+    x[0, 0] = 1
+    expression = einc.compile("a b -> a * 9223372036854775807", backend=backend)
+    expected = torch.tensor([9223372036854775807, 0, 0])
+    assert torch.equal(expression(x), expected)
+    assert torch.equal(expression.module((3, 4))(x), expected)
+
+
 REFUSED = [
     # (pattern, dtypes, message): the same EincError from expressions and modules
     ("logsumexp(a b -> a)", [torch.int64], "logsumexp(...) needs floating-point tensors, got torch.int64"),

@@ -132,6 +132,24 @@ def test_semirings_follow_ieee_like_the_naive_form(pattern, a, b, backend):
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rows", [
+    [[-1e8] * 4],                       # a row masked with a -1e8 fill: softmax gradient 1/4 each
+    [[3e7, 3e7, 3e7 - 1.0, 3e7]],       # large values: torch's exp(x - out) loses out's last bits
+    [[1e20, 0.0], [1.0, 2.0]],          # one large row beside an ordinary one
+    [[200.0, 199.0, 150.0]],            # just past the fast path's bound in float32
+])
+def test_logsumexp_gradient_of_large_values_is_the_softmax(rows, dtype, backend):
+    # The gradient of logsumexp is softmax, whatever the magnitude (reference: softmax
+    # in float64); under autograd einc takes torch's kernel only where it is exact enough.
+    x = torch.tensor(rows, dtype=dtype, requires_grad=True)
+    weight = torch.arange(1.0, len(rows) + 1, dtype=dtype)
+    (grad,) = torch.autograd.grad((einc.compile("logsumexp(b n -> b)", backend=backend)(x) * weight).sum(), x)
+    expected = torch.softmax(x.detach().double(), 1) * weight.double()[:, None]
+    assert_close(grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torchscript", "eager"])
 @pytest.mark.parametrize("values", [[NAN, 0.0], [0.0, NAN, 1.0], [1e30, NAN]])
 def test_logsumexp_gradient_propagates_nan_like_torch(values, backend):
     x = torch.tensor(values, requires_grad=True)
