@@ -8,7 +8,7 @@ Three measurements, CPU, one thread, ``torch.utils.benchmark.Timer(...).blocked_
 
 (a) Planning time of a 10-operand matrix chain.  einc's default ``optimize="auto"`` is
     opt_einsum's ``"optimal"`` up to 6 operands, dynamic programming with outer products
-    up to 10, ``"dp"`` up to 20 and ``"greedy"`` beyond (``einc/planner.py``); opt_einsum's
+    up to 10, ``"dp"`` up to 20 and 128 seeded random-greedy trials beyond (``einc/paths.py``); opt_einsum's
     own ``"auto"`` is greedy beyond 8 operands.  Two einc timings: ``einc.planner.plan``
     (size resolution, the opt_einsum search and einc's step bookkeeping: the
     planning alone) and ``einc.Expression(p).explain(*shapes)`` on a fresh expression
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
             HEADING, "",
             ("einc's default `optimize=\"auto\"` is opt_einsum's `\"optimal\"` up to 6 operands, dynamic "
             "programming with outer products (`DynamicProgramming(search_outer=True)`) up to 10, `\"dp\"` up to "
-            "20 and greedy beyond; "
+            "20 and 128 seeded random-greedy trials beyond; "
             "opt_einsum's own `\"auto\"` switches to greedy beyond 8 operands. Path costs are FLOPs as "
             "opt_einsum counts them. A plan is cached per input signature, so its planning time is paid "
             "once per expression and shape."), "",

@@ -115,4 +115,6 @@ def default_strategy(operands: int):
         return "optimal"
     if operands <= 10:
         return oe.paths.DynamicProgramming(search_outer=True)
-    return "dp" if operands <= 20 else "greedy"
+    if operands <= 20:
+        return "dp"
+    return oe.path_random.RandomGreedy(max_repeats=128)
