@@ -26,12 +26,9 @@ from common import (  # noqa: E402
     Case,
     Contender,
     Target,
-    check_targets,
-    markdown_report,
+    finish,
     parse_args,
-    print_targets,
     run_case,
-    write_section,
 )
 
 import einc  # noqa: E402
@@ -42,12 +39,6 @@ except Exception:  # noqa: BLE001 - einx is optional
     einx = None
 
 HEADING = "## Core (issue 2)"
-PREAMBLE = (
-    "# einc benchmarks\n\n"
-    "Each section is written by one benchmark script (`python benchmarks/<script>.py --markdown "
-    "benchmarks/RESULTS.md` replaces only its own section). Ratios are einc's time divided by the "
-    "contender's: below 1x einc is faster.\n"
-)
 
 TS = "einc (torchscript)"
 EAGER = "einc (eager)"
@@ -217,19 +208,12 @@ def main(argv=None) -> int:
         if args.only and args.only not in case.name:
             continue
         results[case.name] = run_case(case, args.min_run_time, args.rounds)
-    checked = check_targets(TARGETS, results)
-    print_targets(checked)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    if args.markdown:
-        intro = [
-            "einc against torch.einsum and its peers on CPU float32, one thread. `einc (torchscript)` is "
-            "`einc.compile(pattern)` (the default backend), `einc (eager)` is `backend=\"eager\"`; both "
-            "called after a warm-up, so their plan and compiled function are cached.",
-        ]
-        section = markdown_report(HEADING, list(results.values()), checked, args, intro)
-        write_section(args.markdown, HEADING, section, PREAMBLE)
-        print(f"wrote {args.markdown}")
-    return 0
+    intro = [
+        "einc against torch.einsum and its peers on CPU float32, one thread. `einc (torchscript)` is "
+        "`einc.compile(pattern)` (the default backend), `einc (eager)` is `backend=\"eager\"`; both "
+        "called after a warm-up, so their plan and compiled function are cached.",
+    ]
+    return finish(args, results, TARGETS, HEADING, intro, started)
 
 
 if __name__ == "__main__":

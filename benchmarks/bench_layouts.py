@@ -22,15 +22,11 @@ import torch.nn.functional as F  # noqa: N812 - torch's own spelling
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
-    PREAMBLE,
     Case,
     Target,
-    check_targets,
-    markdown_report,
+    finish,
     parse_args,
-    print_targets,
     run_case,
-    write_section,
 )
 
 import einc  # noqa: E402
@@ -110,16 +106,9 @@ def main(argv=None) -> int:
         if args.only and args.only not in name:
             continue
         results[name] = run_case(_case(name, pattern, shapes), args.min_run_time, args.rounds)
-    checked = check_targets(TARGETS, results)
-    print_targets(checked)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
-    if args.markdown:
-        intro = ["Every operand order and axis order of attention (B, H, L, D = 4, 8, 256, 64), bilinear and "
-                 "triangle-update (1 x 64 x 64 x 32) patterns. `einc (torchscript)` is the default backend."]
-        section = markdown_report(HEADING, list(results.values()), checked, args, intro)
-        write_section(args.markdown, HEADING, section, PREAMBLE)
-        print(f"wrote {args.markdown}")
-    return 0
+    intro = ["Every operand order and axis order of attention (B, H, L, D = 4, 8, 256, 64), bilinear and "
+             "triangle-update (1 x 64 x 64 x 32) patterns. `einc (torchscript)` is the default backend."]
+    return finish(args, results, TARGETS, HEADING, intro, started)
 
 
 if __name__ == "__main__":

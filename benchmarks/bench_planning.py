@@ -49,6 +49,7 @@ from opt_einsum.testing import rand_equation
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (
+    PREAMBLE,
     Case,
     format_time,
     machine_info,
@@ -63,12 +64,6 @@ from einc.parser import parse
 from einc.planner import plan
 
 HEADING = "## Planning (issue 4)"
-PREAMBLE = (
-    "# einc benchmarks\n\n"
-    "Each section is written by one benchmark script (`python benchmarks/<script>.py --markdown "
-    "benchmarks/RESULTS.md` replaces only its own section). Ratios are einc's time divided by the "
-    "contender's: below 1x einc is faster.\n"
-)
 OPTIMAL_MAX = 8
 """opt_einsum's exhaustive "optimal" is only run up to this many operands."""
 

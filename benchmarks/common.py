@@ -24,6 +24,7 @@ import platform
 import re
 import resource
 import subprocess
+import time
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ __all__ = [
     "markdown_report",
     "console_table",
     "check_targets",
+    "finish",
     "print_targets",
     "peak_rss_growth",
     "run_memory_probe",
@@ -306,6 +308,20 @@ def markdown_report(
         if result.case.notes:
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def finish(args: argparse.Namespace, results: Mapping[str, Result], targets: Sequence[Target], heading: str,
+           intro: Sequence[str], started: float) -> int:
+    """A script's end: the targets' verdicts, the total time and, with ``--markdown``, its
+    section of RESULTS.md rewritten.  Returns the exit status."""
+    checked = check_targets(targets, results)
+    print_targets(checked)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+    if args.markdown:
+        section = markdown_report(heading, list(results.values()), checked, args, intro)
+        write_section(args.markdown, heading, section, PREAMBLE)
+        print(f"wrote {args.markdown}")
+    return 0
 
 
 def write_section(path: str, heading: str, section: str, preamble: str) -> None:

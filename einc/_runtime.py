@@ -143,6 +143,16 @@ def einc_logmm_exact(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, lost: 
     return out.reshape(-1).index_copy(0, flat, torch.cat(parts)).reshape(out.shape)
 '''
 
+BROADCAST_CHUNK = '''
+def einc_broadcast_chunk(z: int, m: int, k: int, n: int) -> int:
+    # How much of k a broadcast (z, m, k, n) semiring product takes at once: all of it up
+    # to 2M elements (one reduction, as the naive form); beyond, chunks of about 256K
+    # elements, which keep each pass in cache.
+    if z * m * n * k <= 2097152:
+        return k
+    return max(1, 262144 // max(1, z * m * n))
+'''
+
 LOGMM_SAFE = '''
 def einc_logmm_safe(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float) -> torch.Tensor:
     # No branch on data (torch.func.vmap cannot take one): chunks of the naive
@@ -153,9 +163,7 @@ def einc_logmm_safe(a: torch.Tensor, b: torch.Tensor, floor: float, tiny: float)
     n = b.shape[2]
     if k == 0:
         return torch.logsumexp(a.unsqueeze(3) + b.unsqueeze(1), 2)
-    # Up to 2M elements the broadcast runs at once (one amax, as the naive form); beyond,
-    # chunks of k of about 256K elements keep each pass in cache.
-    chunk = k if z * m * n * k <= 2097152 else max(1, 262144 // max(1, z * m * n))
+    chunk = einc_broadcast_chunk(z, m, k, n)
     out = torch.empty(0)
     for start in range(0, k, chunk):
         part = torch.logsumexp(a[:, :, start:start + chunk].unsqueeze(3) + b[:, start:start + chunk, :].unsqueeze(1), 2)
@@ -169,9 +177,7 @@ def einc_tropical(a: torch.Tensor, b: torch.Tensor, use_max: bool) -> torch.Tens
     m = a.shape[1]
     k = a.shape[2]
     n = b.shape[2]
-    # Up to 2M elements the broadcast runs at once (one amax, as the naive form); beyond,
-    # chunks of k of about 256K elements keep each pass in cache.
-    chunk = k if z * m * n * k <= 2097152 else max(1, 262144 // max(1, z * m * n))
+    chunk = einc_broadcast_chunk(z, m, k, n)
     out = torch.empty(0)
     for start in range(0, k, chunk):
         s = a[:, :, start:start + chunk].unsqueeze(3) + b[:, start:start + chunk, :].unsqueeze(1)
@@ -247,7 +253,8 @@ HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "einc_logmm_exact": (LOGMM_EXACT, ("einc_lse",)),
     "einc_structural": (STRUCTURAL, ()),
     "einc_logmm": (LOGMM, ("einc_prod", "einc_shifted_exp", "einc_structural", "einc_logmm_exact")),
-    "einc_logmm_safe": (LOGMM_SAFE, ()),
-    "einc_tropical": (TROPICAL, ()),
+    "einc_broadcast_chunk": (BROADCAST_CHUNK, ()),
+    "einc_logmm_safe": (LOGMM_SAFE, ("einc_broadcast_chunk",)),
+    "einc_tropical": (TROPICAL, ("einc_broadcast_chunk",)),
 }
 """name -> (source, helpers it calls)."""

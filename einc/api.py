@@ -382,7 +382,6 @@ class Expression:
             raise EincError(f"pattern {self.pattern!r}: result {err}") from None
 
 
-
 # ------------------------------------------------------------ module functions
 
 

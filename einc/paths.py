@@ -17,7 +17,7 @@ from typing import Any, Union
 import opt_einsum as oe
 
 from .errors import EincError
-from .sizes import show_axis
+from .sizes import show_axes
 
 __all__ = ["Optimize", "STRATEGY_NAMES", "check_output", "check_path", "folding_path", "opt_einsum_path",
            "ssa_to_linear", "too_small"]
@@ -108,7 +108,7 @@ def too_small(limit: int, what: str, unit: str = "elements") -> EincError:
 def check_output(output: Sequence[str], sizes: Mapping[str, int], limit: int) -> None:
     size = math.prod(sizes[a] for a in output)
     if size > limit:
-        raise too_small(limit, f"the output alone ({' '.join(map(show_axis, output)) or 'scalar'}) "
+        raise too_small(limit, f"the output alone ({show_axes(output)}) "
                                 f"has {size:,} elements")
 
 

@@ -24,7 +24,7 @@ from . import ir
 from .errors import EincError
 from .paths import Optimize, check_output, check_path, folding_path, opt_einsum_path, ssa_to_linear, too_small
 from .rewrite import Attention
-from .sizes import LIMIT, Group, Shape, check_keyword_axes, learn_leaf_sizes, resolve, show_axes, show_axis
+from .sizes import Group, Shape, check_keyword_axes, learn_leaf_sizes, resolve, show_axes, show_axis
 
 __all__ = ["Prep", "Step", "Program", "plan"]
 
@@ -219,29 +219,27 @@ def _steps(prepared: Sequence[tuple[str, ...]], operands: Sequence[int], ssa_pat
             steps.append(Step((value_of[only],), numbering.value(), (axes[only],), result, flops, entry,
                               left=result, a_reduce=tuple(a for a in axes[only] if a not in keep)))
         else:
-            if len(picked) == 2 and index == len(ssa_path) - 1:
-                # The last product: take the operands in the order that lands the
-                # result in output order (no final copy), else whose result ends in
-                # the output's innermost axis (a final copy, but not a transposing
-                # one), else with the larger free side on the right, as the GEMM's N
-                # (a skinny N is 4x slower: "l b n d, v b n l -> v b n d").
+            if len(picked) == 2:
+                # A product takes its operands in the better of the two orders.
                 orders = [_pairwise(axes[x], axes[y], keep) for x, y in (picked, picked[::-1])]
-                results = [p["batch"] + p["left"] + p["right"] for p in orders]
-                rank = [(r == tuple(output), r[-1:] == tuple(output[-1:]),
-                         math.prod(sizes[a] for a in p["right"]) - math.prod(sizes[a] for a in p["left"]))
-                        for p, r in zip(orders, results)]
+                if index == len(ssa_path) - 1:
+                    # The last: the order that lands the result in output order (no
+                    # final copy), else whose result ends in the output's innermost
+                    # axis (a final copy, but not a transposing one), else with the
+                    # larger free side on the right, as the GEMM's N (a skinny N is 4x
+                    # slower: "l b n d, v b n l -> v b n d").
+                    results = [p["batch"] + p["left"] + p["right"] for p in orders]
+                    rank = [(r == tuple(output), r[-1:] == tuple(output[-1:]),
+                             math.prod(sizes[a] for a in p["right"]) - math.prod(sizes[a] for a in p["left"]))
+                            for p, r in zip(orders, results)]
+                else:
+                    # An intermediate: the side holding the axes its consumer keeps as
+                    # batch axes goes first; they must be outer for a bmm without a copy
+                    # ("i j o, b i, b j -> b o": [b, j, o], not [j, o, b]).
+                    batch = _consumer_batch(index, ssa_path, axes, set(output), len(prepared))
+                    rank = [tuple(a in batch for a in p["left"] + p["right"]) for p in orders]
                 if rank[1] > rank[0]:
                     picked.reverse()
-            elif len(picked) == 2:
-                # An intermediate: the side holding the axes its consumer keeps as
-                # batch axes goes first; they must be outer for a bmm without a copy
-                # ("i j o, b i, b j -> b o": [b, j, o], not [j, o, b]).
-                batch = _consumer_batch(index, ssa_path, axes, set(output), len(prepared))
-                if batch:
-                    orders = [_pairwise(axes[x], axes[y], keep) for x, y in (picked, picked[::-1])]
-                    rank = [tuple(a in batch for a in p["left"] + p["right"]) for p in orders]
-                    if rank[1] > rank[0]:
-                        picked.reverse()
             # An entry of more than two operands (explicit paths) runs pairwise, left to right.
             value, acc = value_of[picked[0]], axes[picked[0]]
             for position, other in enumerate(picked[1:], start=1):
@@ -429,7 +427,7 @@ def _plan_level(pattern: ir.Pattern, shapes: tuple[Shape, ...], operands: tuple[
     for what, n in [("the output", math.prod(output_shape))] + [
         (f"step {i}", math.prod(size[a] for a in step.output_axes)) for i, step in enumerate(steps)
     ]:
-        if n >= LIMIT:
+        if n >= ir.INT64_LIMIT:
             raise EincError(f"{what} would have {n:,} elements, more than a tensor can index (2**63)")
     if limit is not None:
         _check_memory(steps, ssa_path, len(preps), size, limit, isinstance(request.optimize, (list, tuple)))

@@ -23,13 +23,11 @@ Shape = tuple[int, ...]
 Group = tuple[str, ...]
 """One tensor dimension as the axes merged into it (``()`` is a size-1 dimension)."""
 
-LIMIT = ir.INT64_LIMIT
-
 
 def check_sizes(sizes: Mapping[str, Any]) -> None:
     """Keyword axis sizes must be ints in ``[0, 2**63)`` (bools are not sizes)."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < LIMIT:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < ir.INT64_LIMIT:
             raise EincError(f"size of axis {name!r} must be a non-negative int below 2**63, not {value!r}")
 
 
