@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import time
 import warnings
 
 import einops
@@ -26,9 +25,7 @@ from common import (  # noqa: E402
     Case,
     Contender,
     Target,
-    finish,
-    parse_args,
-    run_case,
+    script,
 )
 
 import einc  # noqa: E402
@@ -198,22 +195,15 @@ TARGETS = [
 ]
 
 
+INTRO = [
+    "einc against torch.einsum and its peers on CPU float32, one thread. `einc (torchscript)` is "
+    "`einc.compile(pattern)` (the default backend), `einc (eager)` is `backend=\"eager\"`; both "
+    "called after a warm-up, so their plan and compiled function are cached.",
+]
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv, description=__doc__.splitlines()[0])
-    torch.set_num_threads(1)
-    started = time.perf_counter()
-    results = {}
-    for make in CASES:
-        case = make()
-        if args.only and args.only not in case.name:
-            continue
-        results[case.name] = run_case(case, args.min_run_time, args.rounds)
-    intro = [
-        "einc against torch.einsum and its peers on CPU float32, one thread. `einc (torchscript)` is "
-        "`einc.compile(pattern)` (the default backend), `einc (eager)` is `backend=\"eager\"`; both "
-        "called after a warm-up, so their plan and compiled function are cached.",
-    ]
-    return finish(args, results, TARGETS, HEADING, intro, started)
+    return script(argv, __doc__, CASES, TARGETS, HEADING, INTRO)
 
 
 if __name__ == "__main__":

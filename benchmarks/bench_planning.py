@@ -198,6 +198,42 @@ def scaling(min_run_time: float, rounds: int, sizes: list[int]) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------ (d)
+
+
+def spaced(equation: str) -> str:
+    """opt_einsum's letters run past what the pattern language takes: spaced names."""
+    inputs, output = equation.split("->")
+    name = lambda c: f"x{ord(c)}"  # noqa: E731
+    return ", ".join(" ".join(map(name, term)) for term in inputs.split(",")) + " -> " + " ".join(map(name, output))
+
+
+def worst_cases(sizes: list[int], seeds: list[int]) -> list[dict]:
+    """The default strategy's planning time over random networks, each planned once
+    (``time.perf_counter``): the slowest per operand count."""
+    rows = []
+    for n in sizes:
+        worst: dict = {"n": n, "time": 0.0, "cases": 0}
+        for regularity in (3, 4, 6):
+            for seed in seeds:
+                for high in (2, 9):
+                    equation, shapes = rand_equation(n, regularity, seed=seed, n_out=2, d_min=2, d_max=high)
+                    pattern = parse(spaced(equation), "spaced")
+                    start = time.perf_counter()
+                    try:
+                        plan(pattern, shapes, {}, "auto")
+                    except einc.EincError:
+                        pass  # planned, then refused: an intermediate past 2**63 elements
+                    elapsed = time.perf_counter() - start
+                    worst["cases"] += 1
+                    if elapsed > worst["time"]:
+                        worst.update(time=elapsed, regularity=regularity, seed=seed, high=high)
+        rows.append(worst)
+        print(f"  n={n:2d}: slowest {worst['time']:.3f} s of {worst['cases']} (regularity {worst['regularity']}, "
+              f"seed {worst['seed']}, sizes 2-{worst['high']})", flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ reporting
 
 
@@ -234,6 +270,14 @@ def table_c(rows: list[dict]) -> list[str]:
     return lines
 
 
+def table_d(rows: list[dict]) -> list[str]:
+    lines = ["| operands | networks | slowest planning | its network |", "|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['n']} | {r['cases']} | {r['time']:.3f} s | `rand_equation({r['n']}, {r['regularity']}, "
+                     f"seed={r['seed']}, n_out=2, d_min=2, d_max={r['high']})` |")
+    return lines
+
+
 def console(lines: list[str]) -> str:
     """A markdown table, printed as is (it reads well enough in a terminal)."""
     return "\n".join(lines)
@@ -261,6 +305,9 @@ def main(argv=None) -> int:
     print("(c) default strategy vs opt_einsum auto")
     rows_c = scaling(plan_time, args.rounds, sizes)
     print(console(table_c(rows_c)))
+
+    print("(d) slowest planning over random networks of 10-60 operands")
+    rows_d = worst_cases([10, 14, 18, 20, 30, 40, 60], [0] if args.quick else [0, 1, 2])
     elapsed = time.time() - started
     print(f"total {elapsed:.0f} s")
 
@@ -317,6 +364,13 @@ def main(argv=None) -> int:
             "cheapest path takes one it can cost a little more than `optimal` (and than opt_einsum's auto, "
             "which is `optimal` up to 4 operands); see `tests/test_plan.py`."),
             "",
+            "### (d) Planning time is bounded: the slowest over random networks of 10-60 operands", "",
+            ("Each network `opt_einsum.testing.rand_equation(n, regularity, seed=seed, n_out=2, d_min=2, "
+             "d_max=high)` for regularity 3, 4, 6, the seeds, and axes of size 2 (high=2) or 2-9 (high=9), "
+             "planned once by `einc.planner.plan` with the default strategy (`time.perf_counter`). Dynamic "
+             "programming stops after `einc.paths.DP_BUDGET` comparisons and takes `RandomGreedy`'s path; "
+             "networks whose intermediates pass 2**63 elements are planned, then refused."), "",
+            *table_d(rows_d), "",
         ]
         write_section(args.markdown, HEADING, "\n".join(lines).rstrip() + "\n", PREAMBLE)
         print(f"wrote {args.markdown}")

@@ -40,6 +40,8 @@ __all__ = [
     "Target",
     "parse_args",
     "run_case",
+    "run_cases",
+    "script",
     "machine_info",
     "format_time",
     "markdown_report",
@@ -174,6 +176,31 @@ def run_case(case: Case, min_run_time: float, rounds: int = 1, rtol: float = 1e-
         print()
         sys.stdout.flush()
     return result
+
+
+def run_cases(makers: Sequence[Callable[[], Case]], args: argparse.Namespace) -> dict[str, Result]:
+    """Make and run each case (those whose name contains ``--only``), in order."""
+    results = {}
+    for make in makers:
+        case = make()
+        if args.only and args.only not in case.name:
+            continue
+        results[case.name] = run_case(case, args.min_run_time, args.rounds)
+    return results
+
+
+def script(argv: Sequence[str] | None, doc: str, makers: Sequence[Callable[[], Case]], targets: Sequence[Target],
+           heading: str, intro: Sequence[str],
+           after: Callable[[dict[str, Result]], None] | None = None) -> int:
+    """A benchmark script of plain cases: arguments, one thread, the cases, ``after``
+    (notes from the results), then :func:`finish`."""
+    args = parse_args(argv, description=doc.splitlines()[0])
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    results = run_cases(makers, args)
+    if after is not None:
+        after(results)
+    return finish(args, results, targets, heading, intro, started)
 
 
 def format_time(seconds: float) -> str:

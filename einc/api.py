@@ -1,8 +1,11 @@
 """The public API: :func:`compile`, :func:`einsum`, :class:`Expression`, :func:`configure`.
 
-An :class:`Expression` parses its pattern once.  Per input signature (shapes and
-dtypes) it plans, generates and compiles once, then reuses the compiled function;
-both caches are bounded LRU caches.  Errors raised below are re-raised here with the
+An :class:`Expression` parses its pattern once.  Its first input signature (shapes
+and dtypes) is planned, generated and compiled at once.  A later new signature first
+runs shape-generic code shared by every signature with the same plan (for one level
+of at most two operands, whose path cannot change, without planning at all); from its
+:data:`GENERIC_CALLS` + 1st call it runs code planned, generated and compiled for it
+alone.  Caches are bounded LRU caches.  Errors raised below are re-raised here with the
 pattern and the shapes, ``from None``, so users see one clear :class:`EincError`.
 """
 
@@ -15,8 +18,8 @@ from typing import Any
 import torch
 
 from . import dtypes, ir
-from .backends import get_backend, instantiate, transformed
-from .codegen import Generated, generate
+from .backends import compiled, instantiate, transformed
+from .codegen import generate
 from .errors import EincError, format_shape
 from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, configure, element_limit, settings
 from .parser import Notation, parse
@@ -31,15 +34,18 @@ from .sizes import check_keyword_axes, check_new_axes, check_sizes, merge_ellips
 __all__ = ["Expression", "compile", "compile_ir", "configure", "einsum"]
 
 
+GENERIC_CALLS = 2
+"""Calls a new input signature runs on shared shape-generic code before code of its own
+(sizes as literals, the path and layouts planned for them) is compiled: a shape seen
+once costs no compilation, and a recurring one runs at the literal code's speed."""
+
+
 class _Compiled:
-    """One input signature's program, generated code, compiled function and folded constants."""
+    """What a call of one input signature runs: ``fn(*tensors, *folded)``."""
 
-    __slots__ = ("program", "code", "fn", "folded")
+    __slots__ = ("fn", "folded")
 
-    def __init__(self, program: Program, code: Generated, fn: Callable[..., torch.Tensor],
-                 folded: tuple[torch.Tensor, ...]) -> None:
-        self.program = program
-        self.code = code
+    def __init__(self, fn: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, ...] = ()) -> None:
         self.fn = fn
         self.folded = folded
 
@@ -142,12 +148,17 @@ class Expression:
             raise EincError(f"pattern {pattern!r}: {err}") from None
         self.sizes = dict(sizes)
         self._fusions = fusions(self.ir) if options.fuse else {}
-        self._compile_fn = get_backend(options.backend)
         cache_size = settings.plan_cache_size if options.cache_size is None else options.cache_size
         # functools.lru_cache: bounded, and safe to call from many threads at once (two
         # threads missing on one signature may both build it; one result is kept).
+        self._cache_size = cache_size
         self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
         self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
+        # Shared shape-generic code (see _shared); torch.compile specializes on shapes
+        # anyway, and constants are folded per signature.
+        self._shares = options.backend != "compile" and not self._constants
+        self._fixed_path = not self.ir.nested and self.ir.leaves <= 2
+        self._generics: dict[tuple[Any, ...], tuple[Callable[..., torch.Tensor], list[str]]] = {}
 
     @property
     def backend(self) -> str:
@@ -230,18 +241,85 @@ class Expression:
                 raise EincError(f"pattern {self.pattern!r}: operand {index} is not a torch.Tensor")
         shapes = tuple(tuple(shape) for shape, _ in signature)
         types = self._dtypes([dtype for _, dtype in signature], shapes)
+        if self._shares and self._lookup.cache_info().currsize:
+            return self._shared(shapes, types, transformed)
+        # The first signature compiles its own code at once: an expression called with
+        # one shape never pays for generic code.
+        return self._literal(shapes, types, transformed)
+
+    def _literal(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
+                 ) -> _Compiled:
+        """The signature's own code: planned for its sizes, which are literals in it."""
         program = self._plan_for(shapes, dtypes.promoted(types))
         try:
             code = generate(program, types, safe=transformed)
         except EincError as err:
             raise self._context(shapes, err) from None
-        fn, folding = self._compile_fn(code)
+        fn, folding = compiled(self.options.backend, code)
         folded: tuple[torch.Tensor, ...] = ()
         if folding is not None:
             # Folded once: constants are data, not parameters (no autograd through them).
             with torch.no_grad():
                 folded = tuple(folding(*(t for _, t in self._constants)))
-        return _Compiled(program, code, fn, folded)
+        return _Compiled(fn, folded)
+
+    def _generic(self, shapes: tuple[tuple[int, ...], ...], merged: tuple[tuple[int, ...], ...],
+                 types: list[torch.dtype], transformed: bool) -> tuple[Callable[..., torch.Tensor], list[str]]:
+        """Shape-generic code planned for ``merged`` (``shapes`` with '...' merged into one
+        dimension, as generic code takes it) and its messages: generated once per plan
+        structure (:meth:`Program.structure`), compiled once per source text
+        (:func:`einc.backends.compiled`).  A fixed path is not planned again."""
+        common = dtypes.promoted(types)
+        key: tuple[Any, ...] = (tuple(types), transformed, settings.version)
+        program = None
+        if not self._fixed_path:
+            program = self._plan_for(merged, common)
+            key += (program.structure(),)
+        hit = self._generics.get(key)
+        if hit is not None:
+            return hit
+        try:
+            if program is None:
+                program = self._plan_for(merged, common)
+            code = generate(program, types, generic=True, safe=transformed, context=f"pattern {self.pattern!r}",
+                            limits=(self.options.limit, settings.limit))
+        except EincError as err:
+            raise self._context(shapes, err) from None
+        if len(self._generics) >= self._cache_size:
+            self._generics.clear()
+        return self._generics.setdefault(key, (compiled(self.options.backend, code).main, list(code.messages)))
+
+    def _shared(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
+                ) -> _Compiled:
+        """A new signature's entry: shared generic code for its first :data:`GENERIC_CALLS`
+        calls, then its own literal code."""
+        if len(shapes) != self.ir.leaves:
+            return self._literal(shapes, types, transformed)  # which raises the planner's message
+        try:
+            merged = merge_ellipsis(self.ir, shapes)
+        except EincError:
+            # '...' that broadcasts (size 1, or ranks that differ) takes literal code.
+            return self._literal(shapes, types, transformed)
+        generic = self._generic(shapes, merged, types, transformed)
+        fn, messages = generic
+        calls = 0
+
+        def first_calls(*tensors: torch.Tensor) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            if calls <= GENERIC_CALLS:
+                try:
+                    return fn(*tensors, messages)
+                except (torch.jit.Error, RuntimeError, ValueError, IndexError, TypeError):  # EincError: a ValueError
+                    # A fixed path's signature was not planned: the planner's message
+                    # names operands and shapes.  What it lets through, the literal code
+                    # runs (or raises) as it always does.
+                    self._plan_for(shapes, dtypes.promoted(types))
+            entry.fn = self._literal(shapes, types, transformed).fn
+            return entry.fn(*tensors)
+
+        entry = _Compiled(first_calls)
+        return entry
 
     def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:
         try:
@@ -255,6 +333,12 @@ class Expression:
             raise EincError(
                 f"pattern {self.pattern!r}: operand {bad} is a {type(tensors[bad]).__name__}, not a torch.Tensor"
             ) from None
+
+    def _check(self, tensors: Sequence[torch.Tensor]) -> None:
+        """What a call checks, and raises, before it computes anything."""
+        self._entry(tensors)
+        shapes = tuple(tuple(t.shape) for t in tensors)
+        self._plan_for(shapes, dtypes.promoted(self._dtypes([t.dtype for t in tensors], shapes)))
 
     # ------------------------------------------------------------------ calls
 
@@ -348,7 +432,7 @@ class Expression:
         >>> einc.compile("i,i->").reference(torch.tensor([1., -2.]), torch.tensor([3., 4.]), absolute=True)
         tensor(11., dtype=torch.float64)
         """
-        self._entry(tensors)  # the same checks (and errors) as a call
+        self._check(tensors)  # the same checks (and errors) as a call
         given = self._with_constants(tensors, lambda t: t)
         common = dtypes.promoted([t.dtype for t in given]) if given else torch.float64
         given = [t.to(common) for t in given]

@@ -12,6 +12,7 @@ import linecache
 import threading
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -21,7 +22,8 @@ import torch.autograd.forward_ad as _forward_ad
 from .codegen import CONSTANT_FUNCTION_NAME, FUNCTION_NAME, MODULE_NAME, Generated
 from .errors import EincError
 
-__all__ = ["Functions", "BACKENDS", "get_backend", "instantiate", "namespace", "registered_sources", "transformed"]
+__all__ = ["Functions", "BACKENDS", "compiled", "get_backend", "instantiate", "namespace", "registered_sources",
+           "transformed"]
 
 
 class Functions(NamedTuple):
@@ -156,3 +158,32 @@ def get_backend(name: str) -> Callable[[Generated], Functions]:
         return BACKENDS[name]
     except (KeyError, TypeError):
         raise EincError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {name!r}") from None
+
+
+COMPILED_CACHE_SIZE = 256
+"""Compiled sources kept process-wide (:func:`compiled`)."""
+
+_compiled_lock = threading.Lock()
+_compiled: OrderedDict[tuple[str, str], Functions] = OrderedDict()
+
+
+def compiled(backend: str, code: Generated) -> Functions:
+    """``code`` compiled by ``backend``, once per source text in the process.
+
+    Sources are made of generated names and integers only, so two spellings of one
+    pattern (``ij,jk->ik``, ``ab,bc->ac``), and every shape that shares shape-generic
+    code, give the same text and share one compiled function.  A bounded LRU cache.
+    """
+    key = (backend, code.source)
+    with _compiled_lock:
+        hit = _compiled.get(key)
+        if hit is not None:
+            _compiled.move_to_end(key)
+            return hit
+    functions = get_backend(backend)(code)
+    with _compiled_lock:
+        functions = _compiled.setdefault(key, functions)
+        _compiled.move_to_end(key)
+        while len(_compiled) > COMPILED_CACHE_SIZE:
+            _compiled.popitem(last=False)
+    return functions

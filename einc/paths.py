@@ -45,6 +45,7 @@ def ssa_to_linear(ssa_path: Sequence[tuple[int, ...]], operands: int) -> list[tu
 OPTIMAL_MAX_OPERANDS = 6
 EXACT_MAX_OPERANDS = 10
 DP_MAX_OPERANDS = 20
+DP_BUDGET = 200_000
 RANDOM_GREEDY_REPEATS = 128
 """einc's ``"auto"``: opt_einsum's exhaustive ``"optimal"`` up to
 :data:`OPTIMAL_MAX_OPERANDS` operands, dynamic programming with outer products up to
@@ -53,21 +54,61 @@ opt_einsum's ``RandomGreedy`` (:data:`RANDOM_GREEDY_REPEATS` seeded trials, so t
 path every time) beyond: on random networks of 30-100 operands it planned in 0.25-0.7 s
 and found paths 2-340x cheaper than plain ``"greedy"``.
 
+Dynamic programming compares at most :data:`DP_BUDGET` pairs of sub-networks, then
+gives way to ``RandomGreedy``: a count, not a clock, so a plan does not depend on the
+machine's speed.  A comparison costs 1.5-2.6 us (rand_equation networks of 14-20
+operands), so the budget is about 0.3-0.5 s; regular networks of size-2 axes took
+dynamic programming 7 s and more at 18 operands, and minutes at 20.
+
 Measured on chains and random networks (benchmarks/RESULTS.md): plain ``"dp"`` matched
 the cheapest path in 0.2-25 ms nearly always, but skips outer products and so missed it
-in rare cases; with them it stays under 25 ms up to 10 operands and grows to seconds at
-16-20. opt_einsum's own ``"auto"`` (greedy beyond 8 operands) chose paths up to 8x
-costlier. Plans are cached per signature, so the planning time is paid once.
+in rare cases; with them it stays under 25 ms up to 10 operands. opt_einsum's own
+``"auto"`` (greedy beyond 8 operands) chose paths up to 8x costlier. Plans are cached
+per signature, so the planning time is paid once.
 """
+
+
+class _OverBudget(Exception):
+    """Dynamic programming used up :data:`DP_BUDGET`."""
+
+
+class _BudgetedDP(oe.paths.DynamicProgramming):
+    """opt_einsum's ``DynamicProgramming`` (minimizing FLOPs) that stops after
+    :data:`DP_BUDGET` comparisons and returns ``RandomGreedy``'s path instead."""
+
+    def __init__(self, search_outer: bool) -> None:
+        super().__init__(minimize=self._compare, search_outer=search_outer)
+        self._left = DP_BUDGET
+        self._give_up = math.inf
+
+    def _compare(self, *args: Any) -> None:
+        self._left -= 1
+        if self._left < 0:
+            raise _OverBudget
+        # args[4] is the cost cap.  A callable ``minimize`` turns off opt_einsum's own
+        # "no path under memory_limit" stop (its cap would grow forever): stop where it
+        # would, one growth of the cap later at most.
+        if args[4] > self._give_up:
+            raise RuntimeError("No contraction found for given `memory_limit`.")
+        oe.paths._dp_compare_flops(*args)
+
+    def __call__(self, inputs: Any, output: Any, size_dict: dict[str, int], memory_limit: int | None = None) -> Any:
+        self._left = DP_BUDGET
+        if memory_limit is not None:
+            naive = len(inputs) * math.prod(size_dict[a] for a in set().union(*inputs, output))
+            self._give_up = naive * max(2, *size_dict.values())
+        try:
+            return super().__call__(inputs, output, size_dict, memory_limit)
+        except _OverBudget:
+            return oe.path_random.RandomGreedy(max_repeats=RANDOM_GREEDY_REPEATS)(
+                inputs, output, size_dict, memory_limit)
 
 
 def _auto(operands: int) -> Any:
     if operands <= OPTIMAL_MAX_OPERANDS:
         return "optimal"
-    if operands <= EXACT_MAX_OPERANDS:
-        return oe.paths.DynamicProgramming(search_outer=True)
     if operands <= DP_MAX_OPERANDS:
-        return "dp"
+        return _BudgetedDP(search_outer=operands <= EXACT_MAX_OPERANDS)
     return oe.path_random.RandomGreedy(max_repeats=RANDOM_GREEDY_REPEATS)
 
 

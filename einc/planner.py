@@ -122,6 +122,18 @@ class Program:
         inner = tuple(p for _, sub in self.nested for p in sub.programs())
         return inner + (self,)
 
+    def structure(self) -> tuple[Any, ...]:
+        """What this program computes, and how, without its sizes: the path, each step's
+        axes and kernel roles, the preparations, and its nested levels likewise.  Two
+        plans of one pattern with equal structures have one shape-generic code (it
+        reads sizes at run time; a size of 1 may only change a layout choice, valid for
+        every size), so this keys that code."""
+        steps = tuple((s.inputs, s.value, s.input_axes, s.output_axes, s.batch, s.left, s.right, s.contracted,
+                       s.a_reduce, s.b_reduce, s.fused) for s in self.steps)
+        nested = tuple((position, inner.structure()) for position, inner in self.nested)
+        return (self.path, steps, self.preps, self.operands, self.output_axes, self.input_dims, self.output_dims,
+                self.reduced, self.scaled, self.fused, nested)
+
     def constant_values(self) -> frozenset[int]:
         """Values that depend on constants alone."""
         return _constant_values(self.steps, self.constants)

@@ -23,7 +23,9 @@ settings.register_profile(
     database=None,
     max_examples=100,
     print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    # function_scoped_fixture: both_codes only sets which code runs, the same for every example.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("einc")
 
@@ -31,6 +33,18 @@ settings.load_profile("einc")
 def examples(n: int) -> int:
     """``n`` hypothesis examples, times ``$EINC_EXAMPLES_SCALE`` (default 1) for long hunts."""
     return n * max(1, int(os.environ.get("EINC_EXAMPLES_SCALE", "1")))
+
+
+@pytest.fixture(params=["shared", "literal"])
+def both_codes(request, monkeypatch) -> None:
+    """Run a test twice: on the shape-generic code a new input signature shares for its
+    first calls, and on the literal code compiled for it alone (from then on); modules
+    use it with ``pytestmark = pytest.mark.usefixtures("both_codes")``."""
+    import einc.api
+
+    einc.api._cached.cache_clear()  # fresh expressions: their first calls are new signatures
+    if request.param == "literal":
+        monkeypatch.setattr(einc.api, "GENERIC_CALLS", 0)
 
 
 @pytest.fixture(autouse=True)

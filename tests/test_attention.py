@@ -19,6 +19,9 @@ import einc
 from einc.parser import parse
 from einc.rewrite import attention
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 E = torch.einsum
 F = torch.nn.functional
 

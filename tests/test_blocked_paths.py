@@ -8,6 +8,9 @@ import torch
 
 import einc
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 
 @pytest.mark.parametrize(
     "shape, scale",

@@ -14,6 +14,9 @@ import torch
 
 import einc
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 # (pattern, input shape, keyword sizes): each compared with einops.rearrange.
 REARRANGE = [
     ("h w -> w h", (3, 4), {}),  # transpose

@@ -13,6 +13,9 @@ import einc
 import einc.api
 from conftest import assert_close, default_strategy, operands, reference_einsum, to_spaced
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 # (equation, operand shapes): one row per einsum feature.
 CASES = [
     ("i,i->", [(5,), (5,)]),  # vector dot
@@ -335,6 +338,8 @@ def test_validate_raises_on_zero_tolerance_with_rounding():
 def test_validate_raises_when_the_compiled_function_is_wrong():
     a, b = operands([(3, 4), (4, 5)])
     expr = einc.Expression("ij,jk->ik")
+    for _ in range(einc.api.GENERIC_CALLS + 1):  # the signature's own code from now on
+        expr(a, b)
     entry = expr._entry((a, b))
     right = entry.fn
     entry.fn = lambda x, y: right(x, y) + 1e-6
@@ -374,25 +379,84 @@ def plan_calls(monkeypatch):
 def test_same_shapes_plan_once(plan_calls):
     expr = einc.Expression("ij,jk->ik")
     a, b = operands([(3, 4), (4, 5)])
-    expr(a, b)
-    expr(a, b)
+    for _ in range(einc.api.GENERIC_CALLS + 2):  # shared generic code, then the signature's own
+        expr(a, b)
     expr(a.clone(), b.clone())
     expr.explain(a, b)
     assert len(plan_calls) == 1
     info = expr._lookup.cache_info()
-    assert (info.hits, info.misses) == (2, 1)
-    expr(*operands([(2, 4), (4, 5)]))  # a new shape plans again
-    assert len(plan_calls) == 2
+    assert (info.hits, info.misses) == (einc.api.GENERIC_CALLS + 2, 1)
     expr(a.float(), b.float())  # a new dtype, same shapes: no new plan
-    assert len(plan_calls) == 2
+    assert len(plan_calls) == 1
     assert_close(expr(a.float(), b.float()), reference_einsum("ij,jk->ik", a, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture
+def compilations(monkeypatch):
+    """Counts the eager backend's compilations of generated source."""
+    calls = []
+    real = einc.backends.BACKENDS["eager"]
+
+    def counting(code):
+        calls.append(code.source)
+        return real(code)
+
+    monkeypatch.setitem(einc.backends.BACKENDS, "eager", counting)
+    einc.backends._compiled.clear()  # the process-wide cache of compiled sources
+    return calls
+
+
+@pytest.mark.parametrize("both_codes", ["shared"], indirect=True)  # about the shared code
+def test_a_new_shape_of_two_operands_neither_plans_nor_compiles(plan_calls, compilations):
+    # Issue 11.2: one level of two operands has one path whatever the sizes, so new
+    # shapes run the shared shape-generic code at once.
+    expr = einc.Expression("b i j, b j k -> b i k", backend="eager")
+    for n in range(1, 30):
+        a, b = operands([(2, n, 3), (2, 3, n + 1)])
+        assert_close(expr(a, b), reference_einsum("bij,bjk->bik", a, b))
+    # The first shape's own code; generic code planned for the second, shared by the rest.
+    assert len(plan_calls) == 2 and len(compilations) == 2
+    a, b = operands([(2, 4, 3), (2, 3, 6)])
+    for _ in range(einc.api.GENERIC_CALLS + 1):  # a recurring shape gets code of its own
+        assert_close(expr(a, b), reference_einsum("bij,bjk->bik", a, b))
+    # Planned; its literal source (one matmul, no sizes in it) is the first shape's: compiled once.
+    assert len(plan_calls) == 3 and len(compilations) == 2
+
+
+@pytest.mark.parametrize("both_codes", ["shared"], indirect=True)  # about the shared code
+def test_a_new_shape_with_the_same_plan_shares_compiled_code(plan_calls, compilations):
+    # Three operands: a new shape is planned again; where the plan is the same, so is
+    # the generic source, compiled once (and shared with other spellings of the pattern).
+    first = einc.Expression("ab,bc,cd->ad", backend="eager")
+    other = einc.Expression("pq,qr,rs->ps", backend="eager")
+    for n in range(2, 12):
+        xs = operands([(n, 3), (3, 4), (4, 2)])
+        assert_close(first(*xs), reference_einsum("ab,bc,cd->ad", *xs))
+        assert_close(other(*xs), reference_einsum("ab,bc,cd->ad", *xs))
+    # Each expression's first shape compiles its own (literal, shared by the spellings)
+    # code; every later one is planned and runs the one shared generic code.
+    assert len(plan_calls) == 20 and len(compilations) == 2
+    xs = operands([(2, 64), (64, 64), (64, 64)])  # a different path: different code
+    assert_close(first(*xs), reference_einsum("ab,bc,cd->ad", *xs))
+    assert len(compilations) == 3
+
+
+def test_wrong_shapes_on_shared_code_get_the_planners_message():
+    expr = einc.Expression("ij,jk->ik", backend="eager")
+    expr(*operands([(2, 3), (3, 4)]))
+    with pytest.raises(einc.EincError, match=r"with shapes 2x3, 4x5: axis 'j' has size 4 in operand 1"):
+        expr(*operands([(2, 3), (4, 5)]))
+    with pytest.raises(einc.EincError, match="cannot take max over"):
+        maxed = einc.Expression("max(b c -> b)")
+        maxed(torch.zeros(2, 3))
+        maxed(torch.zeros(3, 0))
+
+
 def test_caches_are_bounded(plan_calls):
-    expr = einc.Expression("i,i->", cache_size=2)
+    expr = einc.Expression("i,i,i->", cache_size=2)
     for n in (1, 2, 3, 1):
         x = operands([(n,)])[0]
-        assert_close(expr(x, x), reference_einsum("i,i->", x, x))
+        assert_close(expr(x, x, x), reference_einsum("i,i,i->", x, x, x))
     # (1,) was evicted by (3,) with room for two signatures: planned again.
     assert len(plan_calls) == 4
     assert einc.Expression("i->i")._lookup.cache_info().maxsize is not None

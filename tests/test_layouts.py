@@ -12,6 +12,9 @@ from conftest import assert_close, randn
 
 import einc
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 BACKENDS = ["torchscript", "eager"]
 
 CASES = [

@@ -18,6 +18,8 @@ from conftest import randn
 
 import einc
 from einc import parser
+import einc.api
+import einc.backends
 from einc.backends import registered_sources
 from einc.cli import main
 
@@ -98,21 +100,27 @@ def test_explain_refuses_what_is_no_dtype(dtype):
         einc.compile("ij->i").module((2, 3), dtype=dtype)
 
 
-def test_linecache_holds_only_live_generated_code():
-    # An expression called over many shapes keeps cache_size compiled signatures; the
-    # linecache entries of the code it dropped go with it.
+def test_linecache_holds_only_live_generated_code(monkeypatch):
+    # An expression called over many shapes keeps cache_size compiled signatures, and the
+    # process keeps COMPILED_CACHE_SIZE compiled sources; the linecache entries of the
+    # code both dropped go with it.
+    monkeypatch.setattr(einc.backends, "COMPILED_CACHE_SIZE", 4)
+    einc.backends._compiled.clear()
     gc.collect()
     before = registered_sources()
-    f = einc.compile("b t c, c d -> b t d", backend="eager")
     f = einc.Expression("b t c, c d -> b t d", backend="eager", cache_size=8)
     weight = randn(4, 3)
     for length in range(1, 300):
-        f(randn(1, length, 4), weight)
+        x = randn(1, length, 4)
+        for _ in range(einc.api.GENERIC_CALLS + 1):  # past the shared code: literal code for each shape
+            f(x, weight)
     gc.collect()
-    assert registered_sources() - before <= 8
+    # 8 signatures' literal code, the shared generic code, 4 more in the process cache.
+    assert registered_sources() - before <= 8 + 1 + 4
     generated = [name for name in linecache.cache if name.startswith("<einc-generated-")]
-    assert len(generated) <= before + 8
+    assert len(generated) <= before + 8 + 1 + 4
     del f
+    einc.backends._compiled.clear()
     gc.collect()
     assert registered_sources() <= before
 
@@ -166,3 +174,14 @@ def test_numpy_is_a_declared_dependency():
     from importlib.metadata import requires
 
     assert any(r.split(";")[0].strip().lower().startswith("numpy") for r in requires("einc") or [])
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+def test_a_new_shape_over_the_limit_on_shared_code_is_refused(backend):
+    # A new shape of a two-operand pattern runs shared shape-generic code without a
+    # plan: the limit is checked all the same, with the planner's message.
+    f = einc.compile("ij,jk->ik", memory_limit=100, backend=backend)
+    a, b = randn(2, 3), randn(3, 4)
+    torch.testing.assert_close(f(a, b), a @ b)
+    with pytest.raises(einc.EincError, match=r"memory_limit=100 elements is too small: the output alone"):
+        f(randn(20, 3), randn(3, 20))

@@ -14,6 +14,9 @@ from conftest import assert_close, randn, tolerance, widen
 
 import einc
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 BACKENDS = ["torchscript", "eager", pytest.param("compile", marks=pytest.mark.slow)]
 
 GRADIENT_CASES = [

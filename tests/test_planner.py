@@ -149,8 +149,8 @@ def test_auto_strategy_by_operand_count():
     from einc import paths
 
     assert paths._auto(6) == "optimal"
-    assert isinstance(paths._auto(10), oe.paths.DynamicProgramming)
-    assert paths._auto(20) == "dp" and isinstance(paths._auto(21), oe.path_random.RandomGreedy)
+    assert isinstance(paths._auto(10), oe.paths.DynamicProgramming) and paths._auto(10).search_outer
+    assert not paths._auto(20).search_outer and isinstance(paths._auto(21), oe.path_random.RandomGreedy)
     assert "cotengra" in paths.STRATEGY_NAMES and "greedy" in paths.STRATEGY_NAMES
 
 

@@ -31,6 +31,9 @@ from conftest import assert_close
 import einc
 import einc.nn
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 BACKENDS = ["torchscript", "eager"]
 F64 = torch.float64
 C128 = torch.complex128

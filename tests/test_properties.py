@@ -6,12 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import einops
+import pytest
 import torch
 from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import einc
 from conftest import assert_close, examples, reference_einsum, to_spaced
+
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
 
 LETTERS = "abcdef"
 # Mostly 1..5, sometimes 0 (hypothesis shrinks towards the first entry).

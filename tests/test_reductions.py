@@ -21,6 +21,9 @@ from hypothesis import strategies as st
 
 import einc
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 F64 = torch.float64
 F32 = torch.float32
 INF = float("inf")

@@ -88,7 +88,7 @@ def test_expression_cache_stays_bounded_over_thousands_of_shapes():
         x = torch.arange(n, dtype=torch.float64)
         assert expr(x, x).item() == pytest.approx(float((x * x).sum()))
     assert expr._lookup.cache_info().currsize == 16
-    assert expr._plan_lookup.cache_info().currsize == 16
+    assert expr._plan_lookup.cache_info().currsize <= 16
 
 
 def test_compile_cache_bound_is_configurable():

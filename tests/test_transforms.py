@@ -15,6 +15,9 @@ from torch.func import grad, jvp, vmap
 import einc
 import einc.nn
 
+# Every test on shared shape-generic code and on literal code (conftest.both_codes).
+pytestmark = pytest.mark.usefixtures("both_codes")
+
 CASES = [
     # (pattern, shapes, the plain torch form)
     ("softmax(i j, j k -> i [k])", [(3, 4), (4, 5)], lambda a, b: torch.softmax(a @ b, -1)),  # in-place softmax
