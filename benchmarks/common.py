@@ -191,16 +191,15 @@ def run_cases(makers: Sequence[Callable[[], Case]], args: argparse.Namespace) ->
 
 def script(argv: Sequence[str] | None, doc: str, makers: Sequence[Callable[[], Case]], targets: Sequence[Target],
            heading: str, intro: Sequence[str],
-           after: Callable[[dict[str, Result]], None] | None = None) -> int:
+           after: Callable[[dict[str, Result], argparse.Namespace], list[str]] | None = None) -> int:
     """A benchmark script of plain cases: arguments, one thread, the cases, ``after``
-    (notes from the results), then :func:`finish`."""
+    (notes on the results, and markdown lines to add to the intro), then :func:`finish`."""
     args = parse_args(argv, description=doc.splitlines()[0])
     torch.set_num_threads(1)
     started = time.perf_counter()
     results = run_cases(makers, args)
-    if after is not None:
-        after(results)
-    return finish(args, results, targets, heading, intro, started)
+    extra = after(results, args) if after is not None else []
+    return finish(args, results, targets, heading, [*intro, *extra], started)
 
 
 def format_time(seconds: float) -> str:

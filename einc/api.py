@@ -12,6 +12,7 @@ pattern and the shapes, ``from None``, so users see one clear :class:`EincError`
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,10 @@ class _Compiled:
     def __init__(self, fn: Callable[..., torch.Tensor], folded: tuple[torch.Tensor, ...] = ()) -> None:
         self.fn = fn
         self.folded = folded
+
+
+_signature = operator.attrgetter("shape", "dtype")
+"""A tensor's part of an input signature."""
 
 
 def _shape_of(value: Any, index: int) -> tuple[int, ...]:
@@ -323,8 +328,7 @@ class Expression:
 
     def _entry(self, tensors: Sequence[torch.Tensor]) -> _Compiled:
         try:
-            key = (tuple([(t.shape, t.dtype) for t in tensors]), transformed(), settings.version)
-            return self._lookup(key)
+            return self._lookup((tuple(map(_signature, tensors)), transformed(), settings.version))
         except (AttributeError, EincError):
             # Tensor-likes (numpy arrays) get this far; name the culprit's type.
             bad = next((i for i, t in enumerate(tensors) if not isinstance(t, torch.Tensor)), None)
