@@ -234,6 +234,40 @@ def worst_cases(sizes: list[int], seeds: list[int]) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------ (e)
+
+LARGE = [(30, 1), (40, 0), (40, 2)]
+"""(operands, seed) of ``rand_equation(n, 3, seed=seed, d_min=2, d_max=6, n_out=2)``."""
+
+
+def large_calls(min_run_time: float, rounds: int) -> list[dict]:
+    """Per-call time of large networks on einc's default path, cotengra's, and dp's
+    (where dp plans in time), run by einc and by opt_einsum's expression."""
+    rows = []
+    for n, seed in LARGE:
+        equation, shapes = rand_equation(n, 3, seed=seed, d_min=2, d_max=6, n_out=2)
+        shapes = [tuple(s) for s in shapes]
+        xs = [torch.randn(s) for s in shapes]
+        pattern = spaced(equation)
+        start = time.perf_counter()
+        default = einc.compile(pattern)
+        default_plan = default.explain(*xs)
+        planned = time.perf_counter() - start
+        start = time.perf_counter()
+        hyper = einc.compile(pattern, optimize="cotengra")
+        hyper_plan = hyper.explain(*xs)
+        hyper_planned = time.perf_counter() - start
+        fns = {"einc default": lambda e=default: e(*xs), "einc cotengra": lambda e=hyper: e(*xs)}
+        for name, path in (("default", default_plan.path), ("cotengra", hyper_plan.path)):
+            expression = oe.contract_expression(equation, *shapes, optimize=path)
+            fns[f"opt_einsum, {name} path"] = lambda e=expression: e(*xs, backend="torch")
+        times = median_times(fns, min_run_time, rounds)
+        rows.append({"n": n, "seed": seed, "flops": default_plan.flops, "hyper_flops": hyper_plan.flops,
+                     "planned": planned, "hyper_planned": hyper_planned, **times})
+        print(f"  n={n} seed={seed}: " + ", ".join(f"{k} {format_time(v)}" for k, v in times.items()), flush=True)
+    return rows
+
+
 # ------------------------------------------------------------------ reporting
 
 
@@ -278,6 +312,20 @@ def table_d(rows: list[dict]) -> list[str]:
     return lines
 
 
+def table_e(rows: list[dict]) -> list[str]:
+    lines = ["| network | einc default: FLOPs, planning | per call | optimize=\"cotengra\": FLOPs, planning | "
+             "per call | default / cotengra | opt_einsum expr, default path | opt_einsum expr, cotengra path |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| `rand_equation({r['n']}, 3, seed={r['seed']}, d_min=2, d_max=6, n_out=2)` | {r['flops']:,}, "
+            f"{r['planned']:.2f} s | {format_time(r['einc default'])} | {r['hyper_flops']:,}, "
+            f"{r['hyper_planned']:.2f} s | {format_time(r['einc cotengra'])} | "
+            f"{r['einc default'] / r['einc cotengra']:.2f}x | {format_time(r['opt_einsum, default path'])} | "
+            f"{format_time(r['opt_einsum, cotengra path'])} |")
+    return lines
+
+
 def console(lines: list[str]) -> str:
     """A markdown table, printed as is (it reads well enough in a terminal)."""
     return "\n".join(lines)
@@ -308,6 +356,9 @@ def main(argv=None) -> int:
 
     print("(d) slowest planning over random networks of 10-60 operands")
     rows_d = worst_cases([10, 14, 18, 20, 30, 40, 60], [0] if args.quick else [0, 1, 2])
+
+    print("(e) per call on large networks: einc's default path against cotengra's")
+    rows_e = large_calls(args.min_run_time, args.rounds)
     elapsed = time.time() - started
     print(f"total {elapsed:.0f} s")
 
@@ -371,6 +422,12 @@ def main(argv=None) -> int:
              "programming stops after `einc.paths.DP_BUDGET` comparisons and takes `RandomGreedy`'s path; "
              "networks whose intermediates pass 2**63 elements are planned, then refused."), "",
             *table_d(rows_d), "",
+            "### (e) Per call on large networks: the bounded default against cotengra", "",
+            ("einc's default plan (bounded planning) against `optimize=\"cotengra\"` (cotengra's "
+             "`HyperOptimizer(max_repeats=32)`, unbounded planning), each run by einc and by "
+             "`opt_einsum.contract_expression(..., optimize=path)` with the torch backend. Planning times "
+             "include parsing and `explain` (`time.perf_counter`, once)."), "",
+            *table_e(rows_e), "",
         ]
         write_section(args.markdown, HEADING, "\n".join(lines).rstrip() + "\n", PREAMBLE)
         print(f"wrote {args.markdown}")

@@ -87,6 +87,13 @@ class Result:
     medians: dict[str, float]
     """Seconds per call, per contender (lowest of the rounds' medians)."""
     max_errors: dict[str, float] = field(default_factory=dict)
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+    """Each round's median, per contender."""
+
+    def spread(self, einc: str, other: str) -> tuple[float, float]:
+        """The lowest and highest of the rounds' ratios ``einc / other``."""
+        ratios = [a / b for a, b in zip(self.rounds[einc], self.rounds[other])]
+        return min(ratios), max(ratios)
 
     def ratio(self, einc: str, other: str) -> float:
         return self.medians[einc] / self.medians[other]
@@ -161,16 +168,15 @@ def run_case(case: Case, min_run_time: float, rounds: int = 1, rtol: float = 1e-
     torch.set_num_threads(1)
     errors = _check(case, rtol)
     contenders = {name: _as_contender(v) for name, v in case.contenders.items()}
-    best: dict[str, float] = {}
+    medians: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, contender in contenders.items():
             with _entered(contender):
                 contender.fn()  # warm up (first-call compile, allocator)
                 timer = tbench.Timer(stmt="fn()", globals={"fn": contender.fn}, num_threads=1,
                                      label=case.name, description=name)
-                median = timer.blocked_autorange(min_run_time=min_run_time).median
-            best[name] = min(best.get(name, float("inf")), median)
-    result = Result(case, best, errors)
+                medians[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    result = Result(case, {name: min(values) for name, values in medians.items()}, errors, medians)
     if verbose:
         print(console_table(result))
         print()

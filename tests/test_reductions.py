@@ -1125,13 +1125,23 @@ def test_tropical_large_contraction_is_chunked_correctly(op, k):
     assert_matches(out, ref, bound=torch.full_like(ref, 10.0), tol=TOL[F32], dtype=F32)
 
 
-@pytest.mark.parametrize("structure", ["diagonal", "band", "half-rows"])
+@pytest.mark.parametrize("structure", [
+    "diagonal",   # finite entries sparse on both sides: only they are visited
+    "band",
+    "half-rows",  # a few dense rows beside structural ones: both kinds at once
+    "dense-a",    # A finite everywhere, 3/4 of B's columns all -inf: a sum over B gives the pairs
+    "dense-b",    # B finite everywhere, 3/4 of A's rows all -inf
+    "blocks",     # two diagonal blocks on both sides (half the entries finite): a bmm of masks
+])
 @pytest.mark.parametrize("dtype", [F32, torch.float64])
 @pytest.mark.parametrize("backend", ["eager", "torchscript"])
-def test_log_semiring_structural_neg_inf_matches_the_naive_form(structure, dtype, backend):
+@pytest.mark.parametrize("n", [
+    96,   # few lost entries (x k <= 4M): recomputed exactly
+    256,  # many: told structural by counting pairs (sparse finite entries, one side finite, or a bmm)
+])
+def test_log_semiring_structural_neg_inf_matches_the_naive_form(structure, dtype, backend, n):
     # Forbidden transitions (HMMs, CRFs): entries with no k where both sides are finite
     # are -inf exactly, told from underflow by counting pairs; the finite ones match.
-    n = 96
     g = torch.Generator().manual_seed(7)
     a = torch.full((n, n), float("-inf"), dtype=dtype)
     b = torch.full((n, n), float("-inf"), dtype=dtype)
@@ -1139,8 +1149,19 @@ def test_log_semiring_structural_neg_inf_matches_the_naive_form(structure, dtype
     b.diagonal().copy_(torch.randn(n, generator=g, dtype=dtype) * 10)
     if structure == "band":
         a.diagonal(1).copy_(torch.randn(n - 1, generator=g, dtype=dtype) * 10)
-    if structure == "half-rows":  # a few dense rows beside structural ones: both kinds at once
+    if structure == "half-rows":
         a[: n // 8] = torch.randn(n // 8, n, generator=g, dtype=dtype) * 10
+    if structure == "dense-a":
+        a = torch.randn(n, n, generator=g, dtype=dtype) * 10
+        b = torch.randn(n, n, generator=g, dtype=dtype) * 10
+        b[:, n // 4:] = float("-inf")
+    if structure == "dense-b":
+        a, b = (torch.randn(n, n, generator=g, dtype=dtype) * 10 for _ in range(2))
+        a[n // 4:] = float("-inf")
+    if structure == "blocks":
+        a, b = (torch.randn(n, n, generator=g, dtype=dtype) * 10 for _ in range(2))
+        for x in (a, b):
+            x[: n // 2, n // 2:] = x[n // 2:, : n // 2] = float("-inf")
     out = compile_("logsumexp(i k, k j -> i j)", backend)(a, b)
     ref = torch.logsumexp(a.double()[:, :, None] + b.double()[None], 1)
     assert torch.equal(torch.isneginf(out), torch.isneginf(ref))
