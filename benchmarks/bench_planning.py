@@ -370,8 +370,9 @@ def main(argv=None) -> int:
         lines = [
             HEADING, "",
             ("einc's default `optimize=\"auto\"` is opt_einsum's `\"optimal\"` up to 6 operands, dynamic "
-            "programming with outer products (`DynamicProgramming(search_outer=True)`) up to 10, `\"dp\"` up to "
-            "20 and 128 seeded random-greedy trials beyond; "
+            "programming with outer products (`DynamicProgramming(search_outer=True)`) up to 10, without them "
+            "up to 20 (both bounded by `einc.paths.DP_BUDGET` comparisons), and the cheaper of seeded "
+            "random-greedy and (when installed) cotengra trials beyond; "
             "opt_einsum's own `\"auto\"` switches to greedy beyond 8 operands. Path costs are FLOPs as "
             "opt_einsum counts them. A plan is cached per input signature, so its planning time is paid "
             "once per expression and shape."), "",
@@ -419,7 +420,8 @@ def main(argv=None) -> int:
             ("Each network `opt_einsum.testing.rand_equation(n, regularity, seed=seed, n_out=2, d_min=2, "
              "d_max=high)` for regularity 3, 4, 6, the seeds, and axes of size 2 (high=2) or 2-9 (high=9), "
              "planned once by `einc.planner.plan` with the default strategy (`time.perf_counter`). Dynamic "
-             "programming stops after `einc.paths.DP_BUDGET` comparisons and takes `RandomGreedy`'s path; "
+             "programming stops after `einc.paths.DP_BUDGET` comparisons and takes the cheaper of RandomGreedy's "
+             "and cotengra's paths; "
              "networks whose intermediates pass 2**63 elements are planned, then refused."), "",
             *table_d(rows_d), "",
             "### (e) Per call on large networks: the bounded default against cotengra", "",

@@ -9,9 +9,11 @@ operands ``0..n-1``, then one id per entry.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Union
 
 import opt_einsum as oe
@@ -45,19 +47,25 @@ def ssa_to_linear(ssa_path: Sequence[tuple[int, ...]], operands: int) -> list[tu
 OPTIMAL_MAX_OPERANDS = 6
 EXACT_MAX_OPERANDS = 10
 DP_MAX_OPERANDS = 20
-DP_BUDGET = 200_000
+DP_BUDGET = 150_000
 RANDOM_GREEDY_REPEATS = 128
+COTENGRA_WORK = 8_000
 """einc's ``"auto"``: opt_einsum's exhaustive ``"optimal"`` up to
 :data:`OPTIMAL_MAX_OPERANDS` operands, dynamic programming with outer products up to
-:data:`EXACT_MAX_OPERANDS`, without them up to :data:`DP_MAX_OPERANDS`, and
-opt_einsum's ``RandomGreedy`` (:data:`RANDOM_GREEDY_REPEATS` seeded trials, so the same
-path every time) beyond: on random networks of 30-100 operands it planned in 0.25-0.7 s
-and found paths 2-340x cheaper than plain ``"greedy"``.
+:data:`EXACT_MAX_OPERANDS`, without them up to :data:`DP_MAX_OPERANDS`, and beyond the
+cheaper (in FLOPs) of two searches (:class:`_Cheapest`): opt_einsum's ``RandomGreedy``
+(:data:`RANDOM_GREEDY_REPEATS` seeded trials, so the same path every time; 32 when
+cotengra is installed) and, when cotengra is installed, a short seeded run of its
+hyper-optimizer (greedy and label-propagation trials; as many as
+:data:`COTENGRA_WORK` / (operands x indices) allows, up to 8, about 0.04-0.4 s each).
+On random networks of 30-100 operands RandomGreedy planned in 0.25-0.7 s and found
+paths 2-340x cheaper than plain ``"greedy"``; cotengra's paths were 1.03-3x cheaper
+again at 21-40 operands (up to 10^6x on dense 60-operand networks).
 
 Dynamic programming compares at most :data:`DP_BUDGET` pairs of sub-networks, then
-gives way to ``RandomGreedy``: a count, not a clock, so a plan does not depend on the
-machine's speed.  A comparison costs 1.5-2.6 us (rand_equation networks of 14-20
-operands), so the budget is about 0.3-0.5 s; regular networks of size-2 axes took
+gives way to the same two searches: a count, not a clock, so a plan does not depend on
+the machine's speed.  A comparison costs 1.5-2.6 us (rand_equation networks of 14-20
+operands), so the budget is about 0.25-0.4 s; regular networks of size-2 axes took
 dynamic programming 7 s and more at 18 operands, and minutes at 20.
 
 Measured on chains and random networks (benchmarks/RESULTS.md): plain ``"dp"`` matched
@@ -100,8 +108,73 @@ class _BudgetedDP(oe.paths.DynamicProgramming):
         try:
             return super().__call__(inputs, output, size_dict, memory_limit)
         except _OverBudget:
-            return oe.path_random.RandomGreedy(max_repeats=RANDOM_GREEDY_REPEATS)(
-                inputs, output, size_dict, memory_limit)
+            return _Cheapest()(inputs, output, size_dict, memory_limit)
+
+
+def _flops(path: Sequence[tuple[int, ...]], inputs: Sequence[Any], output: Any, size_dict: Mapping[str, int]
+           ) -> int:
+    """A linear path's cost as opt_einsum's ``contract_path`` counts it."""
+    live = [set(term) for term in inputs]
+    cost = 0
+    for contraction in path:
+        picked = [live[i] for i in contraction]
+        live = [term for i, term in enumerate(live) if i not in contraction]
+        union = set().union(*picked)
+        kept = union & set().union(set(output), *live)
+        cost += oe.helpers.flop_count(union, bool(union - kept), len(picked), size_dict)
+        live.append(kept)
+    return cost
+
+
+def _cotengra_path(inputs: Sequence[Any], output: Any, size_dict: Mapping[str, int]) -> Any:
+    """cotengra's hyper-optimizer's path in a bounded number of trials; ``None`` without
+    cotengra, or where not even one trial fits the budget.  Seeded by the caller."""
+    trials = min(8, COTENGRA_WORK // max(1, len(inputs) * len(size_dict)))
+    try:
+        import cotengra
+    except ImportError:
+        return None
+    if not trials:
+        return None  # one trial on a dense 60-operand network takes about 0.75 s
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # on its optional kahypar
+        optimizer = cotengra.HyperOptimizer(methods=["greedy", "labels"], max_repeats=trials, optlib="random",
+                                            parallel=False, progbar=False)
+        return [tuple(contraction) for contraction in optimizer(inputs, output, size_dict)]
+
+
+@contextlib.contextmanager
+def _seeded() -> Iterator[None]:
+    """Global ``random`` (and ``numpy.random``) seeded for a search, and given back
+    as they were: opt_einsum's RandomGreedy reseeds ``random`` per trial, and cotengra
+    draws from both."""
+    import random
+
+    numpy = sys.modules.get("numpy")
+    states = random.getstate(), numpy.random.get_state() if numpy is not None else None
+    random.seed(0)
+    if numpy is not None:
+        numpy.random.seed(0)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        if numpy is not None:
+            numpy.random.set_state(states[1])
+
+
+class _Cheapest(oe.paths.PathOptimizer):
+    """The cheaper (FLOPs; RandomGreedy's on a tie) of RandomGreedy's path and, when
+    cotengra is installed and no memory limit applies, cotengra's."""
+
+    def __call__(self, inputs: Any, output: Any, size_dict: dict[str, int], memory_limit: int | None = None) -> Any:
+        with _seeded():
+            found = _cotengra_path(inputs, output, size_dict) if memory_limit is None else None
+            repeats = RANDOM_GREEDY_REPEATS if found is None else 32
+            paths = [oe.path_random.RandomGreedy(max_repeats=repeats)(inputs, output, size_dict, memory_limit)]
+        if found is not None:
+            paths.append(found)
+        return min(paths, key=lambda path: _flops(path, inputs, output, size_dict))
 
 
 def _auto(operands: int) -> Any:
@@ -109,7 +182,7 @@ def _auto(operands: int) -> Any:
         return "optimal"
     if operands <= DP_MAX_OPERANDS:
         return _BudgetedDP(search_outer=operands <= EXACT_MAX_OPERANDS)
-    return oe.path_random.RandomGreedy(max_repeats=RANDOM_GREEDY_REPEATS)
+    return _Cheapest()
 
 
 def _cotengra(operands: int) -> Any:

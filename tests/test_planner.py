@@ -145,12 +145,12 @@ def test_memory_limit_refusals(pattern, shapes, limit, fragment):
 
 def test_auto_strategy_by_operand_count():
     # einc's documented "auto": optimal up to 6 operands, dynamic programming to 20,
-    # seeded random-greedy trials beyond.
+    # the cheaper of seeded random-greedy and cotengra trials beyond.
     from einc import paths
 
     assert paths._auto(6) == "optimal"
     assert isinstance(paths._auto(10), oe.paths.DynamicProgramming) and paths._auto(10).search_outer
-    assert not paths._auto(20).search_outer and isinstance(paths._auto(21), oe.path_random.RandomGreedy)
+    assert not paths._auto(20).search_outer and isinstance(paths._auto(21), paths._Cheapest)
     assert "cotengra" in paths.STRATEGY_NAMES and "greedy" in paths.STRATEGY_NAMES
 
 
@@ -171,3 +171,39 @@ def test_large_networks_plan_within_a_second_the_same_path_every_time():
     assert plan(pattern, shapes, {}).path == first.path
     _, greedy = oe.contract_path(eq, *shapes, shapes=True, optimize="greedy")
     assert first.flops <= int(greedy.opt_cost)
+
+
+@pytest.mark.parametrize("n, seed", [(8, 0), (25, 1), (40, 2)])
+def test_path_costs_are_counted_as_opt_einsum_counts_them(n, seed):
+    # auto picks the cheaper of its candidates by this count: it must be opt_einsum's.
+    from opt_einsum.testing import rand_equation
+
+    from einc import paths
+
+    eq, shapes, size_dict = rand_equation(n, 3, seed=seed, d_min=2, d_max=6, n_out=2, return_size_dict=True)
+    inputs, output = eq.split("->")
+    path, info = oe.contract_path(eq, *shapes, shapes=True, optimize="greedy")
+    assert paths._flops(path, inputs.split(","), output, size_dict) == int(info.opt_cost)
+
+
+def test_cheapest_is_seeded_and_leaves_the_global_random_states_alone():
+    import random
+
+    import numpy
+    from opt_einsum.testing import rand_equation
+
+    from einc import paths
+
+    eq, _, size_dict = rand_equation(30, 3, seed=1, d_min=2, d_max=6, n_out=2, return_size_dict=True)
+    inputs, output = eq.split("->")
+    terms = [set(t) for t in inputs.split(",")]
+    random.seed(123)
+    numpy.random.seed(123)
+    expected = random.random(), numpy.random.random()
+    random.seed(123)
+    numpy.random.seed(123)
+    first = paths._Cheapest()(terms, set(output), size_dict)
+    assert (random.random(), numpy.random.random()) == expected
+    assert paths._Cheapest()(terms, set(output), size_dict) == first
+    greedy = oe.path_random.RandomGreedy(max_repeats=32)(terms, set(output), size_dict)
+    assert paths._flops(first, terms, output, size_dict) <= paths._flops(greedy, terms, output, size_dict)
