@@ -11,6 +11,7 @@ pattern and the shapes, ``from None``, so users see one clear :class:`EincError`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -18,13 +19,13 @@ from typing import Any
 
 import torch
 
-from . import dtypes, ir
+from . import dtypes, ir, slicing
 from .backends import compiled, instantiate, transformed
 from .codegen import generate
-from .errors import EincError, format_shape
+from .errors import EincError, MemoryLimitError, format_shape
 from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, configure, element_limit, settings
 from .parser import Notation, parse
-from .paths import Optimize, check_path
+from .paths import Optimize, check_output, check_path
 from .planner import Program, plan
 from .reference import compare, reference
 from .reference import widen as to_wide
@@ -124,10 +125,11 @@ class Expression:
 
     def __init__(self, pattern: str, /, *, cache_size: int | None = None, backend: Backend = "torchscript",
                  optimize: Optimize = "auto", notation: Notation = "auto", memory_limit: int | str | None = None,
-                 constants: Mapping[int, torch.Tensor] | None = None, fuse: bool = True, **sizes: int) -> None:
+                 constants: Mapping[int, torch.Tensor] | None = None, fuse: bool = True, slice: bool = True,
+                 **sizes: int) -> None:
         # compile()'s options, and cache_size: the signatures this expression keeps.
         options = _options(pattern, backend=backend, optimize=optimize, notation=notation,
-                           memory_limit=memory_limit, fuse=fuse, cache_size=cache_size)
+                           memory_limit=memory_limit, fuse=fuse, cache_size=cache_size, slice=slice)
         self._setup(pattern, options, constants, sizes)
 
     def _setup(self, pattern: str, options: Options, constants: Mapping[int, torch.Tensor] | None,
@@ -211,7 +213,9 @@ class Expression:
     # --------------------------------------------------------------- building
 
     def _context(self, shapes: Sequence[Sequence[int]], err: EincError) -> EincError:
-        return EincError(f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}: {err}")
+        # A refusal for memory stays one: slicing may still run the signature.
+        kind = MemoryLimitError if isinstance(err, MemoryLimitError) else EincError
+        return kind(f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}: {err}")
 
     def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype,
                   process_limit: tuple[int | None, bool] | None = None) -> Program:
@@ -246,11 +250,67 @@ class Expression:
                 raise EincError(f"pattern {self.pattern!r}: operand {index} is not a torch.Tensor")
         shapes = tuple(tuple(shape) for shape, _ in signature)
         types = self._dtypes([dtype for _, dtype in signature], shapes)
-        if self._shares and self._lookup.cache_info().currsize:
-            return self._shared(shapes, types, transformed)
-        # The first signature compiles its own code at once: an expression called with
-        # one shape never pays for generic code.
-        return self._literal(shapes, types, transformed)
+        # Under a memory limit each signature is planned (and sliced where it must be).
+        limited = self.options.limit[0] is not None or settings.limit[0] is not None
+        try:
+            if self._shares and not limited and self._lookup.cache_info().currsize:
+                return self._shared(shapes, types, transformed)
+            # The first signature compiles its own code at once: an expression called
+            # with one shape never pays for generic code.
+            return self._literal(shapes, types, transformed)
+        except MemoryLimitError:
+            if not self.options.slice:
+                raise
+            runner, inner, _ = self._slicing(shapes, types, transformed)
+            return _Compiled(lambda *tensors: slicing.run(runner, inner, tensors))
+
+    def _slicing(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
+                 ) -> tuple[slicing.Sliced, Expression, Program]:
+        """How a signature over the memory limit runs in slices: the runner, the
+        expression that computes one slice, and the plan of a full slice."""
+        common = dtypes.promoted(types)
+        limit = element_limit([self.options.limit, settings.limit], common.itemsize)
+        assert limit is not None
+        try:
+            if transformed:
+                raise MemoryLimitError("sliced execution does not run under torch.func transforms")
+            if self._constants:
+                raise MemoryLimitError("sliced execution does not take constants")
+            full = self._plan_lookup(shapes, None, common.is_floating_point)
+            # The output is allocated whole: it must fit (the planner's message names it).
+            check_output(full.output_axes, dict(full.sizes), limit)
+            inner = self._inner()
+            leaves = slicing.leaf_dims(full)
+
+            def cut(chunks: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
+                return tuple(tuple(chunks.get(group[0], n) if len(group) == 1 else n
+                                   for group, n in zip(dims, shape)) for dims, shape in zip(leaves, shapes))
+
+            def plan_at(chunks: Mapping[str, int]) -> Program | None:
+                try:
+                    return inner._plan_for(cut(chunks), common)
+                except MemoryLimitError:
+                    return None
+
+            def peak_at(chunks: Mapping[str, int]) -> int:
+                program = inner._plan_lookup(cut(chunks), None, common.is_floating_point)
+                return max(level.largest_intermediate for level in program.programs())
+
+            chosen = slicing.choose(full, slicing.roles(full, self.sizes), plan_at, peak_at)
+        except MemoryLimitError as err:
+            message = str(err) if str(err).startswith("memory_limit=") else \
+                f"memory_limit={limit:,} elements is too small: {err}"
+            raise self._context(shapes, MemoryLimitError(message)) from None
+        chunk = plan_at({axis.name: axis.chunk for axis in chosen.axes})
+        assert chunk is not None
+        return slicing.sliced(full, chosen), inner, chunk
+
+    def _inner(self) -> Expression:
+        """This pattern with the same options but ``slice=False``: it computes one slice."""
+        inner = Expression.__new__(Expression)
+        inner._setup(self.pattern, dataclasses.replace(self.options, slice=False), None, self.sizes,
+                     parsed=self.ir)
+        return inner
 
     def _literal(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
                  ) -> _Compiled:
@@ -377,14 +437,21 @@ class Expression:
         """
         shapes, types = self._shapes_and_dtype(tensors_or_shapes, dtype)
         common = dtypes.promoted(types)
-        program = self._plan_for(shapes, common)
+        chosen = None
+        try:
+            program = self._plan_for(shapes, common)
+        except MemoryLimitError:
+            if not self.options.slice:
+                raise
+            runner, _, program = self._slicing(shapes, types, False)
+            chosen = runner.slicing
         try:
             code = generate(program, types)
         except EincError as err:
             raise self._context(shapes, err) from None
         return describe(program, code, pattern=self.pattern, dtype=common,
                         shapes=self._with_constants(shapes, lambda t: tuple(t.shape)),
-                        constants=sorted(self._constant_positions))
+                        constants=sorted(self._constant_positions), slicing=chosen)
 
     def module(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None
                ) -> torch.nn.Module:
@@ -499,6 +566,7 @@ def compile(  # noqa: A001 - the name is the API
     memory_limit: int | str | None = None,
     constants: Mapping[int, torch.Tensor] | None = None,
     fuse: bool = True,
+    slice: bool = True,  # noqa: A002 - the option's name
     **sizes: int,
 ) -> Expression:
     """Compile ``pattern`` into a callable :class:`Expression` (cached by pattern and options).
@@ -511,7 +579,7 @@ def compile(  # noqa: A001 - the name is the API
     torch.Size([2, 4, 8, 6])
     """
     options = _options(pattern, backend=backend, optimize=optimize, notation=notation, memory_limit=memory_limit,
-                       fuse=fuse)
+                       fuse=fuse, slice=slice)
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
         return _restore(pattern, options, constants, sizes)

@@ -166,7 +166,10 @@ def _parser() -> argparse.ArgumentParser:
                          help="path strategy: an opt_einsum name (auto, dp, optimal, greedy, branch-2, ...) "
                          "or cotengra (default auto)")
     explain.add_argument("--memory-limit", type=_memory_limit, metavar="N|SIZE",
-                         help="cap every intermediate: N elements, or bytes such as 64MiB or 1GB")
+                         help="cap every intermediate: N elements, or bytes such as 64MiB or 1GB; a plan "
+                         "over it runs in slices (shown), or is refused with --no-slice")
+    explain.add_argument("--slice", action=argparse.BooleanOptionalAction, default=True,
+                         help="run a plan over --memory-limit in slices (default on; --no-slice refuses it)")
     explain.add_argument("--json", action="store_true",
                          help="print the plan as JSON (Plan.to_dict()) instead of the table")
     explain.add_argument("--plot", metavar="PATH",
@@ -197,7 +200,7 @@ def _expression(args: argparse.Namespace, backend: str) -> Expression:
             raise EincError(f"--size {name} given twice, as {sizes[name]} and {value}")
     options: dict[str, Any] = {"backend": backend, "optimize": getattr(args, "optimize", "auto"),
                                "notation": args.notation, "memory_limit": getattr(args, "memory_limit", None),
-                               "fuse": args.fuse}
+                               "fuse": args.fuse, "slice": getattr(args, "slice", True)}
     return Expression(args.pattern, **options, **sizes)
 
 

@@ -21,6 +21,10 @@ class EincError(ValueError):
     """
 
 
+class MemoryLimitError(EincError):
+    """A plan over the memory limit: :mod:`einc.slicing` may run it in slices instead."""
+
+
 class PatternError(EincError):
     """A rule of the pattern language broken (raised by :mod:`einc.ir`).
 

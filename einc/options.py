@@ -89,6 +89,8 @@ class Options:
     memory_limit: int | str | None = None
     fuse: bool = True
     cache_size: int | None = None
+    slice: bool = True
+    """Run a plan over the memory limit in slices (:mod:`einc.slicing`); ``False`` refuses it."""
     limit: tuple[int | None, bool] = field(init=False, repr=False, compare=False)
     """``memory_limit`` parsed: ``(limit, in_bytes)``."""
 
@@ -100,6 +102,8 @@ class Options:
         object.__setattr__(self, "limit", parse_memory_limit(self.memory_limit))
         if not isinstance(self.fuse, bool):
             raise EincError(f"fuse must be True or False, not {self.fuse!r}")
+        if not isinstance(self.slice, bool):
+            raise EincError(f"slice must be True or False, not {self.slice!r}")
         if self.cache_size is not None and (
             isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 1
         ):

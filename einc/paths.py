@@ -18,7 +18,7 @@ from typing import Any, Union
 
 import opt_einsum as oe
 
-from .errors import EincError
+from .errors import EincError, MemoryLimitError
 from .sizes import show_axes
 
 __all__ = ["Optimize", "STRATEGY_NAMES", "check_output", "check_path", "folding_path", "opt_einsum_path",
@@ -214,9 +214,9 @@ def _strategy(optimize: Optimize, operands: int, sizes: Mapping[str, int]) -> An
     return optimize
 
 
-def too_small(limit: int, what: str, unit: str = "elements") -> EincError:
+def too_small(limit: int, what: str, unit: str = "elements") -> MemoryLimitError:
     """The one message for a plan over the memory limit."""
-    return EincError(f"memory_limit={limit:,} {unit} is too small: {what}")
+    return MemoryLimitError(f"memory_limit={limit:,} {unit} is too small: {what}")
 
 
 def check_output(output: Sequence[str], sizes: Mapping[str, int], limit: int) -> None:

@@ -78,6 +78,10 @@ def plot_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
         f"{plan.flops:,} FLOPs (naive {plan.naive_flops:,}, speedup {plan.speedup:.3g}x), "
         f"largest intermediate {plan.largest_intermediate:,} elements"
     )
+    if plan.slicing is not None:
+        cut = plan.slicing
+        title += ("\nsliced: " + ", ".join(f"{a.name} in {a.count} chunks of {a.chunk}" for a in cut.axes)
+                  + f" ({cut.slices} slices, {cut.overhead:.3g}x the FLOPs); the tree is one slice's")
     width = max(leaves * column, len(title.splitlines()[1]) * _CHAR_WIDTH * 1.1 + 0.5, 4.0)
     height = (root.level + 1) * row + 0.8
     figure = Figure(figsize=(width, height), dpi=100)

@@ -19,6 +19,7 @@ from .codegen import Generated
 from .errors import format_shape
 from .planner import Program, Step
 from .sizes import Shape
+from .slicing import Slicing
 
 __all__ = ["Plan", "PlanStep", "describe", "table"]
 
@@ -84,6 +85,9 @@ class Plan:
     """Each tensor's axis list, as the pattern spells it."""
     output: str = ""
     """The output's axis list, as the pattern spells it."""
+    slicing: Slicing | None = None
+    """Where the unsliced plan is over the memory limit: the sliced axes, chunks and
+    costs (:class:`einc.slicing.Slicing`); the rest of the plan is one full slice's."""
 
     @property
     def speedup(self) -> float:
@@ -111,6 +115,8 @@ class Plan:
             "largest_intermediate_bytes": self.largest_intermediate_bytes,
             "steps": [step.to_dict() for step in self.steps],
             "rewrite": self.rewrite,
+            "slicing": None if self.slicing is None else {
+                **self.slicing.to_dict(), "peak_bytes": self.slicing.peak(self.itemsize)},
             "source": self.source,
         }
 
@@ -129,6 +135,12 @@ class Plan:
         if self.rewrite:
             lines.append(f"  rewrite:               {self.rewrite}: one fused call computes what the steps "
                          "it replaces would (their flops are counted)")
+        if self.slicing is not None:
+            cut = self.slicing
+            axes = ", ".join(f"{a.name} ({a.role}) {a.size} in {a.count} chunks of {a.chunk}" for a in cut.axes)
+            lines += [f"  sliced:                {axes}: {cut.slices} slices, {cut.flops:,} flops in all "
+                      f"({cut.overhead:.3g}x unsliced), peak about {_bytes(cut.peak(self.itemsize))}",
+                      "  (the path, steps and code below are one full slice's)"]
         rows = [["step", "operands", "equation", "output", "flops", "kernel"]]
         for i, step in enumerate(self.steps):
             rows.append([str(i), str(step.operands), step.equation, format_shape(step.output_shape),
@@ -175,7 +187,7 @@ def _plan_step(level: Program, step: Step, kernel: str, path: list[tuple[int, ..
 
 
 def describe(program: Program, code: Generated, *, pattern: str, shapes: Sequence[Shape], dtype: Any,
-             constants: Sequence[int] = ()) -> Plan:
+             constants: Sequence[int] = (), slicing: Slicing | None = None) -> Plan:
     """The :class:`Plan` of ``program`` as ``code`` runs it (``pattern`` as the user wrote
     it, ``shapes`` of every tensor, constants included; ``dtype`` a torch dtype)."""
     top = program.ir
@@ -205,4 +217,5 @@ def describe(program: Program, code: Generated, *, pattern: str, shapes: Sequenc
         rewrite=code.rewrite,
         operands=spelled,
         output=top.output.render(top.compact, frozenset(top.normalized)) or "(scalar)",
+        slicing=slicing,
     )

@@ -227,15 +227,21 @@ ROWS = {
     # A limit in bytes, converted with the dtype's item size (1 KiB of float32 = 256).
     "memory-bytes": Row(_call("i,j->ij", _t(16), _t(17), memory_limit="1KiB"), [
         "memory_limit=256 elements", "272 elements"]),
-    # No pairwise path of a chain fits: the limit and the output's size.
-    "memory-no-path": Row(_call("ab,bc,cd->ad", _t(4, 8), _t(8, 8), _t(8, 4), memory_limit=20), [
+    # No pairwise path of a chain fits (and slicing is off): the limit and the output's size.
+    "memory-no-path": Row(_call("ab,bc,cd->ad", _t(4, 8), _t(8, 8), _t(8, 4), memory_limit=20, slice=False), [
         "memory_limit=20 elements is too small", "contraction path", "'ab,bc,cd->ad'", "4x8, 8x8, 8x4"]),
+    # Nothing fits, sliced or not: the contracted axes sit in compositions (not sliceable),
+    # and a one-entry slice of either output axis still builds a 32- or 64-element intermediate.
+    "memory-no-slicing-fits": Row(_call("i (j k), (j k) (l n), (l n) m -> i m", _t(4, 32), _t(32, 64), _t(64, 4),
+                                        memory_limit=16, k=2, n=2), [
+        "memory_limit=16 elements is too small", "no slicing fits it either (tried the axes i, m)",
+        "4x32, 32x64, 64x4"]),
     # The output alone is over the limit: the message says so (not "every intermediate").
     "memory-output-alone": Row(_call("ab,bc,cd->ad", _t(8, 8), _t(8, 8), _t(8, 8), memory_limit=20), [
         "memory_limit=20 elements is too small", "the output alone", "64 elements", "'a' 'd'"]),
     # A user's path whose first step is over the limit: the step's axes as every message names axes.
     "memory-step-axes": Row(_call("a b, c d, b d -> a c", _t(2, 5), _t(2, 6), _t(5, 6), memory_limit=20,
-                                  optimize=[(0, 1), (0, 1)]), [
+                                  optimize=[(0, 1), (0, 1)], slice=False), [
         "memory_limit=20 elements is too small", "step 0 ('a' 'b' 'c' 'd') produces 120 elements"]),
     # A limit in bytes below one element.
     "memory-under-one-element": Row(_call("ij->ji", _t(2, 3), memory_limit="3b"), [

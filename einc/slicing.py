@@ -1,0 +1,392 @@
+"""Memory-bounded execution: a pattern whose plan does not fit ``memory_limit`` runs in slices.
+
+When the unsliced plan has an intermediate over the limit, :func:`choose` picks axes
+and chunk sizes (chunks of an axis, not only single index values; the last chunk may
+be shorter) such that the plan of one slice, planned again for the slice's sizes with
+einc's own strategy, fits; it minimizes the total FLOPs over all slices, then the
+number of slices.  :class:`Sliced` runs the slices on ``narrow`` views of the inputs
+(no copies) and combines them by each sliced axis' role:
+
+- an axis of the output: each slice writes its part of a preallocated output;
+- an axis the pattern reduces: ``sum`` accumulates, ``mean`` accumulates each slice's
+  mean weighted by its share, ``max``/``min`` keep running values, ``logsumexp`` (and
+  the log semiring) merges with ``logaddexp`` — as stable as one pass.
+
+Gradients go through :class:`_SlicedFunction`, which saves only the inputs and the
+result and recomputes each slice in backward, so backward stays within about the
+gradient buffers plus the budget.  What cannot be sliced (see :func:`roles`) keeps the
+refusal: axes inside compositions or ``...``, repeated in one operand, used by a scale,
+sized by keyword, normalized, or reduced inside a nested operation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import ir
+from .errors import EincError, MemoryLimitError
+from .planner import Program
+
+__all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "choose", "leaf_dims", "roles", "run", "sliced"]
+
+ROLE_OF_OP: dict[str | None, str] = {None: "sum", "sum": "sum", "mean": "mean", "max": "max", "min": "min",
+                                     "logsumexp": "logsumexp"}
+"""How the slices of an axis the top level reduces combine, by the top level's operation."""
+
+MAX_AXES = 2
+"""Axes searched exhaustively: every single axis, then every pair."""
+
+MAX_GREEDY_AXES = 8
+"""Beyond pairs (tensor networks), axes are added one at a time, each the one whose
+single-index slices leave the smallest largest intermediate, up to this many."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlicedAxis:
+    name: str
+    size: int
+    chunk: int
+    """Elements per slice (the last slice may have fewer)."""
+    role: str
+    """``"output"``, or how the top level reduces it (:data:`ROLE_OF_OP`)."""
+
+    @property
+    def count(self) -> int:
+        return -(-self.size // self.chunk)
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(start, length) of each slice."""
+        return [(start, min(self.chunk, self.size - start)) for start in range(0, self.size, self.chunk)]
+
+
+@dataclass(frozen=True, slots=True)
+class Slicing:
+    """How a pattern is sliced for a budget, and what it costs (``Plan.slicing``)."""
+
+    axes: tuple[SlicedAxis, ...]
+    flops: int
+    """All slices' FLOPs together."""
+    unsliced_flops: int
+    largest_intermediate: int
+    """Elements of the largest intermediate of one slice."""
+    output: int
+    """Elements of the (preallocated) output."""
+
+    @property
+    def slices(self) -> int:
+        return math.prod(axis.count for axis in self.axes)
+
+    @property
+    def overhead(self) -> float:
+        """All slices' FLOPs over the unsliced plan's."""
+        return self.flops / max(1, self.unsliced_flops)
+
+    def peak(self, itemsize: int) -> int:
+        """Estimated peak extra bytes: one slice's largest intermediate, its result, the
+        output and, where slices are reduced, a running value of the output's size."""
+        reduced = any(axis.role != "output" for axis in self.axes)
+        return (self.largest_intermediate + self.output * (2 + reduced)) * itemsize
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"axes": [{"name": a.name, "size": a.size, "chunk": a.chunk, "slices": a.count, "role": a.role}
+                         for a in self.axes],
+                "slices": self.slices, "flops": self.flops, "overhead": self.overhead,
+                "largest_intermediate": self.largest_intermediate}
+
+
+def leaf_dims(program: Program) -> list[tuple[tuple[str, ...], ...]]:
+    """Every tensor operand's dimensions (axis groups, ``...`` spelled out), nested ones included."""
+    nested = dict(program.nested)
+    out: list[tuple[tuple[str, ...], ...]] = []
+    for index, operand in enumerate(program.ir.inputs):
+        if index in nested:
+            out.extend(leaf_dims(nested[index]))
+        else:
+            out.append(tuple(tuple(group) for group in program.input_dims[index]))
+    return out
+
+
+def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
+    """The axes a pattern can be sliced along, each with its role.
+
+    An axis qualifies when it is a dimension of its own wherever it appears (not inside
+    a composition or ``...``, not repeated in one operand), is not sized by keyword or
+    used by a scale, is not normalized, and no nested operation reduces it; the top
+    level either keeps it (``"output"``) or reduces it by an operation whose slices
+    combine (:data:`ROLE_OF_OP`; a scale then rules out non-linear ones).
+    """
+    top = program.ir
+    leaves = leaf_dims(program)
+    present = {a for dims in leaves for group in dims for a in group}
+    allowed = set()
+    for axis in present:
+        if axis.startswith(ir.ELLIPSIS) or axis in keyword:
+            continue
+        holders = [dims for dims in leaves if any(axis in g for g in dims)]
+        if all((axis,) in dims and sum(axis in g for g in dims) == 1 for dims in holders):
+            allowed.add(axis)
+    for level in program.programs():
+        allowed -= {f.value for f in level.ir.scale if isinstance(f.value, str)}
+        allowed -= set(level.ir.normalized)
+        if level is not program:
+            allowed -= set(level.reduced)
+    output = [tuple(g) for g in program.output_dims]
+    found: dict[str, str] = {}
+    for axis in sorted(allowed):
+        if any(axis in g for g in output):
+            if (axis,) in output:
+                found[axis] = "output"
+        elif top.op in ROLE_OF_OP and (top.op in (None, "sum", "mean") or not top.scale):
+            found[axis] = ROLE_OF_OP[top.op]
+    return found
+
+
+def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[Mapping[str, int]], Program | None],
+           peak_at: Callable[[Mapping[str, int]], int]) -> Slicing:
+    """The slicing of ``program`` (planned without a limit) whose slices fit: the least
+    total FLOPs, then the fewest slices, over every single axis and pair of axes; then
+    (tensor networks) axes added greedily.  ``plan_at(chunks)`` plans one slice (axis ->
+    chunk size) under the limit, or gives ``None`` where it does not fit; ``peak_at``
+    gives a slice's largest intermediate without the limit.  Raises
+    :class:`MemoryLimitError` when nothing fits."""
+    sizes = dict(program.sizes) | {a: n for level in program.programs() for a, n in level.sizes}
+    names = [a for a in candidates if sizes.get(a, 0) > 1]
+    best: tuple[tuple[int, int], Slicing] | None = None
+    for count in range(1, MAX_AXES + 1):
+        for combo in itertools.combinations(names, count):
+            found = _fit(combo, sizes, candidates, plan_at)
+            if found is not None:
+                slicing = Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
+                key = (slicing.flops, slicing.slices)
+                if best is None or key < best[0]:
+                    best = (key, slicing)
+        if best is not None:
+            return best[1]
+    chosen: list[str] = []
+    while len(chosen) < min(MAX_GREEDY_AXES, len(names)):
+        rest = [a for a in names if a not in chosen]
+        chosen.append(min(rest, key=lambda a: peak_at(dict.fromkeys([*chosen, a], 1))))
+        if len(chosen) > MAX_AXES and plan_at(dict.fromkeys(chosen, 1)) is not None:
+            found = _fit(chosen, sizes, candidates, plan_at, split=False)
+            assert found is not None
+            return Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
+    raise MemoryLimitError("no slicing fits it either" + (f" (tried the axes {', '.join(names)})" if names else
+                                                            " (no axis can be sliced)"))
+
+
+def _flops(program: Program) -> int:
+    return sum(level.flops for level in program.programs())
+
+
+def _largest(program: Program) -> int:
+    return max(level.largest_intermediate for level in program.programs())
+
+
+def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str, str],
+         plan_at: Callable[[Mapping[str, int]], Program | None], split: bool = True
+         ) -> tuple[tuple[SlicedAxis, ...], int, int] | None:
+    """Chunk sizes for ``combo``: the first axes split into powers of two (or, without
+    ``split``, single index values), the last one's chunk the largest that fits (by
+    bisection).  Returns (axes, total FLOPs, largest intermediate of a slice) or ``None``."""
+    *first, last = combo
+    splits = [[2 ** p for p in range(0, max(1, sizes[a]).bit_length()) if 2 ** p <= sizes[a]] if split
+              else [sizes[a]] for a in first]
+    best = None
+    for parts in itertools.product(*splits) if first else [()]:
+        chunks = {a: -(-sizes[a] // p) for a, p in zip(first, parts)}
+        low, high = 1, sizes[last]
+        if plan_at(chunks | {last: low}) is None:
+            continue
+        while low < high:  # the largest chunk of `last` that fits
+            middle = (low + high + 1) // 2
+            if plan_at(chunks | {last: middle}) is not None:
+                low = middle
+            else:
+                high = middle - 1
+        chunks[last] = low
+        axes = tuple(SlicedAxis(a, sizes[a], chunks[a], candidates[a]) for a in combo)
+        total, largest = 0, 0
+        # Each distinct slice shape once: full chunks and the shorter last ones.
+        for lengths in itertools.product(*[_lengths(axis) for axis in axes]):
+            program = plan_at(dict(zip(combo, (n for n, _ in lengths))))
+            assert program is not None, "a shorter slice fits where a longer one does"
+            total += _flops(program) * math.prod(k for _, k in lengths)
+            largest = max(largest, _largest(program))
+        key = (total, math.prod(axis.count for axis in axes))
+        if best is None or key < best[0]:
+            best = (key, (axes, total, largest))
+    return None if best is None else best[1]
+
+
+def _lengths(axis: SlicedAxis) -> list[tuple[int, int]]:
+    """(slice length, how many slices have it)."""
+    full, rest = divmod(axis.size, axis.chunk)
+    return [(axis.chunk, full)] + ([(rest, 1)] if rest else [])
+
+
+# ------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True)
+class Sliced:
+    """Runs one input signature in slices: ``run(slice_fn, tensors)``."""
+
+    slicing: Slicing
+    places: tuple[tuple[tuple[int, int], ...], ...]
+    """Per sliced axis: (tensor, dimension) of each operand that has it."""
+    output_dims: tuple[int | None, ...]
+    """Per sliced axis: its dimension in the result (``None`` for reduced axes)."""
+    role: str
+    """How reduced slices combine (``"output"`` when only output axes are sliced)."""
+
+    def slices(self) -> list[tuple[tuple[int, int], ...]]:
+        return list(itertools.product(*[axis.spans() for axis in self.slicing.axes]))
+
+    def narrow(self, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        out = list(tensors)
+        for places, (start, length) in zip(self.places, spans):
+            for index, dim in places:
+                out[index] = out[index].narrow(dim, start, length)
+        return out
+
+    def out_slice(self, result: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        for dim, (start, length) in zip(self.output_dims, spans):
+            if dim is not None:
+                result = result.narrow(dim, start, length)
+        return result
+
+    def weight(self, spans: Sequence[tuple[int, int]]) -> float:
+        """A slice's share of the reduced elements (``mean``)."""
+        return math.prod(length / axis.size for axis, (_, length) in zip(self.slicing.axes, spans)
+                         if axis.role != "output")
+
+    def forward(self, fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The result, and for ``max``/``min`` how many slices hold each entry's extremum."""
+        result: torch.Tensor | None = None
+        ties: torch.Tensor | None = None
+        written: set[tuple[tuple[int, int], ...]] = set()
+        for spans in self.slices():
+            part = fn(*self.narrow(tensors, spans))
+            if result is None:
+                shape = list(part.shape)
+                for dim, axis in zip(self.output_dims, self.slicing.axes):
+                    if dim is not None:
+                        shape[dim] = axis.size
+                # Half floats accumulate slices in float32, rounded once at the end.
+                wide = self.role != "output" and part.dtype in (torch.float16, torch.bfloat16)
+                result = part.new_empty(shape, dtype=torch.float32 if wide else part.dtype)
+                if self.role in ("max", "min"):
+                    ties = torch.zeros(shape, dtype=torch.int32, device=part.device)
+            target = self.out_slice(result, spans)
+            key = tuple(span for span, dim in zip(spans, self.output_dims) if dim is not None)
+            first = key not in written
+            written.add(key)
+            if self.role == "mean":
+                part = part * self.weight(spans)
+            if first:
+                target.copy_(part)
+                if ties is not None:
+                    self.out_slice(ties, spans).fill_(1)
+            elif self.role in ("sum", "mean"):
+                target.add_(part)
+            elif self.role == "logsumexp":
+                target.copy_(torch.logaddexp(target, part.to(target.dtype)))
+            else:
+                count = self.out_slice(ties, spans)
+                better = part > target if self.role == "max" else part < target
+                count.copy_(torch.where(better, 1, count + (part == target).to(count.dtype)))
+                target.copy_((torch.maximum if self.role == "max" else torch.minimum)(target, part.to(target.dtype)))
+            dtype = part.dtype
+        assert result is not None
+        return result.to(dtype), ties
+
+    def backward(self, fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], result: torch.Tensor,
+                 ties: torch.Tensor | None, grad: torch.Tensor, needed: Sequence[bool]) -> list[torch.Tensor | None]:
+        """Each slice recomputed with autograd; its gradient accumulated into the inputs'."""
+        grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needed)]
+        for spans in self.slices():
+            with torch.enable_grad():
+                views = [t.detach().requires_grad_(need) for t, need in
+                         zip(self.narrow(tensors, spans), needed)]
+                part = fn(*views)
+                g = self.out_slice(grad, spans)
+                if self.role == "mean":
+                    g = g * self.weight(spans)
+                elif self.role == "logsumexp":
+                    total = self.out_slice(result, spans)
+                    # Where every slice is -inf the result is -inf: gradient 0, not NaN.
+                    share = torch.exp(part.detach() - total).masked_fill(total == float("-inf"), 0.0)
+                    g = g * share
+                elif self.role in ("max", "min"):
+                    total = self.out_slice(result, spans)
+                    count = self.out_slice(ties, spans) if ties is not None else 1
+                    g = g * (part.detach() == total) / count
+                inputs = [v for v, need in zip(views, needed) if need]
+                parts = torch.autograd.grad(part, inputs, g.to(part.dtype), allow_unused=True)
+            got = iter(parts)
+            for index, need in enumerate(needed):
+                if need:
+                    piece = next(got)
+                    if piece is not None:
+                        self.narrow_grad(grads, index, spans).add_(piece)
+        return grads
+
+    def narrow_grad(self, grads: list[torch.Tensor | None], index: int, spans: Sequence[tuple[int, int]]
+                    ) -> torch.Tensor:
+        target = grads[index]
+        assert target is not None
+        for places, (start, length) in zip(self.places, spans):
+            for tensor, dim in places:
+                if tensor == index:
+                    target = target.narrow(dim, start, length)
+        return target
+
+
+def sliced(program: Program, slicing: Slicing) -> Sliced:
+    """Where each sliced axis sits in the operands and the result of ``program``."""
+    leaves = leaf_dims(program)
+    places = tuple(tuple((index, dims.index((axis.name,))) for index, dims in enumerate(leaves)
+                         if (axis.name,) in dims) for axis in slicing.axes)
+    output = [tuple(g) for g in program.output_dims]
+    dims = tuple(output.index((axis.name,)) if axis.role == "output" else None for axis in slicing.axes)
+    reduced = {axis.role for axis in slicing.axes if axis.role != "output"}
+    if len(reduced) > 1:  # pragma: no cover - one top-level operation gives one role
+        raise EincError(f"slices combine by one rule, not {sorted(reduced)}")
+    return Sliced(slicing, places, dims, reduced.pop() if reduced else "output")
+
+
+class _SlicedFunction(torch.autograd.Function):
+    """Sliced forward that saves only the inputs and the result; backward recomputes."""
+
+    @staticmethod
+    def forward(ctx: Any, runner: Sliced, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            result, ties = runner.forward(fn, tensors)
+        ctx.runner, ctx.fn = runner, fn
+        ctx.save_for_backward(*tensors, result, *([ties] if ties is not None else []))
+        ctx.has_ties = ties is not None
+        return result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        saved = ctx.saved_tensors
+        ties = saved[-1] if ctx.has_ties else None
+        count = len(saved) - 1 - ctx.has_ties
+        tensors, result = saved[:count], saved[count]
+        grads = ctx.runner.backward(ctx.fn, tensors, result, ties, grad, ctx.needs_input_grad[2:])
+        return (None, None, *grads)
+
+
+def run(runner: Sliced, fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The sliced result; differentiable (recomputing slices in backward) where autograd needs it."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _SlicedFunction.apply(runner, fn, *tensors)
+    return runner.forward(fn, tensors)[0]

@@ -1,0 +1,247 @@
+"""Memory-bounded execution (issue 13): a plan over ``memory_limit`` runs in slices.
+
+References: torch in float64 (torch.einsum, torch.logsumexp, amax/amin of the naive
+broadcast, torch.softmax/log_softmax), never einc's own unsliced result; the per-slice
+peak is checked against the budget from the plan einc reports.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import randn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import einc
+
+F64 = torch.float64
+
+
+def _chain3(op):
+    """(b i, i j, j k -> b k) reduced by ``op`` over i and j, the naive way."""
+    def reference(a, b, c):
+        if op in (None, "mean"):
+            out = torch.einsum("bi,ij,jk->bk", a, b, c)
+            return out / (a.shape[1] * b.shape[1]) if op == "mean" else out
+        s = a[:, :, None, None] + b[None, :, :, None] + c[None, None, :, :]
+        return {"max": torch.amax, "min": torch.amin, "logsumexp": torch.logsumexp}[op](s, (1, 2))
+    return reference
+
+
+CHAIN = [(4, 96), (96, 96), (96, 4)]
+# (id, pattern, shapes, float64 reference)
+CASES = [
+    ("sum-chain", "ab,bc,cd->ad", [(16, 96), (96, 96), (96, 16)], lambda a, b, c: a @ b @ c),
+    ("bilinear", "b i, b j, i j o -> b o", [(8, 24), (8, 24), (24, 24, 8)],
+     lambda x, y, w: torch.einsum("bi,bj,ijo->bo", x, y, w)),
+    ("five-operands", "b i, i j, b j, j k, b k -> b", [(8, 24), (24, 24), (8, 24), (24, 24), (8, 24)],
+     lambda *t: torch.einsum("bi,ij,bj,jk,bk->b", *t)),
+    ("mean-chain", "mean(b i, i j, j k -> b k)", CHAIN, _chain3("mean")),
+    ("max-chain", "max(b i, i j, j k -> b k)", CHAIN, _chain3("max")),
+    ("min-chain", "min(b i, i j, j k -> b k)", CHAIN, _chain3("min")),
+    ("logsumexp-chain", "logsumexp(b i, i j, j k -> b k)", CHAIN, _chain3("logsumexp")),
+    ("log-semiring-batched", "logsumexp(z i k, z k l, z l j -> z i j)", [(3, 4, 48), (3, 48, 48), (3, 48, 4)],
+     lambda a, b, c: torch.logsumexp(a[:, :, :, None, None] + b[:, None, :, :, None] + c[:, None, None], (2, 3))),
+    ("log-partition", "logsumexp(sum(b t d, v d -> b t v) -> b t)", [(2, 8, 16), (256, 16)],
+     lambda h, w: torch.logsumexp(h @ w.T, -1)),
+    # A top-level normalizer's output is its largest tensor: it must fit whole, so
+    # normalizers slice where they are nested (token log-probabilities, attention).
+    ("log-probability-sums", "sum(log_softmax(b t d, v d -> b t [v]) -> b t)", [(4, 64, 16), (256, 16)],
+     lambda h, w: torch.log_softmax(h @ w.T, -1).sum(-1)),
+    ("attention", "softmax(b q d, b k d -> b q [k]), b k e -> b q e", [(2, 64, 8), (2, 64, 8), (2, 64, 8)],
+     lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v),
+]
+
+
+def _budget(pattern, shapes, factor, **options):
+    """The unsliced plan's peak over ``factor``, but room for the output."""
+    plan = einc.compile(pattern, **options).explain(*shapes, dtype=F64)
+    return max(plan.largest_intermediate // factor, math.prod(plan.output_shape)), plan.largest_intermediate
+
+
+@pytest.mark.parametrize("factor", [16, 256])
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+@pytest.mark.parametrize("name, pattern, shapes, reference", CASES, ids=[c[0] for c in CASES])
+def test_sliced_results_match_the_reference_within_the_budget(name, pattern, shapes, reference, backend, factor):
+    limit, peak = _budget(pattern, shapes, factor, fuse=False)
+    xs = [randn(*s) for s in shapes]
+    f = einc.compile(pattern, memory_limit=limit, backend=backend, fuse=False)
+    plan = f.explain(*xs)
+    assert plan.slicing is not None, f"{name}: unsliced peak {peak} fits {limit}?"
+    assert plan.largest_intermediate <= limit and plan.slicing.largest_intermediate <= limit
+    assert plan.slicing.slices > 1
+    torch.testing.assert_close(f(*xs), reference(*xs), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["sum-chain", "mean-chain", "max-chain", "logsumexp-chain", "log-partition",
+                                  "log-probability-sums", "attention"])
+def test_sliced_gradients_match_torch(name):
+    _, pattern, shapes, reference = next(c for c in CASES if c[0] == name)
+    limit, _ = _budget(pattern, shapes, 16, fuse=False)
+    xs = [randn(*s).requires_grad_() for s in shapes]
+    weight = randn(*reference(*xs).shape)
+    f = einc.compile(pattern, memory_limit=limit, fuse=False)
+    assert f.explain(*xs).slicing is not None
+    got = torch.autograd.grad((f(*xs) * weight).sum(), xs)
+    expected = torch.autograd.grad((reference(*xs) * weight).sum(), xs)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_on_a_sliced_log_partition():
+    h, w = randn(2, 3, 4).requires_grad_(), randn(24, 4).requires_grad_()
+    f = einc.compile("logsumexp(sum(b t d, v d -> b t v) -> b t)", memory_limit=12)
+    assert f.explain(h, w).slicing.slices > 1
+    assert torch.autograd.gradcheck(f, (h, w))
+
+
+def test_slice_false_keeps_the_refusal():
+    xs = [randn(*s) for s in [(16, 96), (96, 96), (96, 16)]]
+    with pytest.raises(einc.EincError, match="memory_limit=256 elements is too small"):
+        einc.compile("ab,bc,cd->ad", memory_limit=256, slice=False)(*xs)
+    torch.testing.assert_close(einc.compile("ab,bc,cd->ad", memory_limit=256)(*xs), xs[0] @ xs[1] @ xs[2])
+    with pytest.raises(einc.EincError, match="slice must be True or False"):
+        einc.compile("ab->a", slice="yes")
+
+
+def test_the_output_must_fit():
+    with pytest.raises(einc.EincError, match=r"the output alone \('a' 'd'\) has 256 elements"):
+        einc.compile("ab,bc,cd->ad", memory_limit=255)(*[randn(16, 16) for _ in range(3)])
+
+
+def test_a_process_wide_limit_slices_too():
+    xs = [randn(*s) for s in [(16, 96), (96, 96), (96, 16)]]
+    previous = einc.configure(memory_limit=512)
+    try:
+        f = einc.compile("ab,bc,cd->ad")
+        assert f.explain(*xs).slicing is not None
+        torch.testing.assert_close(f(*xs), xs[0] @ xs[1] @ xs[2])
+    finally:
+        einc.configure(**previous)
+
+
+def test_plan_reports_the_slicing():
+    xs = [randn(*s) for s in [(16, 96), (96, 96), (96, 16)]]
+    plan = einc.compile("ab,bc,cd->ad", memory_limit=512).explain(*xs)
+    (axis,) = plan.slicing.axes
+    assert axis.count * axis.chunk >= axis.size > (axis.count - 1) * axis.chunk
+    assert plan.slicing.flops >= plan.slicing.unsliced_flops
+    data = plan.to_dict()["slicing"]
+    assert data["slices"] == plan.slicing.slices and data["peak_bytes"] > 0
+    assert "sliced:" in str(plan) and f"in {axis.count} chunks of {axis.chunk}" in str(plan)
+
+
+def test_slicing_a_summed_axis_costs_no_extra_flops():
+    # Issue 13: 1.00x where an axis can be sliced outside the large intermediates.
+    xs = [randn(*s) for s in [(64, 32), (64, 32), (32, 32, 16)]]
+    for factor in (16, 256):
+        limit, _ = _budget("b i, b j, i j o -> b o", [x.shape for x in xs], factor)
+        plan = einc.compile("b i, b j, i j o -> b o", memory_limit=limit).explain(*xs)
+        assert plan.slicing.overhead == 1.0
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize("scale", [1.0, 50.0, 1e30])
+def test_sliced_log_partition_is_stable_on_wide_range_data(scale):
+    h, w = randn(2, 8, 16, dtype=torch.float32), randn(256, 16, dtype=torch.float32)
+    w = w * scale if scale != 1e30 else w.clamp(-1, 1) * 1e30 / 16
+    f = einc.compile("logsumexp(sum(b t d, v d -> b t v) -> b t)", memory_limit=1024)
+    assert f.explain(h, w).slicing is not None
+    expected = torch.logsumexp(h.double() @ w.double().T, -1)
+    torch.testing.assert_close(f(h, w).double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_sliced_logsumexp_of_all_neg_inf_is_neg_inf_with_zero_gradient():
+    a = randn(4, 96).requires_grad_()
+    b = torch.full((96, 96), -INF, dtype=F64)
+    c = randn(96, 4)
+    f = einc.compile("logsumexp(b i, i j, j k -> b k)", memory_limit=64)
+    assert f.explain(a, b, c).slicing is not None
+    out = f(a, b, c)
+    assert torch.equal(out, torch.full((4, 4), -INF, dtype=F64))
+    (grad,) = torch.autograd.grad(out.sum(), a)
+    assert torch.equal(grad, torch.zeros_like(a))
+
+
+def test_nan_propagates_through_slices():
+    xs = [randn(*s) for s in [(16, 96), (96, 96), (96, 16)]]
+    xs[1][5, 7] = float("nan")
+    out = einc.compile("ab,bc,cd->ad", memory_limit=512)(*xs)
+    expected = xs[0] @ xs[1] @ xs[2]
+    assert torch.equal(out.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("pattern, shapes, reference", [
+    ("logsumexp(sum(b t d, v d -> b t v) -> b t)", [(2, 8, 16), (256, 16)], lambda h, w: torch.logsumexp(h @ w.T, -1)),
+    ("b i, i j, j k -> b k", CHAIN, lambda a, b, c: a @ b @ c),
+])
+def test_half_floats_slice_and_accumulate_in_float32(dtype, pattern, shapes, reference):
+    xs = [randn(*s, dtype=dtype) for s in shapes]
+    f = einc.compile(pattern, memory_limit=64)
+    assert f.explain(*xs).slicing is not None
+    out = f(*xs)
+    assert out.dtype == dtype
+    expected = reference(*[x.double() for x in xs])
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_random_contractions_under_random_budgets(data):
+    # Any budget gives the unsliced result, or an EincError that says what did not fit.
+    n = data.draw(st.integers(2, 4), label="operands")
+    letters = "abcdefg"
+    terms = [data.draw(st.lists(st.sampled_from(letters), min_size=1, max_size=3, unique=True), label=f"term{i}")
+             for i in range(n)]
+    present = sorted({a for term in terms for a in term})
+    output = data.draw(st.lists(st.sampled_from(present), max_size=2, unique=True), label="output")
+    sizes = {a: data.draw(st.integers(1, 12), label=a) for a in present}
+    equation = ",".join("".join(t) for t in terms) + "->" + "".join(output)
+    xs = [randn(*[sizes[a] for a in t]) for t in terms]
+    limit = data.draw(st.integers(1, 400), label="limit")
+    try:
+        out = einc.compile(equation, memory_limit=limit, backend="eager")(*xs)
+    except einc.EincError as err:
+        assert f"memory_limit={limit:,} elements is too small" in str(err)
+        return
+    torch.testing.assert_close(out, torch.einsum(equation, *xs), rtol=1e-9, atol=1e-9)
+
+
+MEMORY_PROBE = """
+import re, sys, torch, einc
+torch.set_num_threads(1)
+b, v, d = 512, 32768, 16
+h, w = torch.randn(b, d), torch.randn(v, d)
+f = einc.compile("logsumexp(sum(b d, v d -> b v) -> b)", memory_limit=sys.argv[1], backend="eager")
+f(h, w)  # imports, compilation: not counted
+status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+out = f(h, w)
+print((status("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize("budget, bound", [
+    ("4MiB", 12 * 2**20),  # sliced: a slice's logits, a slice's result, the output
+    ("1GiB", None),        # unsliced, for the record: the 64 MiB logits
+])
+def test_the_sliced_log_partition_stays_within_its_budget(budget, bound):
+    # The logits alone are 64 MiB (512 x 32768 float32); under a 4 MiB budget the
+    # process's peak grows by a few budgets, not by the logits.
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    grown = int(subprocess.run([sys.executable, "-c", MEMORY_PROBE, budget], check=True, capture_output=True,
+                               text=True, env=env).stdout)
+    if bound is None:
+        assert grown >= 60 * 2**20, f"unsliced peak grew by only {grown / 2**20:.1f} MiB: the probe sees nothing"
+    else:
+        assert grown < bound, f"peak grew by {grown / 2**20:.1f} MiB under a {budget} budget"
