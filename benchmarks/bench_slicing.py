@@ -55,17 +55,20 @@ OVERHEAD_CASES = [
 
 def overheads() -> list[list[str]]:
     rows = []
-    cases = list(OVERHEAD_CASES)
+    cases = [(pattern, shapes, "auto") for pattern, shapes in OVERHEAD_CASES]
     for n, seed in ((14, 1), (16, 2)):
         equation, shapes = rand_equation(n, 3, seed=seed, d_min=4, d_max=10, n_out=2)
-        cases.append((spaced(equation), [tuple(s) for s in shapes]))
-    for pattern, shapes in cases:
+        for optimize in ("auto", "cotengra"):
+            cases.append((spaced(equation), [tuple(s) for s in shapes], optimize))
+    for pattern, shapes, optimize in cases:
         unsliced = einc.compile(pattern).explain(*shapes)
         peak = unsliced.largest_intermediate
         for factor in (16, 256):
             # A budget also holds the output: below it, nothing can run.
-            expression = einc.compile(pattern, memory_limit=max(peak // factor, math.prod(unsliced.output_shape)))
-            name = pattern if len(pattern) < 60 else pattern[:57] + "..."
+            expression = einc.compile(pattern, memory_limit=max(peak // factor, math.prod(unsliced.output_shape)),
+                                      optimize=optimize)
+            name = pattern if len(pattern) < 60 else f"rand_equation network, {len(shapes)} tensors"
+            name += "" if optimize == "auto" else f", optimize={optimize!r}"
             try:
                 start = time.perf_counter()
                 cut = expression.explain(*shapes).slicing

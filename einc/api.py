@@ -296,7 +296,12 @@ class Expression:
                 program = inner._plan_lookup(cut(chunks), None, common.is_floating_point)
                 return max(level.largest_intermediate for level in program.programs())
 
-            chosen = slicing.choose(full, slicing.roles(full, self.sizes), plan_at, peak_at)
+            candidates = slicing.roles(full, self.sizes)
+            chosen = None
+            if self.options.optimize == "cotengra":
+                chosen = slicing.choose_with_cotengra(full, candidates, limit, plan_at)
+            if chosen is None:
+                chosen = slicing.choose(full, candidates, plan_at, peak_at)
         except MemoryLimitError as err:
             message = str(err) if str(err).startswith("memory_limit=") else \
                 f"memory_limit={limit:,} elements is too small: {err}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,8 @@ from . import ir
 from .errors import EincError, MemoryLimitError
 from .planner import Program
 
-__all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "choose", "leaf_dims", "roles", "run", "sliced"]
+__all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "choose", "choose_with_cotengra", "leaf_dims",
+           "roles", "run", "sliced"]
 
 ROLE_OF_OP: dict[str | None, str] = {None: "sum", "sum": "sum", "mean": "mean", "max": "max", "min": "min",
                                      "logsumexp": "logsumexp"}
@@ -60,9 +62,10 @@ class SlicedAxis:
     def count(self) -> int:
         return -(-self.size // self.chunk)
 
-    def spans(self) -> list[tuple[int, int]]:
-        """(start, length) of each slice."""
-        return [(start, min(self.chunk, self.size - start)) for start in range(0, self.size, self.chunk)]
+    def spans(self, split: int = 1) -> list[tuple[int, int]]:
+        """(start, length) of each slice; ``split`` divides the chunk (backward's finer slices)."""
+        chunk = max(1, -(-self.chunk // split))
+        return [(start, min(chunk, self.size - start)) for start in range(0, self.size, chunk)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +183,37 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
                                                             " (no axis can be sliced)"))
 
 
+def choose_with_cotengra(program: Program, candidates: Mapping[str, str], limit: int,
+                         plan_at: Callable[[Mapping[str, int]], Program | None]) -> Slicing | None:
+    """``optimize="cotengra"``: the indices cotengra's hyper-optimizer slices to bring its
+    largest intermediate under ``limit`` (``slicing_reconf_opts``: slicing interleaved with
+    subtree reconfiguration), each in single index values but the last, whose chunk is
+    then widened as far as it fits.  ``None`` where cotengra is missing, the pattern is
+    nested, or it slices an axis einc cannot (the built-in slicer runs then)."""
+    try:
+        import cotengra
+    except ImportError:
+        return None
+    leaves = leaf_dims(program)
+    inputs = [tuple(a for group in dims for a in group) for dims in leaves]
+    if program.nested or any(len(set(term)) != len(term) for term in inputs):
+        return None
+    sizes = dict(program.sizes)
+    output = tuple(a for group in program.output_dims for a in group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # on its optional kahypar
+        optimizer = cotengra.HyperOptimizer(max_repeats=32, parallel=False, progbar=False,
+                                            slicing_reconf_opts={"target_size": limit})
+        tree = optimizer.search(inputs, output, {a: sizes[a] for term in inputs for a in term})
+    chosen = list(tree.sliced_inds)
+    if not chosen or not set(chosen) <= set(candidates) or plan_at(dict.fromkeys(chosen, 1)) is None:
+        return None
+    found = _fit(chosen, sizes, candidates, plan_at, split=False)
+    if found is None:  # pragma: no cover - single index values were just planned
+        return None
+    return Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
+
+
 def _flops(program: Program) -> int:
     return sum(level.flops for level in program.programs())
 
@@ -194,6 +228,8 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
     """Chunk sizes for ``combo``: the first axes split into powers of two (or, without
     ``split``, single index values), the last one's chunk the largest that fits (by
     bisection).  Returns (axes, total FLOPs, largest intermediate of a slice) or ``None``."""
+    if plan_at(dict.fromkeys(combo, 1)) is None:
+        return None  # not even single index values fit
     *first, last = combo
     splits = [[2 ** p for p in range(0, max(1, sizes[a]).bit_length()) if 2 ** p <= sizes[a]] if split
               else [sizes[a]] for a in first]
@@ -245,8 +281,10 @@ class Sliced:
     role: str
     """How reduced slices combine (``"output"`` when only output axes are sliced)."""
 
-    def slices(self) -> list[tuple[tuple[int, int], ...]]:
-        return list(itertools.product(*[axis.spans() for axis in self.slicing.axes]))
+    def slices(self, split: int = 1) -> list[tuple[tuple[int, int], ...]]:
+        """Every slice's spans, one per sliced axis; ``split`` divides the last axis' chunk."""
+        *first, last = self.slicing.axes
+        return list(itertools.product(*[axis.spans() for axis in first], last.spans(split)))
 
     def narrow(self, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
         out = list(tensors)
@@ -309,9 +347,12 @@ class Sliced:
 
     def backward(self, fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], result: torch.Tensor,
                  ties: torch.Tensor | None, grad: torch.Tensor, needed: Sequence[bool]) -> list[torch.Tensor | None]:
-        """Each slice recomputed with autograd; its gradient accumulated into the inputs'."""
+        """Each slice recomputed with autograd; its gradient accumulated into the inputs'.
+
+        A slice's backward holds its forward's intermediates and their gradients at once
+        (about 3-4x the slice), so backward takes slices half as long as forward's."""
         grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needed)]
-        for spans in self.slices():
+        for spans in self.slices(split=2):
             with torch.enable_grad():
                 views = [t.detach().requires_grad_(need) for t, need in
                          zip(self.narrow(tensors, spans), needed)]

@@ -245,3 +245,25 @@ def test_the_sliced_log_partition_stays_within_its_budget(budget, bound):
         assert grown >= 60 * 2**20, f"unsliced peak grew by only {grown / 2**20:.1f} MiB: the probe sees nothing"
     else:
         assert grown < bound, f"peak grew by {grown / 2**20:.1f} MiB under a {budget} budget"
+
+
+def test_cotengra_slices_a_tensor_network_where_asked():
+    # optimize="cotengra": cotengra's slicer picks the indices (single index values);
+    # the result is the network's, contracted by opt_einsum in float64.
+    import opt_einsum as oe
+    from opt_einsum.testing import rand_equation
+
+    eq, shapes = rand_equation(10, 3, seed=3, d_min=3, d_max=6, n_out=2)
+    names = {c: f"x{i}" for i, c in enumerate(sorted(set(eq) - set(",->")))}
+    inputs, output = eq.split("->")
+    pattern = (", ".join(" ".join(names[c] for c in term) for term in inputs.split(",")) + " -> "
+               + " ".join(names[c] for c in output))
+    xs = [randn(*s) for s in shapes]
+    peak = einc.compile(pattern).explain(*xs).largest_intermediate
+    output_size = math.prod(einc.compile(pattern).explain(*xs).output_shape)
+    limit = max(peak // 16, output_size)
+    for optimize in ("auto", "cotengra"):
+        f = einc.compile(pattern, memory_limit=limit, optimize=optimize)
+        plan = f.explain(*xs)
+        assert plan.slicing is not None and plan.slicing.largest_intermediate <= limit
+        torch.testing.assert_close(f(*xs), oe.contract(eq, *xs), rtol=1e-9, atol=1e-9)
