@@ -121,6 +121,30 @@ TIMING = [
      lambda h, w: torch.logsumexp(h @ w.T, -1), 16),
 ]
 
+ATTENTION = "softmax(b h q d, b h k d -> b h q [k]), b h k e -> b h q e"
+
+
+def attention_probe(kind: str, length: int, budget: str) -> dict:
+    """In a fresh process: peak RSS growth and time of one attention forward at
+    sequence ``length`` (b=1, h=4, d=64), unfused, by ``kind``."""
+    torch.set_num_threads(1)
+    q, k, v = (torch.randn(1, 4, length, 64) for _ in range(3))
+    if kind == "sdpa":
+        f = torch.nn.functional.scaled_dot_product_attention
+    elif kind == "torch":
+        f = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v  # noqa: E731
+    else:
+        f = einc.compile(ATTENTION, fuse=False, memory_limit=budget if kind == "sliced" else None)
+    if kind == "sdpa":
+        scale = 1.0  # the pattern has no scale
+        f = lambda q, k, v, g=f: g(q, k, v, scale=scale)  # noqa: E731
+    f(q, k, v)  # imports and compilation: not counted
+    held: list[torch.Tensor] = []
+    start = time.perf_counter()
+    grown, method = peak_rss_growth(lambda: held.append(f(q, k, v)))
+    return {"forward": grown, "seconds": time.perf_counter() - start, "method": method}
+
+
 def probe(kind: str, b: int, v: int, d: int, budget: str) -> dict:
     """In a fresh process (``--memory-probe``): peak RSS growth of one forward, then of
     one backward, of the log-partition by ``kind``."""
@@ -154,7 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv, description=__doc__.splitlines()[0])
     if args.memory_probe:
         kind, *numbers, budget = args.memory_probe
-        print(json.dumps(probe(kind, *map(int, numbers), budget)))
+        if kind.startswith("attention-"):
+            print(json.dumps(attention_probe(kind.removeprefix("attention-"), int(numbers[0]), budget)))
+        else:
+            print(json.dumps(probe(kind, *map(int, numbers), budget)))
         return 0
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -169,6 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     b, v, d, budget = (1024, 8192, 64, "8MiB") if args.quick else (4096, 32768, 64, "32MiB")
     print(f"(c) peak memory: log-partition b={b}, v={v}, d={d} (logits {b * v * 4 / 2**20:.0f} MiB)")
     rows_c, method = memory(b, v, d, budget)
+    length, attention_budget = (1024, "4MiB") if args.quick else (4096, "64MiB")
+    print(f"(d) attention, unfused, sequence length {length}")
+    rows_d = []
+    for kind in ("torch", "sdpa", "unsliced", "sliced"):
+        got = run_memory_probe(__file__, f"attention-{kind}", str(length), attention_budget)
+        rows_d.append([{"torch": "`torch.softmax(q @ k.transpose(-1, -2), -1) @ v`",
+                        "sdpa": "`scaled_dot_product_attention` (fused, for the record)",
+                        "unsliced": "einc, `fuse=False`, no limit",
+                        "sliced": f"einc, `fuse=False`, memory_limit={attention_budget}"}[kind],
+                       f"{got['forward'] / 2**20:.1f} MiB", f"{got['seconds']:.2f} s"])
+        print("  " + " | ".join(rows_d[-1]), flush=True)
     elapsed = time.perf_counter() - started
     if args.markdown:
         header_a = ["pattern", "unsliced peak (elements)", "budget below it", "sliced axes (role): slices x chunk",
@@ -190,7 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"({method}; a fresh process each, `common.run_memory_probe`). Forward keeps its "
                   "output; backward holds the gradient buffers of h (b x d) and W (v x d).", "",
                   "| contender | forward | forward + backward |", "|---|---:|---:|",
-                  *["| " + " | ".join(r) + " |" for r in rows_c], ""]
+                  *["| " + " | ".join(r) + " |" for r in rows_c], "",
+                  f"### (d) Attention that does not take the SDPA rewrite (`fuse=False`), b=1, h=4, "
+                  f"L={length}, d=64 float32 (scores {4 * length * length * 4 / 2**20:.0f} MiB)", "",
+                  f"`{ATTENTION}`: growth of the peak RSS over one forward ({method}, fresh process each) "
+                  "and that call's time (one run, `time.perf_counter`, memory probe included).", "",
+                  "| contender | forward peak growth | time |", "|---|---:|---:|",
+                  *["| " + " | ".join(r) + " |" for r in rows_d], ""]
         write_section(args.markdown, HEADING, "\n".join(lines), PREAMBLE)
         print(f"wrote {args.markdown}")
     print(f"total {elapsed:.0f} s")

@@ -308,13 +308,19 @@ class Expression:
             raise self._context(shapes, MemoryLimitError(message)) from None
         chunk = plan_at({axis.name: axis.chunk for axis in chosen.axes})
         assert chunk is not None
-        return slicing.sliced(full, chosen), inner, chunk
+        try:
+            return slicing.sliced(full, chosen, self._inner), inner, chunk
+        except MemoryLimitError as err:
+            raise self._context(shapes, MemoryLimitError(f"memory_limit={limit:,} elements is too small: {err}")
+                                ) from None
 
-    def _inner(self) -> Expression:
-        """This pattern with the same options but ``slice=False``: it computes one slice."""
+    def _inner(self, pattern: ir.Pattern | None = None) -> Expression:
+        """This pattern (or ``pattern``, one derived from it) with the same options but
+        ``slice=False``: it computes one slice."""
+        pattern = self.ir if pattern is None else pattern
         inner = Expression.__new__(Expression)
-        inner._setup(self.pattern, dataclasses.replace(self.options, slice=False), None, self.sizes,
-                     parsed=self.ir)
+        own = {name: n for name, n in self.sizes.items() if name in pattern.all_axes}
+        inner._setup(pattern.render(), dataclasses.replace(self.options, slice=False), None, own, parsed=pattern)
         return inner
 
     def _literal(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
@@ -407,7 +413,11 @@ class Expression:
         """What a call checks, and raises, before it computes anything."""
         self._entry(tensors)
         shapes = tuple(tuple(t.shape) for t in tensors)
-        self._plan_for(shapes, dtypes.promoted(self._dtypes([t.dtype for t in tensors], shapes)))
+        try:
+            self._plan_for(shapes, dtypes.promoted(self._dtypes([t.dtype for t in tensors], shapes)))
+        except MemoryLimitError:
+            if not self.options.slice:
+                raise  # else the entry was made: it runs in slices
 
     # ------------------------------------------------------------------ calls
 

@@ -10,13 +10,17 @@ number of slices.  :class:`Sliced` runs the slices on ``narrow`` views of the in
 - an axis of the output: each slice writes its part of a preallocated output;
 - an axis the pattern reduces: ``sum`` accumulates, ``mean`` accumulates each slice's
   mean weighted by its share, ``max``/``min`` keep running values, ``logsumexp`` (and
-  the log semiring) merges with ``logaddexp`` — as stable as one pass.
+  the log semiring) merges with ``logaddexp`` — as stable as one pass;
+- the normalized axis of a nested softmax that the top level sums over (attention's
+  keys): flash attention's recurrence, each slice rescaled by its log-normalizer's
+  share of the running one (:class:`Normalized`).
 
 Gradients go through :class:`_SlicedFunction`, which saves only the inputs and the
 result and recomputes each slice in backward, so backward stays within about the
-gradient buffers plus the budget.  What cannot be sliced (see :func:`roles`) keeps the
-refusal: axes inside compositions or ``...``, repeated in one operand, used by a scale,
-sized by keyword, normalized, or reduced inside a nested operation.
+gradient buffers plus a few budgets.  What cannot be sliced (see :func:`roles`) keeps
+the refusal: axes inside compositions or ``...``, repeated in one operand, used by a
+scale, sized by keyword, reduced inside a nested operation, or normalized (but for the
+softmax case above).
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from typing import Any
 import torch
 
 from . import ir
-from .errors import EincError, MemoryLimitError
+from .errors import MemoryLimitError
 from .planner import Program
 
 __all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "choose", "choose_with_cotengra", "leaf_dims",
            "roles", "run", "sliced"]
+
+HALF = (torch.float16, torch.bfloat16)
 
 ROLE_OF_OP: dict[str | None, str] = {None: "sum", "sum": "sum", "mean": "mean", "max": "max", "min": "min",
                                      "logsumexp": "logsumexp"}
@@ -141,6 +147,12 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
             allowed -= set(level.reduced)
     output = [tuple(g) for g in program.output_dims]
     found: dict[str, str] = {}
+    normalized = _normalized_level(program)
+    if normalized is not None:
+        axis, _, _ = normalized
+        if axis not in keyword and all((axis,) in dims and sum(axis in g for g in dims) == 1
+                                       for dims in leaves if any(axis in g for g in dims)):
+            found[axis] = "softmax"
     for axis in sorted(allowed):
         if any(axis in g for g in output):
             if (axis,) in output:
@@ -148,6 +160,30 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
         elif top.op in ROLE_OF_OP and (top.op in (None, "sum", "mean") or not top.scale):
             found[axis] = ROLE_OF_OP[top.op]
     return found
+
+
+def _normalized_level(program: Program) -> tuple[str, int, Program] | None:
+    """(axis, position, level) of a nested softmax that slices along its normalized axis
+    with flash attention's recurrence: the top level a plain sum of products reducing
+    that axis, the softmax over plain operands and one axis of its own dimension, and
+    every other axis of its output an axis of the top output, also of its own dimension.
+    ``None`` where the pattern has no such level."""
+    top = program.ir
+    if top.op not in (None, "sum"):
+        return None
+    output = [tuple(g) for g in program.output_dims]
+    for position, level in program.nested:
+        pattern = level.ir
+        if pattern.op != "softmax" or len(pattern.normalized) != 1 or pattern.nested:
+            continue
+        (axis,) = pattern.normalized
+        kept = [tuple(g) for g in level.output_dims]
+        others = [p for pos, p in program.nested if pos != position for p in p.programs()]
+        if ((axis,) in kept and axis not in program.output_axes
+                and all(len(g) == 1 and g in output for g in kept if g != (axis,))
+                and not any(axis in p.ir.all_axes for p in others)):
+            return axis, position, level
+    return None
 
 
 def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[Mapping[str, int]], Program | None],
@@ -160,13 +196,14 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
     :class:`MemoryLimitError` when nothing fits."""
     sizes = dict(program.sizes) | {a: n for level in program.programs() for a, n in level.sizes}
     names = [a for a in candidates if sizes.get(a, 0) > 1]
-    best: tuple[tuple[int, int], Slicing] | None = None
+    best: tuple[tuple[int, int, int], Slicing] | None = None
     for count in range(1, MAX_AXES + 1):
         for combo in itertools.combinations(names, count):
             found = _fit(combo, sizes, candidates, plan_at)
             if found is not None:
                 slicing = Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
-                key = (slicing.flops, slicing.slices)
+                # Ties go to output and reduced axes: a softmax's own axis costs its logits twice.
+                key = (slicing.flops, slicing.slices, sum(a.role == "softmax" for a in slicing.axes))
                 if best is None or key < best[0]:
                     best = (key, slicing)
         if best is not None:
@@ -179,8 +216,11 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
             found = _fit(chosen, sizes, candidates, plan_at, split=False)
             assert found is not None
             return Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
-    raise MemoryLimitError("no slicing fits it either" + (f" (tried the axes {', '.join(names)})" if names else
-                                                            " (no axis can be sliced)"))
+    if not names:
+        raise MemoryLimitError("no slicing fits it either (no axis can be sliced)")
+    least = peak_at(dict.fromkeys(names, 1))
+    raise MemoryLimitError(f"no slicing fits it either (tried the axes {', '.join(names)}; single index "
+                           f"values of all of them still leave an intermediate of {least:,} elements)")
 
 
 def choose_with_cotengra(program: Program, candidates: Mapping[str, str], limit: int,
@@ -249,10 +289,13 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
         axes = tuple(SlicedAxis(a, sizes[a], chunks[a], candidates[a]) for a in combo)
         total, largest = 0, 0
         # Each distinct slice shape once: full chunks and the shorter last ones.
+        # Slicing a softmax's own axis computes its logits again, for the log-normalizer.
+        again = any(axis.role == "softmax" for axis in axes)
         for lengths in itertools.product(*[_lengths(axis) for axis in axes]):
             program = plan_at(dict(zip(combo, (n for n, _ in lengths))))
             assert program is not None, "a shorter slice fits where a longer one does"
-            total += _flops(program) * math.prod(k for _, k in lengths)
+            logits = sum(inner.flops for _, level in program.nested for inner in level.programs()) if again else 0
+            total += (_flops(program) + logits) * math.prod(k for _, k in lengths)
             largest = max(largest, _largest(program))
         key = (total, math.prod(axis.count for axis in axes))
         if best is None or key < best[0]:
@@ -270,6 +313,35 @@ def _lengths(axis: SlicedAxis) -> list[tuple[int, int]]:
 
 
 @dataclass(frozen=True)
+class Normalized:
+    """What slicing a nested softmax along its normalized axis needs: each slice's
+    log-normalizer (``fn`` on the nested level's tensors), and how a tensor over the
+    softmax's other axes (``factor``) lines up with the result's dimensions."""
+
+    fn: Callable[..., torch.Tensor]
+    leaves: tuple[int, ...]
+    """The nested level's tensors among the call's."""
+    factor: tuple[str, ...]
+    """The log-normalizer's axes, in its dimension order."""
+    output: tuple[str, ...]
+    """The result's axes, one per dimension."""
+
+    def to_output(self, f: torch.Tensor) -> torch.Tensor:
+        """``f`` (over :attr:`factor`) as a tensor that broadcasts over the result."""
+        order = [self.factor.index(a) for a in self.output if a in self.factor]
+        f = f.permute(order)
+        shape = [f.shape[order.index(self.factor.index(a))] if a in self.factor else 1 for a in self.output]
+        return f.reshape(shape)
+
+    def to_factor(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (over :attr:`output`) summed over the axes not in :attr:`factor`."""
+        rest = [d for d, a in enumerate(self.output) if a not in self.factor]
+        x = x.sum(rest) if rest else x
+        kept = [a for a in self.output if a in self.factor]
+        return x.permute([kept.index(a) for a in self.factor])
+
+
+@dataclass(frozen=True)
 class Sliced:
     """Runs one input signature in slices: ``run(slice_fn, tensors)``."""
 
@@ -280,6 +352,8 @@ class Sliced:
     """Per sliced axis: its dimension in the result (``None`` for reduced axes)."""
     role: str
     """How reduced slices combine (``"output"`` when only output axes are sliced)."""
+    normalized: Normalized | None = None
+    """For ``"softmax"``: the nested softmax's log-normalizer."""
 
     def slices(self, split: int = 1) -> list[tuple[tuple[int, int], ...]]:
         """Every slice's spans, one per sliced axis; ``split`` divides the last axis' chunk."""
@@ -299,6 +373,18 @@ class Sliced:
                 result = result.narrow(dim, start, length)
         return result
 
+    def factor_slice(self, factor: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """The part of a log-normalizer (over ``normalized.factor``) an output slice covers."""
+        assert self.normalized is not None
+        for axis, (start, length) in zip(self.slicing.axes, spans):
+            if axis.role == "output" and axis.name in self.normalized.factor:
+                factor = factor.narrow(self.normalized.factor.index(axis.name), start, length)
+        return factor
+
+    def lse(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        assert self.normalized is not None
+        return self.normalized.fn(*[views[i] for i in self.normalized.leaves])
+
     def weight(self, spans: Sequence[tuple[int, int]]) -> float:
         """A slice's share of the reduced elements (``mean``)."""
         return math.prod(length / axis.size for axis, (_, length) in zip(self.slicing.axes, spans)
@@ -306,19 +392,29 @@ class Sliced:
 
     def forward(self, fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The result, and for ``max``/``min`` how many slices hold each entry's extremum."""
+        """The result, and for ``max``/``min`` how many slices hold each entry's extremum
+        (for ``softmax``: the log-normalizer over the whole axis)."""
         result: torch.Tensor | None = None
         ties: torch.Tensor | None = None
         written: set[tuple[tuple[int, int], ...]] = set()
         for spans in self.slices():
-            part = fn(*self.narrow(tensors, spans))
+            views = self.narrow(tensors, spans)
+            part = fn(*views)
+            if self.role == "softmax":
+                lse = self.lse(views)
+                if ties is None:
+                    shape = list(lse.shape)
+                    for axis in self.slicing.axes:
+                        if axis.role == "output" and axis.name in self.normalized.factor:  # type: ignore[union-attr]
+                            shape[self.normalized.factor.index(axis.name)] = axis.size  # type: ignore[union-attr]
+                    ties = lse.new_empty(shape, dtype=torch.float32 if lse.dtype in HALF else lse.dtype)
             if result is None:
                 shape = list(part.shape)
                 for dim, axis in zip(self.output_dims, self.slicing.axes):
                     if dim is not None:
                         shape[dim] = axis.size
                 # Half floats accumulate slices in float32, rounded once at the end.
-                wide = self.role != "output" and part.dtype in (torch.float16, torch.bfloat16)
+                wide = self.role != "output" and part.dtype in HALF
                 result = part.new_empty(shape, dtype=torch.float32 if wide else part.dtype)
                 if self.role in ("max", "min"):
                     ties = torch.zeros(shape, dtype=torch.int32, device=part.device)
@@ -328,7 +424,20 @@ class Sliced:
             written.add(key)
             if self.role == "mean":
                 part = part * self.weight(spans)
-            if first:
+            if self.role == "softmax":
+                # Flash attention's recurrence: rescale what was kept and the new part
+                # by their log-normalizers' shares of the running one.
+                assert self.normalized is not None and ties is not None
+                running = self.factor_slice(ties, spans)
+                if first:
+                    target.copy_(part)
+                    running.copy_(lse)
+                else:
+                    merged = torch.logaddexp(running, lse.to(running.dtype))
+                    target.mul_(self.normalized.to_output(torch.exp(running - merged)))
+                    target.add_(part * self.normalized.to_output(torch.exp(lse - merged)).to(part.dtype))
+                    running.copy_(merged)
+            elif first:
                 target.copy_(part)
                 if ties is not None:
                     self.out_slice(ties, spans).fill_(1)
@@ -370,7 +479,20 @@ class Sliced:
                     count = self.out_slice(ties, spans) if ties is not None else 1
                     g = g * (part.detach() == total) / count
                 inputs = [v for v, need in zip(views, needed) if need]
-                parts = torch.autograd.grad(part, inputs, g.to(part.dtype), allow_unused=True)
+                if self.role == "softmax":
+                    # result = sum_s w_s R_s with w_s = exp(lse_s - lse): through R_s and
+                    # through w_s, whose total over slices the result already holds.
+                    assert self.normalized is not None and ties is not None
+                    lse = self.lse(views)
+                    share = torch.exp(lse.detach() - self.factor_slice(ties, spans))
+                    kept = self.normalized.to_factor(g * part.detach())
+                    total = self.normalized.to_factor(g * self.out_slice(result, spans))
+                    outputs = [part, lse]
+                    wanted = [(g * self.normalized.to_output(share)).to(part.dtype),
+                              (share * (kept - total)).to(lse.dtype)]
+                else:
+                    outputs, wanted = [part], [g.to(part.dtype)]
+                parts = torch.autograd.grad(outputs, inputs, wanted, allow_unused=True)
             got = iter(parts)
             for index, need in enumerate(needed):
                 if need:
@@ -390,17 +512,34 @@ class Sliced:
         return target
 
 
-def sliced(program: Program, slicing: Slicing) -> Sliced:
-    """Where each sliced axis sits in the operands and the result of ``program``."""
+def sliced(program: Program, slicing: Slicing,
+           normalizer: Callable[[ir.Pattern], Callable[..., torch.Tensor]] | None = None) -> Sliced:
+    """Where each sliced axis sits in the operands and the result of ``program``;
+    ``normalizer(pattern)`` compiles the log-normalizer a ``"softmax"`` slicing needs."""
     leaves = leaf_dims(program)
     places = tuple(tuple((index, dims.index((axis.name,))) for index, dims in enumerate(leaves)
                          if (axis.name,) in dims) for axis in slicing.axes)
     output = [tuple(g) for g in program.output_dims]
     dims = tuple(output.index((axis.name,)) if axis.role == "output" else None for axis in slicing.axes)
     reduced = {axis.role for axis in slicing.axes if axis.role != "output"}
-    if len(reduced) > 1:  # pragma: no cover - one top-level operation gives one role
-        raise EincError(f"slices combine by one rule, not {sorted(reduced)}")
-    return Sliced(slicing, places, dims, reduced.pop() if reduced else "output")
+    if len(reduced) > 1:
+        raise MemoryLimitError(f"slices combine by one rule, not {' and '.join(sorted(reduced))}")
+    role = reduced.pop() if reduced else "output"
+    normalized = None
+    if role == "softmax":
+        found = _normalized_level(program)
+        assert found is not None and normalizer is not None
+        axis, position, level = found
+        first = sum(x.leaves if isinstance(x, ir.Pattern) else 1 for x in program.ir.inputs[:position])
+        factor = tuple(g[0] for g in level.output_dims if g != (axis,))
+        softmax = level.ir
+        logits = ir.Pattern(softmax.inputs, softmax.output, "sum", compact=softmax.compact, scale=softmax.scale)
+        kept = ir.AxisList(tuple(dim for dim in softmax.output.dims if dim != (axis,)))
+        lse = ir.Pattern((logits,), kept, "logsumexp", compact=softmax.compact)
+        # The result's dimensions by name (a composition by a name no axis has).
+        names = tuple(g[0] if len(g) == 1 else "(" + " ".join(g) + ")" for g in output)
+        normalized = Normalized(normalizer(lse), tuple(range(first, first + softmax.leaves)), factor, names)
+    return Sliced(slicing, places, dims, role, normalized)
 
 
 class _SlicedFunction(torch.autograd.Function):

@@ -109,6 +109,67 @@ def test_slice_false_keeps_the_refusal():
         einc.compile("ab->a", slice="yes")
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_long_sequence_attention_slices_along_queries(fuse):
+    # Issue 13: attention that cannot take the SDPA rewrite (fuse=False), or may, runs in
+    # bounded memory along queries; the normalized keys are never cut.
+    q, k, v = (randn(1, 2, 512, 16) for _ in range(3))
+    f = einc.compile("softmax(b h q d, b h k d -> b h q [k]), b h k e -> b h q e", memory_limit="256KiB", fuse=fuse)
+    plan = f.explain(q, k, v)
+    assert [axis.name for axis in plan.slicing.axes] in (["q"], ["h"], ["b", "q"], ["h", "q"])
+    assert "k" not in [axis.name for axis in plan.slicing.axes]
+    expected = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    torch.testing.assert_close(f(q, k, v), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("pattern, arrange", [
+    ("softmax(b h q d, b h k d -> b h q [k]), b h k e -> b h q e", lambda o: o),
+    ("softmax(b h q d, b h k d -> b h q [k] / sqrt(d)), b h k e -> b h q e", lambda o: o),
+    ("softmax(b h q d, b h k d -> b h q [k]), b h k e -> b q h e", lambda o: o.transpose(1, 2)),
+])
+def test_attention_slices_along_keys_with_flash_attentions_recurrence(pattern, arrange):
+    # Where even one query's scores against every key exceed the budget, keys are cut:
+    # each slice's softmax is rescaled by its log-normalizer's share (forward), and
+    # backward goes through both; against torch in float64, values and gradients.
+    q, k, v = (randn(1, 2, 8, 4).requires_grad_() for _ in range(3))
+    k_long, v_long = (randn(1, 2, 96, 4).requires_grad_() for _ in range(2))
+    f = einc.compile(pattern, fuse=False, memory_limit=96)
+    plan = f.explain(q, k_long, v_long)
+    assert [(a.name, a.role) for a in plan.slicing.axes if a.role != "output"] == [("k", "softmax")]
+    scale = 0.5 if "sqrt" in pattern else 1.0
+    expected = arrange(torch.softmax(q @ k_long.transpose(-1, -2) * scale, -1) @ v_long)
+    out = f(q, k_long, v_long)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    weight = randn(*expected.shape)
+    got = torch.autograd.grad((out * weight).sum(), (q, k_long, v_long))
+    want = torch.autograd.grad((expected * weight).sum(), (q, k_long, v_long))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9)
+
+
+def test_gradcheck_on_attention_sliced_along_keys():
+    q, k, v = randn(1, 1, 2, 2).requires_grad_(), randn(1, 1, 12, 2).requires_grad_(), randn(1, 1, 12, 2)
+    f = einc.compile("softmax(b h q d, b h k d -> b h q [k]), b h k e -> b h q e", fuse=False, memory_limit=8)
+    assert "k" in [a.name for a in f.explain(q, k, v).slicing.axes]
+    assert torch.autograd.gradcheck(f, (q, k, v.requires_grad_()))
+
+
+def test_queries_are_cut_before_keys_where_both_fit():
+    # Cutting keys computes every slice's logits twice (for the log-normalizer).
+    q, k, v = (randn(2, 3, 64, 8) for _ in range(3))
+    plan = einc.compile("softmax(b h q d, b h k d -> b h q [k]), b h k e -> b h q e", fuse=False,
+                        memory_limit=3072).explain(q, k, v)
+    assert "k" not in [a.name for a in plan.slicing.axes]
+
+
+def test_validate_checks_a_sliced_call_against_the_float64_reference():
+    xs = [randn(*s) for s in [(16, 96), (96, 96), (96, 16)]]
+    f = einc.compile("ab,bc,cd->ad", memory_limit=512)
+    assert f.validate(*xs) < 1e-10
+    with pytest.raises(einc.EincError, match="too small"):
+        einc.compile("ab,bc,cd->ad", memory_limit=512, slice=False).validate(*xs)
+
+
 def test_the_output_must_fit():
     with pytest.raises(einc.EincError, match=r"the output alone \('a' 'd'\) has 256 elements"):
         einc.compile("ab,bc,cd->ad", memory_limit=255)(*[randn(16, 16) for _ in range(3)])
@@ -179,13 +240,16 @@ def test_nan_propagates_through_slices():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("pattern, shapes, reference", [
-    ("logsumexp(sum(b t d, v d -> b t v) -> b t)", [(2, 8, 16), (256, 16)], lambda h, w: torch.logsumexp(h @ w.T, -1)),
-    ("b i, i j, j k -> b k", CHAIN, lambda a, b, c: a @ b @ c),
+@pytest.mark.parametrize("pattern, shapes, limit, reference", [
+    ("logsumexp(sum(b t d, v d -> b t v) -> b t)", [(2, 8, 16), (256, 16)], 64,
+     lambda h, w: torch.logsumexp(h @ w.T, -1)),
+    ("b i, i j, j k -> b k", CHAIN, 64, lambda a, b, c: a @ b @ c),
+    ("softmax(b q d, b k d -> b q [k]), b k e -> b q e", [(2, 64, 8), (2, 64, 8), (2, 64, 8)], 1024,
+     lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v),
 ])
-def test_half_floats_slice_and_accumulate_in_float32(dtype, pattern, shapes, reference):
+def test_half_floats_slice_and_accumulate_in_float32(dtype, pattern, shapes, limit, reference):
     xs = [randn(*s, dtype=dtype) for s in shapes]
-    f = einc.compile(pattern, memory_limit=64)
+    f = einc.compile(pattern, memory_limit=limit)
     assert f.explain(*xs).slicing is not None
     out = f(*xs)
     assert out.dtype == dtype
