@@ -170,6 +170,18 @@ def test_validate_checks_a_sliced_call_against_the_float64_reference():
         einc.compile("ab,bc,cd->ad", memory_limit=512, slice=False).validate(*xs)
 
 
+def test_modules_do_not_slice_they_refuse():
+    # Documented: shape-generic modules refuse what does not fit, when made and when called.
+    xs = [randn(*s) for s in [(16, 96), (96, 96), (96, 16)]]
+    f = einc.compile("ab,bc,cd->ad", memory_limit=512)
+    with pytest.raises(einc.EincError, match="memory_limit=512 elements is too small"):
+        f.module(*xs)
+    module = f.module((2, 96), (96, 2), (2, 16))  # fits for these shapes
+    torch.testing.assert_close(module(xs[0][:2], xs[1][:, :2], xs[2][:2]), xs[0][:2] @ xs[1][:, :2] @ xs[2][:2])
+    with pytest.raises(einc.EincError, match="too small"):
+        module(*xs)
+
+
 def test_the_output_must_fit():
     with pytest.raises(einc.EincError, match=r"the output alone \('a' 'd'\) has 256 elements"):
         einc.compile("ab,bc,cd->ad", memory_limit=255)(*[randn(16, 16) for _ in range(3)])
