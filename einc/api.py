@@ -293,7 +293,8 @@ class Expression:
                     return None
 
             def peak_at(chunks: Mapping[str, int]) -> int:
-                program = inner._plan_lookup(cut(chunks), None, common.is_floating_point)
+                # Unfused: the limit holds for the intermediates a fused kernel replaces.
+                program = inner._plan_lookup(cut(chunks), None, False)
                 return max(level.largest_intermediate for level in program.programs())
 
             candidates = slicing.roles(full, self.sizes)

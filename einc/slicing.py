@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from . import ir
-from .errors import MemoryLimitError
+from .errors import EincError, MemoryLimitError
 from .planner import Program
 
 __all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "choose", "choose_with_cotengra", "leaf_dims",
@@ -148,10 +148,12 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
     output = [tuple(g) for g in program.output_dims]
     found: dict[str, str] = {}
     normalized = _normalized_level(program)
+    scaled = {f.value for level in program.programs() for f in level.ir.scale if isinstance(f.value, str)}
     if normalized is not None:
         axis, _, _ = normalized
-        if axis not in keyword and all((axis,) in dims and sum(axis in g for g in dims) == 1
-                                       for dims in leaves if any(axis in g for g in dims)):
+        if axis not in keyword and axis not in scaled and all(
+                (axis,) in dims and sum(axis in g for g in dims) == 1
+                for dims in leaves if any(axis in g for g in dims)):
             found[axis] = "softmax"
     for axis in sorted(allowed):
         if any(axis in g for g in output):
@@ -179,8 +181,10 @@ def _normalized_level(program: Program) -> tuple[str, int, Program] | None:
         (axis,) = pattern.normalized
         kept = [tuple(g) for g in level.output_dims]
         others = [p for pos, p in program.nested if pos != position for p in p.programs()]
+        # '...' may broadcast between operands: its log-normalizer would not line up.
         if ((axis,) in kept and axis not in program.output_axes
-                and all(len(g) == 1 and g in output for g in kept if g != (axis,))
+                and all(len(g) == 1 and g in output and not g[0].startswith(ir.ELLIPSIS)
+                        for g in kept if g != (axis,))
                 and not any(axis in p.ir.all_axes for p in others)):
             return axis, position, level
     return None
@@ -254,6 +258,16 @@ def choose_with_cotengra(program: Program, candidates: Mapping[str, str], limit:
     return Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
 
 
+def _logits_flops(program: Program) -> int:
+    """What computing a sliced softmax's logits again costs: a contraction over the
+    level's axes (counted as opt_einsum counts one pairwise product; a fused plan keeps
+    the level's sizes but not its FLOPs)."""
+    found = _normalized_level(program)
+    if found is None:  # pragma: no cover - only asked for a "softmax" slicing
+        return 0
+    return 2 * math.prod(n for _, n in found[2].sizes)
+
+
 def _flops(program: Program) -> int:
     return sum(level.flops for level in program.programs())
 
@@ -294,7 +308,7 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
         for lengths in itertools.product(*[_lengths(axis) for axis in axes]):
             program = plan_at(dict(zip(combo, (n for n, _ in lengths))))
             assert program is not None, "a shorter slice fits where a longer one does"
-            logits = sum(inner.flops for _, level in program.nested for inner in level.programs()) if again else 0
+            logits = _logits_flops(program) if again else 0
             total += (_flops(program) + logits) * math.prod(k for _, k in lengths)
             largest = max(largest, _largest(program))
         key = (total, math.prod(axis.count for axis in axes))
@@ -382,8 +396,11 @@ class Sliced:
         return factor
 
     def lse(self, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """A slice's log-normalizer; from half floats in float32 (a rounded one would
+        weigh the slice by as much as 2**(1/256 * |logits|) wrong)."""
         assert self.normalized is not None
-        return self.normalized.fn(*[views[i] for i in self.normalized.leaves])
+        picked = [views[i] for i in self.normalized.leaves]
+        return self.normalized.fn(*[t.float() if t.dtype in HALF else t for t in picked])
 
     def weight(self, spans: Sequence[tuple[int, int]]) -> float:
         """A slice's share of the reduced elements (``mean``)."""
@@ -435,7 +452,7 @@ class Sliced:
                 else:
                     merged = torch.logaddexp(running, lse.to(running.dtype))
                     target.mul_(self.normalized.to_output(torch.exp(running - merged)))
-                    target.add_(part * self.normalized.to_output(torch.exp(lse - merged)).to(part.dtype))
+                    target.add_(part.to(target.dtype) * self.normalized.to_output(torch.exp(lse - merged)))
                     running.copy_(merged)
             elif first:
                 target.copy_(part)
@@ -459,9 +476,12 @@ class Sliced:
         """Each slice recomputed with autograd; its gradient accumulated into the inputs'.
 
         A slice's backward holds its forward's intermediates and their gradients at once
-        (about 3-4x the slice), so backward takes slices half as long as forward's."""
+        (about 3-4x the slice), so backward takes slices half as long as forward's — but
+        for ``max``/``min``, whose gradient goes where a slice's value equals the result
+        (and is shared by the forward slices that tie): those recompute forward's own
+        slices, exactly."""
         grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needed)]
-        for spans in self.slices(split=2):
+        for spans in self.slices(split=1 if self.role in ("max", "min") else 2):
             with torch.enable_grad():
                 views = [t.detach().requires_grad_(need) for t, need in
                          zip(self.narrow(tensors, spans), needed)]
@@ -488,7 +508,7 @@ class Sliced:
                     kept = self.normalized.to_factor(g * part.detach())
                     total = self.normalized.to_factor(g * self.out_slice(result, spans))
                     outputs = [part, lse]
-                    wanted = [(g * self.normalized.to_output(share)).to(part.dtype),
+                    wanted = [(g * self.normalized.to_output(share).to(g.dtype)).to(part.dtype),
                               (share * (kept - total)).to(lse.dtype)]
                 else:
                     outputs, wanted = [part], [g.to(part.dtype)]
@@ -555,8 +575,10 @@ class _SlicedFunction(torch.autograd.Function):
         return result
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        if torch.is_grad_enabled():  # create_graph=True: its gradients would miss this call's
+            raise EincError("a sliced call (over its memory_limit) has no double backward "
+                            "(create_graph=True); use slice=False or a larger memory_limit")
         saved = ctx.saved_tensors
         ties = saved[-1] if ctx.has_ties else None
         count = len(saved) - 1 - ctx.has_ties

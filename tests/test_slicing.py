@@ -343,3 +343,65 @@ def test_cotengra_slices_a_tensor_network_where_asked():
         plan = f.explain(*xs)
         assert plan.slicing is not None and plan.slicing.largest_intermediate <= limit
         torch.testing.assert_close(f(*xs), oe.contract(eq, *xs), rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------- found in review (each failed before)
+
+
+def test_max_gradients_go_where_forward_found_the_maximum():
+    # Backward recomputes max's slices exactly as forward cut them: finer slices could
+    # round a maximum differently and drop its gradient, or double a tie's share.
+    h, w = randn(2, 8, 16, dtype=torch.float32).requires_grad_(), randn(64, 16, dtype=torch.float32).requires_grad_()
+    f = einc.compile("max(sum(b t d, v d -> b t v) -> b t)", memory_limit=32)
+    assert f.explain(h, w).slicing.axes[0].role == "max"
+    got = torch.autograd.grad(f(h, w).sum(), (h, w))
+    hd, wd = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = torch.autograd.grad((hd @ wd.T).amax(-1).sum(), (hd, wd))
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+    a = torch.zeros(4, 32, dtype=F64, requires_grad=True)  # every entry ties
+    (grad,) = torch.autograd.grad(einc.compile("max(b i, i j, j k -> b k)", memory_limit=16)(
+        a, torch.zeros(32, 32, dtype=F64), torch.zeros(32, 4, dtype=F64)).sum(), a)
+    assert float(grad.sum()) == 16.0  # one unit per output entry, as torch.amax gives
+
+
+@pytest.mark.parametrize("pattern", [
+    "softmax(b q d, b k d -> b q [k] / sqrt(k)), b k e -> b q e",  # the softmax's axis in its scale
+    "softmax(b q d, b k d -> b q [k]), b k e -> b q e / k",        # ... or in the top level's
+    "softmax(... q d, ... k d -> ... q [k]), ... k e -> ... q e",  # '...' may broadcast
+])
+def test_keys_are_not_cut_where_the_recurrence_would_not_hold(pattern):
+    q, k, v = randn(1, 4, 8), randn(1, 256, 8), randn(1 if "..." not in pattern else 2, 256, 2)
+    with pytest.raises(einc.EincError, match="no slicing fits it either"):
+        einc.compile(pattern, memory_limit=96, fuse=False)(q, k, v)
+
+
+def test_double_backward_through_a_sliced_call_raises():
+    x, w = torch.ones(4, 16, dtype=F64, requires_grad=True), randn(16, 16, 2)
+    f = einc.compile("b i, b j, i j o -> b o", memory_limit=8)
+    with pytest.raises(einc.EincError, match="no double backward"):  # it would miss this call's term
+        torch.autograd.grad(f(x, x, w).sum() + (x ** 3).sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(f(x, x, w).sum(), x)  # a first backward is fine
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_attention_cut_along_keys_is_as_accurate_as_unsliced(dtype):
+    q, k, v = (randn(1, 4, 16, dtype=torch.float32) * 4).to(dtype), (randn(1, 256, 16, dtype=torch.float32) * 4
+                                                                       ).to(dtype), randn(1, 256, 2, dtype=dtype)
+    pattern = "softmax(b q d, b k d -> b q [k] / sqrt(d)), b k e -> b q e"
+    expected = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4, -1) @ v.double()
+    sliced = einc.compile(pattern, memory_limit=16)
+    assert "k" in [a.name for a in sliced.explain(q, k, v).slicing.axes]
+    error = float((sliced(q, k, v).double() - expected).abs().max())
+    whole = float((einc.compile(pattern)(q, k, v).double() - expected).abs().max())
+    assert error <= 2 * whole + 1e-3
+
+
+def test_a_fused_attention_counts_the_logits_computed_again():
+    # With SDPA fused, the softmax level's FLOPs are inside one step: cutting keys must
+    # still count computing the logits twice, so queries are cut where both fit.
+    q, k, v = randn(4, 4), randn(256, 4), randn(256, 2)
+    for fuse in (True, False):
+        plan = einc.compile("softmax(q d, k d -> q [k]), k e -> q e", memory_limit=346, fuse=fuse).explain(q, k, v)
+        assert [a.name for a in plan.slicing.axes] == ["q"]
