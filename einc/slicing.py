@@ -200,14 +200,20 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
     :class:`MemoryLimitError` when nothing fits."""
     sizes = dict(program.sizes) | {a: n for level in program.programs() for a, n in level.sizes}
     names = [a for a in candidates if sizes.get(a, 0) > 1]
-    best: tuple[tuple[int, int, int], Slicing] | None = None
+    leaves = leaf_dims(program)
+    largest = {a: max(math.prod(sizes[x] for g in dims for x in g if not x.startswith(ir.ELLIPSIS))
+                      for dims in leaves if any(a in g for g in dims)) for a in names}
+    best: tuple[tuple[int, int, int, int], Slicing] | None = None
     for count in range(1, MAX_AXES + 1):
         for combo in itertools.combinations(names, count):
             found = _fit(combo, sizes, candidates, plan_at)
             if found is not None:
                 slicing = Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
-                # Ties go to output and reduced axes: a softmax's own axis costs its logits twice.
-                key = (slicing.flops, slicing.slices, sum(a.role == "softmax" for a in slicing.axes))
+                # Ties go to output and reduced axes (a softmax's own axis costs its logits
+                # twice), then to axes of the largest operand: backward writes its gradient
+                # in disjoint slices instead of adding a whole one per slice.
+                key = (slicing.flops, slicing.slices, sum(a.role == "softmax" for a in slicing.axes),
+                       -max(largest[a] for a in combo))
                 if best is None or key < best[0]:
                     best = (key, slicing)
         if best is not None:
