@@ -262,6 +262,7 @@ class Expression:
             if not self.options.slice:
                 raise
             runner, inner, _ = self._slicing(shapes, types, transformed)
+            slicing.warn_if_small(runner.slicing, f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}")
             return _Compiled(lambda *tensors: slicing.run(runner, inner, tensors))
 
     def _slicing(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool

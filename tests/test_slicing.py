@@ -405,3 +405,13 @@ def test_a_fused_attention_counts_the_logits_computed_again():
     for fuse in (True, False):
         plan = einc.compile("softmax(q d, k d -> q [k]), k e -> q e", memory_limit=346, fuse=fuse).explain(q, k, v)
         assert [a.name for a in plan.slicing.axes] == ["q"]
+
+
+def test_many_small_slices_warn():
+    # Over 1024 slices of under a million FLOPs each, the per-slice overhead dominates.
+    xs = [randn(*s) for s in [(1, 1100), (1100, 1100), (1100, 1)]]  # only single rows fit
+    f = einc.compile("a b, b c, c d -> a d", memory_limit=1)
+    with pytest.warns(einc.slicing.SlicingWarning, match=r"slices of about .* FLOPs each"):
+        out = f(*xs)
+    assert f.explain(*xs).slicing.slices > 1024
+    torch.testing.assert_close(out, xs[0] @ xs[1] @ xs[2])
