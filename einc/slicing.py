@@ -13,14 +13,16 @@ number of slices.  :class:`Sliced` runs the slices on ``narrow`` views of the in
   the log semiring) merges with ``logaddexp`` — as stable as one pass;
 - the normalized axis of a nested softmax that the top level sums over (attention's
   keys): flash attention's recurrence, each slice rescaled by its log-normalizer's
-  share of the running one (:class:`Normalized`).
+  share of the running one; of a nested log_softmax (soft-label cross-entropy): each
+  slice's log-probabilities corrected by (its log-normalizer - the running one) times
+  the top level's contraction with ones (:class:`Normalized`).
 
 Gradients go through :class:`_SlicedFunction`, which saves only the inputs and the
 result and recomputes each slice in backward, so backward stays within about the
 gradient buffers plus a few budgets.  What cannot be sliced (see :func:`roles`) keeps
 the refusal: axes inside compositions or ``...``, repeated in one operand, used by a
 scale, sized by keyword, reduced inside a nested operation, or normalized (but for the
-softmax case above).
+nested softmax/log_softmax cases above).
 """
 
 from __future__ import annotations
@@ -156,11 +158,11 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
     normalized = _normalized_level(program)
     scaled = {f.value for level in program.programs() for f in level.ir.scale if isinstance(f.value, str)}
     if normalized is not None:
-        axis, _, _ = normalized
+        axis, _, level = normalized
         if axis not in keyword and axis not in scaled and all(
                 (axis,) in dims and sum(axis in g for g in dims) == 1
                 for dims in leaves if any(axis in g for g in dims)):
-            found[axis] = "softmax"
+            found[axis] = str(level.ir.op)  # "softmax" or "log_softmax"
     for axis in sorted(allowed):
         if any(axis in g for g in output):
             if (axis,) in output:
@@ -183,8 +185,8 @@ class SlicingWarning(UserWarning):
 
 
 def _normalized_level(program: Program) -> tuple[str, int, Program] | None:
-    """(axis, position, level) of a nested softmax that slices along its normalized axis
-    with flash attention's recurrence: the top level a plain sum of products reducing
+    """(axis, position, level) of a nested softmax or log_softmax that slices along its
+    normalized axis (:class:`Normalized`): the top level a plain sum of products reducing
     that axis, the softmax over plain operands and one axis of its own dimension, and
     every other axis of its output an axis of the top output, also of its own dimension.
     ``None`` where the pattern has no such level."""
@@ -194,7 +196,7 @@ def _normalized_level(program: Program) -> tuple[str, int, Program] | None:
     output = [tuple(g) for g in program.output_dims]
     for position, level in program.nested:
         pattern = level.ir
-        if pattern.op != "softmax" or len(pattern.normalized) != 1 or pattern.nested:
+        if pattern.op not in ir.NORMALIZERS or len(pattern.normalized) != 1 or pattern.nested:
             continue
         (axis,) = pattern.normalized
         kept = [tuple(g) for g in level.output_dims]
@@ -230,7 +232,7 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
                 # Ties go to output and reduced axes (a softmax's own axis costs its logits
                 # twice), then to axes of the largest operand: backward writes its gradient
                 # in disjoint slices instead of adding a whole one per slice.
-                key = (slicing.flops, slicing.slices, sum(a.role == "softmax" for a in slicing.axes),
+                key = (slicing.flops, slicing.slices, sum(a.role in ir.NORMALIZERS for a in slicing.axes),
                        -max(largest[a] for a in combo))
                 if best is None or key < best[0]:
                     best = (key, slicing)
@@ -328,7 +330,7 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
         total, largest = 0, 0
         # Each distinct slice shape once: full chunks and the shorter last ones.
         # Slicing a softmax's own axis computes its logits again, for the log-normalizer.
-        again = any(axis.role == "softmax" for axis in axes)
+        again = any(axis.role in ir.NORMALIZERS for axis in axes)
         for lengths in itertools.product(*[_lengths(axis) for axis in axes]):
             program = plan_at(dict(zip(combo, (n for n, _ in lengths))))
             assert program is not None, "a shorter slice fits where a longer one does"
@@ -363,6 +365,22 @@ class Normalized:
     """The log-normalizer's axes, in its dimension order."""
     output: tuple[str, ...]
     """The result's axes, one per dimension."""
+    axis: str = ""
+    """The normalized axis."""
+    kept: tuple[str, ...] = ()
+    """The nested level's output axes, the normalized one included, in its dimension order."""
+    ones: Callable[..., torch.Tensor] | None = None
+    """For ``log_softmax``: the top level with the nested operand replaced by ones (on the
+    call's tensors, the nested level's replaced by one tensor of ones)."""
+
+    def ones_for(self, views: Sequence[torch.Tensor], lse: torch.Tensor, length: int) -> torch.Tensor:
+        """The top level's contraction with the log_softmax replaced by ones, for a slice
+        (``length`` entries of :attr:`axis`; ``lse`` gives the other sizes)."""
+        assert self.ones is not None
+        shape = [length if a == self.axis else lse.shape[self.factor.index(a)] for a in self.kept]
+        first, last = self.leaves[0], self.leaves[-1] + 1
+        filler = views[first].new_ones(()).expand(shape)
+        return self.ones(*views[:first], filler, *views[last:])
 
     def to_output(self, f: torch.Tensor) -> torch.Tensor:
         """``f`` (over :attr:`factor`) as a tensor that broadcasts over the result."""
@@ -391,7 +409,7 @@ class Sliced:
     role: str
     """How reduced slices combine (``"output"`` when only output axes are sliced)."""
     normalized: Normalized | None = None
-    """For ``"softmax"``: the nested softmax's log-normalizer."""
+    """For ``"softmax"``/``"log_softmax"``: the nested normalizer's log-normalizer."""
 
     def slices(self, split: int = 1) -> list[tuple[tuple[int, int], ...]]:
         """Every slice's spans, one per sliced axis; ``split`` divides the last axis' chunk."""
@@ -431,24 +449,23 @@ class Sliced:
         return math.prod(length / axis.size for axis, (_, length) in zip(self.slicing.axes, spans)
                          if axis.role != "output")
 
+    def span_of(self, spans: Sequence[tuple[int, int]], name: str) -> tuple[int, int]:
+        return next(span for axis, span in zip(self.slicing.axes, spans) if axis.name == name)
+
     def forward(self, fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The result, and for ``max``/``min`` how many slices hold each entry's extremum
-        (for ``softmax``: the log-normalizer over the whole axis)."""
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The result, and what backward needs besides: for ``max``/``min`` how many slices
+        hold each entry's extremum; for a normalizer the log-normalizer over the whole
+        axis (and for ``log_softmax`` the contraction with ones, summed over slices)."""
         result: torch.Tensor | None = None
-        ties: torch.Tensor | None = None
+        state: list[torch.Tensor] = []
         written: set[tuple[tuple[int, int], ...]] = set()
+        norm = self.normalized
         for spans in self.slices():
             views = self.narrow(tensors, spans)
             part = fn(*views)
-            if self.role == "softmax":
+            if norm is not None:
                 lse = self.lse(views)
-                if ties is None:
-                    shape = list(lse.shape)
-                    for axis in self.slicing.axes:
-                        if axis.role == "output" and axis.name in self.normalized.factor:  # type: ignore[union-attr]
-                            shape[self.normalized.factor.index(axis.name)] = axis.size  # type: ignore[union-attr]
-                    ties = lse.new_empty(shape, dtype=torch.float32 if lse.dtype in HALF else lse.dtype)
             if result is None:
                 shape = list(part.shape)
                 for dim, axis in zip(self.output_dims, self.slicing.axes):
@@ -458,45 +475,65 @@ class Sliced:
                 wide = self.role != "output" and part.dtype in HALF
                 result = part.new_empty(shape, dtype=torch.float32 if wide else part.dtype)
                 if self.role in ("max", "min"):
-                    ties = torch.zeros(shape, dtype=torch.int32, device=part.device)
+                    state.append(torch.zeros(shape, dtype=torch.int32, device=part.device))
+                if norm is not None:
+                    factor = list(lse.shape)
+                    for axis in self.slicing.axes:
+                        if axis.role == "output" and axis.name in norm.factor:
+                            factor[norm.factor.index(axis.name)] = axis.size
+                    state.append(lse.new_empty(factor, dtype=torch.float32 if lse.dtype in HALF else lse.dtype))
+                if self.role == "log_softmax":
+                    state.append(torch.zeros_like(result))
             target = self.out_slice(result, spans)
             key = tuple(span for span, dim in zip(spans, self.output_dims) if dim is not None)
             first = key not in written
             written.add(key)
             if self.role == "mean":
                 part = part * self.weight(spans)
-            if self.role == "softmax":
-                # Flash attention's recurrence: rescale what was kept and the new part
-                # by their log-normalizers' shares of the running one.
-                assert self.normalized is not None and ties is not None
-                running = self.factor_slice(ties, spans)
+            if norm is not None:
+                running = self.factor_slice(state[0], spans)
+                if self.role == "log_softmax":
+                    # Each slice's log-probabilities are off by (its lse - the whole
+                    # axis' lse), a constant per row: add it times the contraction with ones.
+                    ones = norm.ones_for(views, lse, self.span_of(spans, norm.axis)[1]).to(target.dtype)
+                    total_ones = self.out_slice(state[1], spans)
                 if first:
                     target.copy_(part)
                     running.copy_(lse)
+                    if self.role == "log_softmax":
+                        total_ones.copy_(ones)
                 else:
                     merged = torch.logaddexp(running, lse.to(running.dtype))
-                    target.mul_(self.normalized.to_output(torch.exp(running - merged)))
-                    target.add_(part.to(target.dtype) * self.normalized.to_output(torch.exp(lse - merged)))
+                    if self.role == "softmax":
+                        # Flash attention's recurrence: rescale what was kept and the new
+                        # part by their log-normalizers' shares of the running one.
+                        target.mul_(norm.to_output(torch.exp(running - merged)))
+                        target.add_(part.to(target.dtype) * norm.to_output(torch.exp(lse - merged)))
+                    else:
+                        target.add_(norm.to_output(running - merged) * total_ones)
+                        target.add_(part.to(target.dtype) + norm.to_output(lse - merged) * ones)
+                        total_ones.add_(ones)
                     running.copy_(merged)
             elif first:
                 target.copy_(part)
-                if ties is not None:
-                    self.out_slice(ties, spans).fill_(1)
+                if state:
+                    self.out_slice(state[0], spans).fill_(1)
             elif self.role in ("sum", "mean"):
                 target.add_(part)
             elif self.role == "logsumexp":
                 target.copy_(torch.logaddexp(target, part.to(target.dtype)))
             else:
-                count = self.out_slice(ties, spans)
+                count = self.out_slice(state[0], spans)
                 better = part > target if self.role == "max" else part < target
                 count.copy_(torch.where(better, 1, count + (part == target).to(count.dtype)))
                 target.copy_((torch.maximum if self.role == "max" else torch.minimum)(target, part.to(target.dtype)))
             dtype = part.dtype
         assert result is not None
-        return result.to(dtype), ties
+        return result.to(dtype), state
 
     def backward(self, fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], result: torch.Tensor,
-                 ties: torch.Tensor | None, grad: torch.Tensor, needed: Sequence[bool]) -> list[torch.Tensor | None]:
+                 state: Sequence[torch.Tensor], grad: torch.Tensor, needed: Sequence[bool]
+                 ) -> list[torch.Tensor | None]:
         """Each slice recomputed with autograd; its gradient accumulated into the inputs'.
 
         A slice's backward holds its forward's intermediates and their gradients at once
@@ -505,38 +542,46 @@ class Sliced:
         (and is shared by the forward slices that tie): those recompute forward's own
         slices, exactly."""
         grads = [torch.zeros_like(t) if need else None for t, need in zip(tensors, needed)]
+        norm = self.normalized
         for spans in self.slices(split=1 if self.role in ("max", "min") else 2):
             with torch.enable_grad():
                 views = [t.detach().requires_grad_(need) for t, need in
                          zip(self.narrow(tensors, spans), needed)]
                 part = fn(*views)
                 g = self.out_slice(grad, spans)
+                outputs, wanted = [part], [g]
                 if self.role == "mean":
-                    g = g * self.weight(spans)
+                    wanted = [g * self.weight(spans)]
                 elif self.role == "logsumexp":
                     total = self.out_slice(result, spans)
                     # Where every slice is -inf the result is -inf: gradient 0, not NaN.
-                    share = torch.exp(part.detach() - total).masked_fill(total == float("-inf"), 0.0)
-                    g = g * share
+                    wanted = [g * torch.exp(part.detach() - total).masked_fill(total == float("-inf"), 0.0)]
                 elif self.role in ("max", "min"):
                     total = self.out_slice(result, spans)
-                    count = self.out_slice(ties, spans) if ties is not None else 1
-                    g = g * (part.detach() == total) / count
-                inputs = [v for v, need in zip(views, needed) if need]
-                if self.role == "softmax":
-                    # result = sum_s w_s R_s with w_s = exp(lse_s - lse): through R_s and
-                    # through w_s, whose total over slices the result already holds.
-                    assert self.normalized is not None and ties is not None
+                    wanted = [g * (part.detach() == total) / self.out_slice(state[0], spans)]
+                elif norm is not None:
                     lse = self.lse(views)
-                    share = torch.exp(lse.detach() - self.factor_slice(ties, spans))
-                    kept = self.normalized.to_factor(g * part.detach())
-                    total = self.normalized.to_factor(g * self.out_slice(result, spans))
-                    outputs = [part, lse]
-                    wanted = [(g * self.normalized.to_output(share).to(g.dtype)).to(part.dtype),
-                              (share * (kept - total)).to(lse.dtype)]
-                else:
-                    outputs, wanted = [part], [g.to(part.dtype)]
-                parts = torch.autograd.grad(outputs, inputs, wanted, allow_unused=True)
+                    whole = self.factor_slice(state[0], spans)
+                    share = torch.exp(lse.detach() - whole)
+                    if self.role == "softmax":
+                        # result = sum_s w_s R_s with w_s = exp(lse_s - lse): through R_s
+                        # and through w_s, whose total over slices the result holds.
+                        kept = norm.to_factor(g * part.detach())
+                        total = norm.to_factor(g * self.out_slice(result, spans))
+                        outputs = [part, lse]
+                        wanted = [g * norm.to_output(share).to(g.dtype), share * (kept - total)]
+                    else:
+                        # result = sum_s R_s + (lse_s - lse) C_s, with C_s the contraction
+                        # with ones and lse = logsumexp over s of lse_s.
+                        ones = norm.ones_for(views, lse, self.span_of(spans, norm.axis)[1])
+                        own = norm.to_factor(g * ones.detach())
+                        every = norm.to_factor(g * self.out_slice(state[1], spans))
+                        outputs = [part, lse, ones]
+                        wanted = [g, own - share * every, g * norm.to_output(lse.detach() - whole).to(g.dtype)]
+                inputs = [v for v, need in zip(views, needed) if need]
+                # (A contraction with ones over nothing but the ones has no gradient.)
+                pairs = [(o, w.to(o.dtype)) for o, w in zip(outputs, wanted) if o.requires_grad]
+                parts = torch.autograd.grad([o for o, _ in pairs], inputs, [w for _, w in pairs], allow_unused=True)
             got = iter(parts)
             for index, need in enumerate(needed):
                 if need:
@@ -570,19 +615,25 @@ def sliced(program: Program, slicing: Slicing,
         raise MemoryLimitError(f"slices combine by one rule, not {' and '.join(sorted(reduced))}")
     role = reduced.pop() if reduced else "output"
     normalized = None
-    if role == "softmax":
+    if role in ir.NORMALIZERS:
         found = _normalized_level(program)
         assert found is not None and normalizer is not None
         axis, position, level = found
         first = sum(x.leaves if isinstance(x, ir.Pattern) else 1 for x in program.ir.inputs[:position])
         factor = tuple(g[0] for g in level.output_dims if g != (axis,))
-        softmax = level.ir
-        logits = ir.Pattern(softmax.inputs, softmax.output, "sum", compact=softmax.compact, scale=softmax.scale)
-        kept = ir.AxisList(tuple(dim for dim in softmax.output.dims if dim != (axis,)))
-        lse = ir.Pattern((logits,), kept, "logsumexp", compact=softmax.compact)
+        nested = level.ir
+        logits = ir.Pattern(nested.inputs, nested.output, "sum", compact=nested.compact, scale=nested.scale)
+        kept = ir.AxisList(tuple(dim for dim in nested.output.dims if dim != (axis,)))
+        lse = ir.Pattern((logits,), kept, "logsumexp", compact=nested.compact)
+        ones = None
+        if role == "log_softmax":
+            top = program.ir
+            inputs = top.inputs[:position] + (nested.output,) + top.inputs[position + 1:]
+            ones = normalizer(ir.Pattern(inputs, top.output, top.op, compact=top.compact, scale=top.scale))
         # The result's dimensions by name (a composition by a name no axis has).
         names = tuple(g[0] if len(g) == 1 else "(" + " ".join(g) + ")" for g in output)
-        normalized = Normalized(normalizer(lse), tuple(range(first, first + softmax.leaves)), factor, names)
+        normalized = Normalized(normalizer(lse), tuple(range(first, first + nested.leaves)), factor, names,
+                                axis, tuple(g[0] for g in level.output_dims), ones)
     return Sliced(slicing, places, dims, role, normalized)
 
 
@@ -592,10 +643,9 @@ class _SlicedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, runner: Sliced, fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            result, ties = runner.forward(fn, tensors)
-        ctx.runner, ctx.fn = runner, fn
-        ctx.save_for_backward(*tensors, result, *([ties] if ties is not None else []))
-        ctx.has_ties = ties is not None
+            result, state = runner.forward(fn, tensors)
+        ctx.runner, ctx.fn, ctx.count = runner, fn, len(tensors)
+        ctx.save_for_backward(*tensors, result, *state)
         return result
 
     @staticmethod
@@ -604,10 +654,8 @@ class _SlicedFunction(torch.autograd.Function):
             raise EincError("a sliced call (over its memory_limit) has no double backward "
                             "(create_graph=True); use slice=False or a larger memory_limit")
         saved = ctx.saved_tensors
-        ties = saved[-1] if ctx.has_ties else None
-        count = len(saved) - 1 - ctx.has_ties
-        tensors, result = saved[:count], saved[count]
-        grads = ctx.runner.backward(ctx.fn, tensors, result, ties, grad, ctx.needs_input_grad[2:])
+        tensors, result, state = saved[:ctx.count], saved[ctx.count], saved[ctx.count + 1:]
+        grads = ctx.runner.backward(ctx.fn, tensors, result, state, grad, ctx.needs_input_grad[2:])
         return (None, None, *grads)
 
 

@@ -415,3 +415,45 @@ def test_many_small_slices_warn():
         out = f(*xs)
     assert f.explain(*xs).slicing.slices > 1024
     torch.testing.assert_close(out, xs[0] @ xs[1] @ xs[2])
+
+
+@pytest.mark.parametrize("pattern, reference", [
+    # Soft-label cross-entropy over a vocabulary: log-probabilities times targets.
+    ("log_softmax(b t d, v d -> b t [v]), b t v -> b t", lambda h, w, y: (torch.log_softmax(h @ w.T, -1) * y).sum(-1)),
+    # With a scale on the logits and a permuted output.
+    ("log_softmax(b t d, v d -> b t [v] / sqrt(d)), b t v -> t b",
+     lambda h, w, y: (torch.log_softmax(h @ w.T / 2, -1) * y).sum(-1).T),
+    # Summed log-probabilities: the contraction with ones has no other operand.
+    ("sum(log_softmax(b t d, v d -> b t [v]) -> b t)", lambda h, w: torch.log_softmax(h @ w.T, -1).sum(-1)),
+])
+def test_log_softmax_slices_along_its_own_axis(pattern, reference):
+    # Where one row of logits does not fit: each slice's log-probabilities are off by
+    # (its log-normalizer - the whole axis'), a constant per row, added back times the
+    # contraction with ones; against torch in float64, values, gradients, gradcheck.
+    h, w = randn(1, 2, 4).requires_grad_(), randn(256, 4).requires_grad_()
+    y = torch.softmax(randn(1, 2, 256), -1).requires_grad_()
+    args = (h, w, y) if pattern.count(",") > 1 else (h, w)
+    f = einc.compile(pattern, memory_limit=64)
+    assert [(a.name, a.role) for a in f.explain(*args).slicing.axes] == [("v", "log_softmax")]
+    out, expected = f(*args), reference(*args)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    weight = randn(*expected.shape)
+    got = torch.autograd.grad((out * weight).sum(), args)
+    want = torch.autograd.grad((expected * weight).sum(), args)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+    small = (h.detach().clone(), w.detach()[:24].clone(), y.detach()[..., :24].clone())[:len(args)]
+    assert torch.autograd.gradcheck(einc.compile(pattern, memory_limit=8), tuple(a.requires_grad_() for a in small))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_log_softmax_cut_along_its_axis_is_as_accurate_as_unsliced(dtype):
+    h, w = randn(1, 4, 16, dtype=dtype), randn(512, 16, dtype=dtype)
+    y = torch.softmax(randn(1, 4, 512), -1).to(dtype)
+    pattern = "log_softmax(b t d, v d -> b t [v] / sqrt(d)), b t v -> b t"
+    expected = (torch.log_softmax(h.double() @ w.double().T / 4, -1) * y.double()).sum(-1)
+    sliced = einc.compile(pattern, memory_limit=128)
+    assert "v" in [a.name for a in sliced.explain(h, w, y).slicing.axes]
+    error = float((sliced(h, w, y).double() - expected).abs().max())
+    whole = float((einc.compile(pattern)(h, w, y).double() - expected).abs().max())
+    assert error <= 2 * whole + 2e-2
