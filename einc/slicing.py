@@ -106,9 +106,11 @@ class Slicing:
 
     def peak(self, itemsize: int) -> int:
         """Estimated peak extra bytes: one slice's largest intermediate, its result, the
-        output and, where slices are reduced, a running value of the output's size."""
+        output and, where slices are reduced, a running value of the output's size (two
+        for a log_softmax cut along its axis: also the contraction with ones)."""
         reduced = any(axis.role != "output" for axis in self.axes)
-        return (self.largest_intermediate + self.output * (2 + reduced)) * itemsize
+        ones = any(axis.role == "log_softmax" for axis in self.axes)
+        return (self.largest_intermediate + self.output * (2 + reduced + ones)) * itemsize
 
     def to_dict(self) -> dict[str, Any]:
         return {"axes": [{"name": a.name, "size": a.size, "chunk": a.chunk, "slices": a.count, "role": a.role}
