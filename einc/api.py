@@ -281,7 +281,7 @@ class Expression:
             # The output is allocated whole: it must fit (the planner's message names it).
             check_output(full.output_axes, dict(full.sizes), limit)
             inner = self._inner()
-            leaves = slicing.leaf_dims(full)
+            leaves = full.leaf_dims()
 
             def cut(chunks: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
                 return tuple(tuple(chunks.get(group[0], n) if len(group) == 1 else n
@@ -295,8 +295,7 @@ class Expression:
 
             def peak_at(chunks: Mapping[str, int]) -> int:
                 # Unfused: the limit holds for the intermediates a fused kernel replaces.
-                program = inner._plan_lookup(cut(chunks), None, False)
-                return max(level.largest_intermediate for level in program.programs())
+                return slicing.largest_intermediate(inner._plan_lookup(cut(chunks), None, False))
 
             candidates = slicing.roles(full, self.sizes)
             chosen = None

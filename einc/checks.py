@@ -38,19 +38,6 @@ def widening(program: Program) -> tuple[bool, bool]:
     return program.ir.op is not None, dtypes.sums(program.ir.op, bool(program.reduced))
 
 
-def _leaf_lists(program: Program) -> list[tuple[ir.AxisList, tuple[Group, ...]]]:
-    """(axis list, dimensions with ``...`` spelled out) of every tensor operand, nested ones included."""
-    nested = dict(program.nested)
-    out: list[tuple[ir.AxisList, tuple[Group, ...]]] = []
-    for index, operand in enumerate(program.ir.inputs):
-        if index in nested:
-            out.extend(_leaf_lists(nested[index]))
-        else:
-            assert isinstance(operand, ir.AxisList)
-            out.append((operand, program.input_dims[index]))
-    return out
-
-
 def prologue(unit: Unit, program: Program, leaves: list[str], lines: list[str],
              limits: Sequence[tuple[int | None, bool]]) -> list[str]:
     """Generic code's checks and sizes: each leaf's rank, one size per name, compositions,
@@ -63,7 +50,8 @@ def prologue(unit: Unit, program: Program, leaves: list[str], lines: list[str],
             anonymous = ir.anonymous_size(name)
             if anonymous is not None:
                 unit.literal[name] = anonymous
-    reader = _Reader(unit, _leaf_lists(program), list(leaves), lines, program.ir.compact)
+    reader = _Reader(unit, list(zip(program.ir.leaf_lists(), program.leaf_dims())), list(leaves), lines,
+                     program.ir.compact)
     reader.ranks()
     reader.sizes()
     values = _promotion(unit, program, reader.values, lines)

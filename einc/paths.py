@@ -82,7 +82,7 @@ class _OverBudget(Exception):
 
 class _BudgetedDP(oe.paths.DynamicProgramming):
     """opt_einsum's ``DynamicProgramming`` (minimizing FLOPs) that stops after
-    :data:`DP_BUDGET` comparisons and returns ``RandomGreedy``'s path instead."""
+    :data:`DP_BUDGET` comparisons and returns :class:`_Cheapest`'s path instead."""
 
     def __init__(self, search_outer: bool) -> None:
         super().__init__(minimize=self._compare, search_outer=search_outer)

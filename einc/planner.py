@@ -122,6 +122,13 @@ class Program:
         inner = tuple(p for _, sub in self.nested for p in sub.programs())
         return inner + (self,)
 
+    def leaf_dims(self) -> tuple[tuple[Group, ...], ...]:
+        """Every tensor operand's dimensions (axis groups, ``...`` spelled out), nested
+        levels' included, in the order a call takes the tensors."""
+        nested = dict(self.nested)
+        return tuple(dims for index in range(len(self.ir.inputs))
+                     for dims in (nested[index].leaf_dims() if index in nested else (self.input_dims[index],)))
+
     def structure(self) -> tuple[Any, ...]:
         """What this program computes, and how, without its sizes: the path, each step's
         axes and kernel roles, the preparations, and its nested levels likewise.  Two

@@ -41,7 +41,7 @@ from .errors import EincError, MemoryLimitError
 from .planner import Program
 
 __all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "SlicingWarning", "choose", "choose_with_cotengra",
-           "leaf_dims", "roles", "run", "sliced", "warn_if_small"]
+           "largest_intermediate", "roles", "run", "sliced", "warn_if_small"]
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -119,18 +119,6 @@ class Slicing:
                 "largest_intermediate": self.largest_intermediate}
 
 
-def leaf_dims(program: Program) -> list[tuple[tuple[str, ...], ...]]:
-    """Every tensor operand's dimensions (axis groups, ``...`` spelled out), nested ones included."""
-    nested = dict(program.nested)
-    out: list[tuple[tuple[str, ...], ...]] = []
-    for index, operand in enumerate(program.ir.inputs):
-        if index in nested:
-            out.extend(leaf_dims(nested[index]))
-        else:
-            out.append(tuple(tuple(group) for group in program.input_dims[index]))
-    return out
-
-
 def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
     """The axes a pattern can be sliced along, each with its role.
 
@@ -141,7 +129,7 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
     combine (:data:`ROLE_OF_OP`; a scale then rules out non-linear ones).
     """
     top = program.ir
-    leaves = leaf_dims(program)
+    leaves = program.leaf_dims()
     present = {a for dims in leaves for group in dims for a in group}
     allowed = set()
     for axis in present:
@@ -222,7 +210,7 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
     :class:`MemoryLimitError` when nothing fits."""
     sizes = dict(program.sizes) | {a: n for level in program.programs() for a, n in level.sizes}
     names = [a for a in candidates if sizes.get(a, 0) > 1]
-    leaves = leaf_dims(program)
+    leaves = program.leaf_dims()
     largest = {a: max(math.prod(sizes[x] for g in dims for x in g if not x.startswith(ir.ELLIPSIS))
                       for dims in leaves if any(a in g for g in dims)) for a in names}
     best: tuple[tuple[int, int, int, int], Slicing] | None = None
@@ -266,7 +254,7 @@ def choose_with_cotengra(program: Program, candidates: Mapping[str, str], limit:
         import cotengra
     except ImportError:
         return None
-    leaves = leaf_dims(program)
+    leaves = program.leaf_dims()
     inputs = [tuple(a for group in dims for a in group) for dims in leaves]
     if program.nested or any(len(set(term)) != len(term) for term in inputs):
         return None
@@ -300,7 +288,8 @@ def _flops(program: Program) -> int:
     return sum(level.flops for level in program.programs())
 
 
-def _largest(program: Program) -> int:
+def largest_intermediate(program: Program) -> int:
+    """The largest intermediate of any level of ``program`` (elements)."""
     return max(level.largest_intermediate for level in program.programs())
 
 
@@ -338,7 +327,7 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
             assert program is not None, "a shorter slice fits where a longer one does"
             logits = _logits_flops(program) if again else 0
             total += (_flops(program) + logits) * math.prod(k for _, k in lengths)
-            largest = max(largest, _largest(program))
+            largest = max(largest, largest_intermediate(program))
         key = (total, math.prod(axis.count for axis in axes))
         if best is None or key < best[0]:
             best = (key, (axes, total, largest))
@@ -418,12 +407,16 @@ class Sliced:
         *first, last = self.slicing.axes
         return list(itertools.product(*[axis.spans() for axis in first], last.spans(split)))
 
-    def narrow(self, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-        out = list(tensors)
+    def cut(self, tensor: torch.Tensor, index: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """Operand ``index`` (``tensor``, or its gradient buffer) narrowed to a slice."""
         for places, (start, length) in zip(self.places, spans):
-            for index, dim in places:
-                out[index] = out[index].narrow(dim, start, length)
-        return out
+            for where, dim in places:
+                if where == index:
+                    tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+    def narrow(self, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+        return [self.cut(tensor, index, spans) for index, tensor in enumerate(tensors)]
 
     def out_slice(self, result: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
         for dim, (start, length) in zip(self.output_dims, spans):
@@ -589,25 +582,17 @@ class Sliced:
                 if need:
                     piece = next(got)
                     if piece is not None:
-                        self.narrow_grad(grads, index, spans).add_(piece)
+                        target = grads[index]
+                        assert target is not None
+                        self.cut(target, index, spans).add_(piece)
         return grads
-
-    def narrow_grad(self, grads: list[torch.Tensor | None], index: int, spans: Sequence[tuple[int, int]]
-                    ) -> torch.Tensor:
-        target = grads[index]
-        assert target is not None
-        for places, (start, length) in zip(self.places, spans):
-            for tensor, dim in places:
-                if tensor == index:
-                    target = target.narrow(dim, start, length)
-        return target
 
 
 def sliced(program: Program, slicing: Slicing,
            normalizer: Callable[[ir.Pattern], Callable[..., torch.Tensor]] | None = None) -> Sliced:
     """Where each sliced axis sits in the operands and the result of ``program``;
     ``normalizer(pattern)`` compiles the log-normalizer a ``"softmax"`` slicing needs."""
-    leaves = leaf_dims(program)
+    leaves = program.leaf_dims()
     places = tuple(tuple((index, dims.index((axis.name,))) for index, dims in enumerate(leaves)
                          if (axis.name,) in dims) for axis in slicing.axes)
     output = [tuple(g) for g in program.output_dims]
