@@ -78,18 +78,30 @@ def test_sliced_results_match_the_reference_within_the_budget(name, pattern, sha
     torch.testing.assert_close(f(*xs), reference(*xs), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
 @pytest.mark.parametrize("name", ["sum-chain", "mean-chain", "max-chain", "logsumexp-chain", "log-partition",
                                   "log-probability-sums", "attention"])
-def test_sliced_gradients_match_torch(name):
+def test_sliced_gradients_match_torch(name, backend):
     _, pattern, shapes, reference = next(c for c in CASES if c[0] == name)
     limit, _ = _budget(pattern, shapes, 16, fuse=False)
     xs = [randn(*s).requires_grad_() for s in shapes]
     weight = randn(*reference(*xs).shape)
-    f = einc.compile(pattern, memory_limit=limit, fuse=False)
+    f = einc.compile(pattern, memory_limit=limit, fuse=False, backend=backend)
     assert f.explain(*xs).slicing is not None
     got = torch.autograd.grad((f(*xs) * weight).sum(), xs)
     expected = torch.autograd.grad((reference(*xs) * weight).sum(), xs)
     for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_sliced_calls_run_under_torch_compile_forward_and_backward():
+    h, w = randn(2, 8, 16).requires_grad_(), randn(256, 16).requires_grad_()
+    f = einc.compile("logsumexp(sum(b t d, v d -> b t v) -> b t)", memory_limit=1024, backend="compile")
+    assert f.explain(h, w).slicing is not None
+    out, expected = f(h, w), torch.logsumexp(h @ w.T, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    for g, e in zip(torch.autograd.grad(out.sum(), (h, w)), torch.autograd.grad(expected.sum(), (h, w))):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
 
 
