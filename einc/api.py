@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from . import dtypes, ir, slicing
+from . import distributed, dtypes, ir, slicing
 from .backends import compiled, instantiate, transformed
 from .codegen import generate
 from .errors import EincError, MemoryLimitError, format_shape
@@ -126,10 +128,11 @@ class Expression:
     def __init__(self, pattern: str, /, *, cache_size: int | None = None, backend: Backend = "torchscript",
                  optimize: Optimize = "auto", notation: Notation = "auto", memory_limit: int | str | None = None,
                  constants: Mapping[int, torch.Tensor] | None = None, fuse: bool = True, slice: bool = True,
-                 **sizes: int) -> None:
+                 distributed: Any = False, shard_output: bool = False, **sizes: int) -> None:
         # compile()'s options, and cache_size: the signatures this expression keeps.
         options = _options(pattern, backend=backend, optimize=optimize, notation=notation,
-                           memory_limit=memory_limit, fuse=fuse, cache_size=cache_size, slice=slice)
+                           memory_limit=memory_limit, fuse=fuse, cache_size=cache_size, slice=slice,
+                           distributed=distributed, shard_output=shard_output)
         self._setup(pattern, options, constants, sizes)
 
     def _setup(self, pattern: str, options: Options, constants: Mapping[int, torch.Tensor] | None,
@@ -141,6 +144,9 @@ class Expression:
         self._constant_positions = frozenset(position for position, _ in self._constants)
         if self._constants and self.ir.nested:
             raise EincError(f"pattern {pattern!r}: constants are not supported in patterns with nested operations")
+        self._distributed = options.distributed is not False
+        if self._constants and self._distributed:
+            raise EincError(f"pattern {pattern!r}: a distributed expression does not take constants")
         if isinstance(options.optimize, tuple):
             for level in self.ir.levels():
                 try:
@@ -166,6 +172,9 @@ class Expression:
         self._shares = options.backend != "compile" and not self._constants
         self._fixed_path = not self.ir.nested and self.ir.leaves <= 2
         self._generics: dict[tuple[Any, ...], tuple[Callable[..., torch.Tensor], list[str]]] = {}
+        self._runners = functools.lru_cache(maxsize=cache_size)(self._runner)
+        self._local_expression: Expression | None = None
+        self._agreement: str | None = None
 
     @property
     def backend(self) -> str:
@@ -315,13 +324,15 @@ class Expression:
             raise self._context(shapes, MemoryLimitError(f"memory_limit={limit:,} elements is too small: {err}")
                                 ) from None
 
-    def _inner(self, pattern: ir.Pattern | None = None) -> Expression:
+    def _inner(self, pattern: ir.Pattern | None = None, slice: bool = False) -> Expression:  # noqa: A002
         """This pattern (or ``pattern``, one derived from it) with the same options but
-        ``slice=False``: it computes one slice."""
+        on one process and, by default, ``slice=False``: it computes one slice."""
         pattern = self.ir if pattern is None else pattern
         inner = Expression.__new__(Expression)
         own = {name: n for name, n in self.sizes.items() if name in pattern.all_axes}
-        inner._setup(pattern.render(), dataclasses.replace(self.options, slice=False), None, own, parsed=pattern)
+        options = dataclasses.replace(self.options, slice=slice and self.options.slice, distributed=False,
+                                      shard_output=False)
+        inner._setup(pattern.render(), options, None, own, parsed=pattern)
         return inner
 
     def _literal(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
@@ -423,8 +434,134 @@ class Expression:
     # ------------------------------------------------------------------ calls
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        if self._distributed:
+            return self._distribute(tensors)
         entry = self._entry(tensors)
         return entry.fn(*tensors, *entry.folded)
+
+    # ------------------------------------------------------------ distributed
+
+    def _local(self) -> Expression:
+        """What a rank computes its part with: this expression on one process (in slices
+        under the memory limit)."""
+        if self._local_expression is None:
+            self._local_expression = self._inner(slice=True)
+        return self._local_expression
+
+    def _distribute(self, tensors: Sequence[Any]) -> Any:
+        option = self.options.distributed
+        world = distributed.world_of(option)
+        placed = distributed.placements(tensors)
+        if world == 1 and placed is None and not self.options.shard_output:
+            return self._local()(*tensors)
+        try:
+            key = (tuple(map(_signature, tensors)), placed, tensors[0].device.type if tensors else "cpu", world)
+        except AttributeError:
+            return self._local()(*tensors)  # which names the operand that is not a tensor
+        group = distributed.group_of(option)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        distributed.check_device(device, group)
+        if world > 1:
+            shapes = _format_shapes([tuple(t.shape) for t in tensors])
+            dtypes_ = ", ".join(str(t.dtype).removeprefix("torch.") for t in tensors)
+            where = f", placements {placed}" if placed is not None else ""
+            if self._agreement is None:
+                # The options without the group object (its address differs between processes).
+                self._agreement = f"pattern {self.pattern!r} ({dataclasses.replace(self.options, distributed=True)})"
+            distributed.check_agreement(f"{self._agreement} with shapes {shapes}, dtypes {dtypes_}{where} "
+                                        f"on {device.type}", device, group)
+        return self._runners(key)(tensors)
+
+    def _runner(self, key: tuple[Any, ...]) -> distributed.Runner:
+        signature, placed, device, world = key
+        shapes = tuple(tuple(shape) for shape, _ in signature)
+        types = self._dtypes([dtype for _, dtype in signature], shapes)
+        group = distributed.group_of(self.options.distributed)
+        plan, places, output_dim, norm, kinds = self._distribution(shapes, types, world, placed)
+        mesh = None
+        if plan.sharded or placed is not None:
+            mesh = placed.mesh if placed is not None else distributed.mesh_of(group, device)
+        return distributed.Runner(plan, self._local(), places, output_dim, dist.get_rank(group), group, norm,
+                                  mesh, kinds)
+
+    def _distribution(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], world: int,
+                      placed: distributed.Placed | None = None
+                      ) -> tuple[distributed.Distribution, tuple[tuple[int, int], ...], int | None,
+                                 slicing.Normalized | None, tuple[str, ...] | None]:
+        """How a signature is spread over ``world`` ranks: the plan, where the split axis
+        sits in the operands and the result, a nested normalizer's log-normalizer, and
+        for DTensor operands how each becomes local (:meth:`einc.distributed.Placed.kinds`)."""
+        common = dtypes.promoted(types)
+        local = self._local()
+        try:
+            full = self._plan_lookup(shapes, None, common.is_floating_point)
+            leaves = full.leaf_dims()
+            sizes = dict(full.sizes) | {a: n for level in full.programs() for a, n in level.sizes}
+            candidates = slicing.roles(full, self.sizes)
+            output = math.prod(full.output_shape)
+
+            def cut(axis: str, length: int) -> tuple[tuple[int, ...], ...]:
+                return tuple(tuple(length if group == (axis,) else n for group, n in zip(dims, shape))
+                             for dims, shape in zip(leaves, shapes))
+
+            def volume(axis: str, role: str, chunk: int, sharded: bool) -> tuple[distributed.Collective, ...]:
+                return distributed.collectives(
+                    role, output=output, factor=distributed.factor_elements(full, role),
+                    gathered=world * chunk * output // max(1, sizes[axis]), dtype=common,
+                    inputs=[math.prod(s) for s in shapes], sharded=sharded, dtensor=placed is not None)
+
+            def cost_at(axis: str, chunk: int) -> tuple[int, int]:
+                part = local._plan_lookup(cut(axis, chunk), None, common.is_floating_point)
+                role = candidates[axis]
+                extra = slicing._logits_flops(part) if role in ir.NORMALIZERS else 0
+                moved = volume(axis, role, chunk, self.options.shard_output)
+                return slicing._flops(part) + extra, sum(c.elements for c in moved if c.when == "forward")
+
+            kinds = None
+            if placed is not None:
+                chosen = placed.split(leaves, candidates, sizes, world)
+                kinds = placed.kinds(leaves, None if chosen is None else chosen[0])
+            else:
+                chosen = distributed.choose(candidates, sizes, world, cost_at, self.options.shard_output)
+                if chosen is None and self.options.shard_output:
+                    raise EincError("shard_output=True: no output axis can be split over the ranks "
+                                    f"(axes that can: {', '.join(candidates) or 'none'})")
+            check = distributed.Collective("all_gather", "fingerprint", world, 8)
+            if chosen is None:
+                flops = slicing._flops(full)
+                return (distributed.Distribution(world, None, "replicated", 0, 0, (flops,) * world, (1,) * world,
+                                                 (), check), (), None, None, kinds)
+            axis, chunk = chosen
+            role = candidates[axis]
+            sharded = role == "output" and (self.options.shard_output or placed is not None)
+            plan = distributed.Distribution(world, axis, role, sizes[axis], chunk, (), (), (), check, sharded)
+            per_rank = [self._part_cost(cut(axis, length), types, role) for _, length in plan.spans()]
+            plan = dataclasses.replace(plan, flops=tuple(f for f, _ in per_rank), slices=tuple(n for _, n in per_rank),
+                                       collectives=volume(axis, role, chunk, sharded))
+        except EincError as err:
+            raise self._context(shapes, err) from None
+        places = tuple((index, dims.index((axis,))) for index, dims in enumerate(leaves) if (axis,) in dims)
+        output_dims = [tuple(g) for g in full.output_dims]
+        output_dim = output_dims.index((axis,)) if role == "output" else None
+        norm = None
+        if role in ir.NORMALIZERS:
+            cut_axis = slicing.SlicedAxis(axis, sizes[axis], chunk, role)
+            norm = slicing.sliced(full, slicing.Slicing((cut_axis,), 0, 0, 0, output),
+                                  lambda p: self._inner(p, slice=True)).normalized
+        return plan, places, output_dim, norm, kinds
+
+    def _part_cost(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], role: str
+                   ) -> tuple[int, int]:
+        """(FLOPs, slices) of one rank's part, sliced where it is over the memory limit."""
+        local = self._local()
+        try:
+            part = local._plan_for(shapes, dtypes.promoted(types))
+        except MemoryLimitError:
+            if not self.options.slice:
+                raise
+            cut = local._slicing(shapes, types, False)[0].slicing
+            return cut.flops, cut.slices
+        return slicing._flops(part) + (slicing._logits_flops(part) if role in ir.NORMALIZERS else 0), 1
 
     def _shapes_and_dtype(self, tensors_or_shapes: Sequence[Any], dtype: torch.dtype | str | None
                           ) -> tuple[tuple[tuple[int, ...], ...], list[torch.dtype]]:
@@ -435,12 +572,14 @@ class Expression:
             given = [x.dtype if isinstance(x, torch.Tensor) else torch.float32 for x in tensors_or_shapes]
         return shapes, self._dtypes(given, shapes)
 
-    def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None
-                ) -> Plan:
+    def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None,
+                world_size: int | None = None) -> Plan:
         """The contraction plan for these tensors (or shapes): path, steps, FLOPs, source.
 
         ``dtype`` (a torch dtype or its name; default: the tensors', else float32) sizes
         ``largest_intermediate_bytes`` and picks the code for half floats and integers.
+        ``world_size`` (default: the group's, for a ``distributed`` expression) adds how
+        a call is spread over that many ranks (``Plan.distribution``), without processes.
 
         >>> import einc
         >>> plan = einc.compile("ab,bc,cd->ad").explain((8, 64), (64, 8), (8, 64))
@@ -454,6 +593,13 @@ class Expression:
         shapes, types = self._shapes_and_dtype(tensors_or_shapes, dtype)
         common = dtypes.promoted(types)
         chosen = None
+        spread = None
+        if world_size is not None:
+            if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+                raise EincError(f"world_size must be a positive int, not {world_size!r}")
+            spread = self._distribution(shapes, types, world_size)[0]
+        elif self._distributed:
+            spread = self._distribution(shapes, types, distributed.world_of(self.options.distributed))[0]
         try:
             program = self._plan_for(shapes, common)
         except MemoryLimitError:
@@ -467,7 +613,7 @@ class Expression:
             raise self._context(shapes, err) from None
         return describe(program, code, pattern=self.pattern, dtype=common,
                         shapes=self._with_constants(shapes, lambda t: tuple(t.shape)),
-                        constants=sorted(self._constant_positions), slicing=chosen)
+                        constants=sorted(self._constant_positions), slicing=chosen, distribution=spread)
 
     def module(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None
                ) -> torch.nn.Module:
@@ -491,6 +637,9 @@ class Expression:
         """
         if self._constants:
             raise EincError(f"pattern {self.pattern!r}: module() does not take constants")
+        if self._distributed:
+            raise EincError(f"pattern {self.pattern!r}: module() runs on one process; call the distributed "
+                            "expression itself")
         shapes, types = self._shapes_and_dtype(tensors_or_shapes, dtype)
         return self._module(shapes, types, settings.limit)
 
@@ -545,6 +694,8 @@ class Expression:
         True
         """
         result = self(*tensors)
+        if hasattr(result, "full_tensor"):  # shard_output=True: a DTensor
+            result = result.full_tensor()
         dtype = dtypes.promoted([t.dtype for t in tensors]) if tensors else torch.float64
         try:
             return compare(result, self.reference(*tensors), self.reference(*tensors, absolute=True),
@@ -583,6 +734,8 @@ def compile(  # noqa: A001 - the name is the API
     constants: Mapping[int, torch.Tensor] | None = None,
     fuse: bool = True,
     slice: bool = True,  # noqa: A002 - the option's name
+    distributed: Any = False,
+    shard_output: bool = False,
     **sizes: int,
 ) -> Expression:
     """Compile ``pattern`` into a callable :class:`Expression` (cached by pattern and options).
@@ -595,7 +748,7 @@ def compile(  # noqa: A001 - the name is the API
     torch.Size([2, 4, 8, 6])
     """
     options = _options(pattern, backend=backend, optimize=optimize, notation=notation, memory_limit=memory_limit,
-                       fuse=fuse, slice=slice)
+                       fuse=fuse, slice=slice, distributed=distributed, shard_output=shard_output)
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
         return _restore(pattern, options, constants, sizes)

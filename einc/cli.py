@@ -41,7 +41,8 @@ _EXPLAIN_EPILOG = """\
 examples:
   einc explain "b q (h d), b k (h d) -> b h q k" --shapes 2x8x64 2x6x64 --size h=8
   einc explain "ab,bc,cd,de->ae" --shapes 8x64 64x8 8x64 64x8 --optimize greedy --plot tree.png
-  einc explain "ij,jk->ik" --shapes 4096x4096 4096x4096 --memory-limit 64MiB --json"""
+  einc explain "ij,jk->ik" --shapes 4096x4096 4096x4096 --memory-limit 64MiB --json
+  einc explain "logsumexp(sum(b d, v d -> b v) -> b)" --shapes 1x1024 131072x1024 --world-size 4"""
 
 _BENCH_EPILOG = """\
 Contenders: einc (TorchScript and eager backends), torch.einsum, opt_einsum's prebuilt
@@ -170,6 +171,10 @@ def _parser() -> argparse.ArgumentParser:
                          "over it runs in slices (shown), or is refused with --no-slice")
     explain.add_argument("--slice", action=argparse.BooleanOptionalAction, default=True,
                          help="run a plan over --memory-limit in slices (default on; --no-slice refuses it)")
+    explain.add_argument("--world-size", type=_positive(int), metavar="N",
+                         help="also show how a distributed call spreads over N ranks: the split axis, each "
+                         "rank's part, FLOPs and slices, and the bytes each rank communicates (no processes "
+                         "are started)")
     explain.add_argument("--json", action="store_true",
                          help="print the plan as JSON (Plan.to_dict()) instead of the table")
     explain.add_argument("--plot", metavar="PATH",
@@ -235,7 +240,7 @@ def _silence_stdout() -> None:
 
 def _explain(args: argparse.Namespace) -> int:
     """``einc explain``: the plan as text or JSON on stdout; the tree drawn with ``--plot``."""
-    plan = _expression(args, "eager").explain(*args.shapes, dtype=_DTYPES[args.dtype])
+    plan = _expression(args, "eager").explain(*args.shapes, dtype=_DTYPES[args.dtype], world_size=args.world_size)
     if args.plot:
         from .plot import plot_plan
 

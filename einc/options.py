@@ -91,6 +91,12 @@ class Options:
     cache_size: int | None = None
     slice: bool = True
     """Run a plan over the memory limit in slices (:mod:`einc.slicing`); ``False`` refuses it."""
+    distributed: Any = False
+    """Spread each call over the ranks of a process group (:mod:`einc.distributed`):
+    ``True`` for the default group, or a ``torch.distributed.ProcessGroup``."""
+    shard_output: bool = False
+    """With ``distributed``: return the result as a ``DTensor`` sharded along an output
+    axis (each rank keeps its part) instead of gathering it on every rank."""
     limit: tuple[int | None, bool] = field(init=False, repr=False, compare=False)
     """``memory_limit`` parsed: ``(limit, in_bytes)``."""
 
@@ -104,10 +110,24 @@ class Options:
             raise EincError(f"fuse must be True or False, not {self.fuse!r}")
         if not isinstance(self.slice, bool):
             raise EincError(f"slice must be True or False, not {self.slice!r}")
+        if self.distributed is not True and self.distributed is not False and not _is_group(self.distributed):
+            raise EincError(f"distributed must be True, False or a torch.distributed.ProcessGroup, "
+                            f"not {self.distributed!r}")
+        if not isinstance(self.shard_output, bool):
+            raise EincError(f"shard_output must be True or False, not {self.shard_output!r}")
+        if self.shard_output and self.distributed is False:
+            raise EincError("shard_output=True needs distributed=True (or a ProcessGroup)")
         if self.cache_size is not None and (
             isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 1
         ):
             raise EincError(f"cache_size must be a positive int, not {self.cache_size!r}")
+
+
+def _is_group(value: Any) -> bool:
+    # torch.distributed is importable on every build, but ProcessGroup only where it is available.
+    import torch.distributed as dist
+
+    return dist.is_available() and isinstance(value, dist.ProcessGroup)
 
 
 def element_limit(limits: list[tuple[int | None, bool]], itemsize: int) -> int | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import ir
 from .codegen import Generated
@@ -20,6 +20,9 @@ from .errors import format_shape
 from .planner import Program, Step
 from .sizes import Shape
 from .slicing import Slicing
+
+if TYPE_CHECKING:
+    from .distributed import Distribution
 
 __all__ = ["Plan", "PlanStep", "describe", "table"]
 
@@ -88,6 +91,10 @@ class Plan:
     slicing: Slicing | None = None
     """Where the unsliced plan is over the memory limit: the sliced axes, chunks and
     costs (:class:`einc.slicing.Slicing`); the rest of the plan is one full slice's."""
+    distribution: Distribution | None = None
+    """With ``explain(world_size=N)`` or a ``distributed`` expression: the split axis,
+    each rank's part, FLOPs and slices, and the collectives with their bytes per rank
+    (:class:`einc.distributed.Distribution`)."""
 
     @property
     def speedup(self) -> float:
@@ -117,6 +124,7 @@ class Plan:
             "rewrite": self.rewrite,
             "slicing": None if self.slicing is None else {
                 **self.slicing.to_dict(), "peak_bytes": self.slicing.peak(self.itemsize)},
+            "distribution": None if self.distribution is None else self.distribution.to_dict(),
             "source": self.source,
         }
 
@@ -141,6 +149,8 @@ class Plan:
             lines += [f"  sliced:                {axes}: {cut.slices} slices, {cut.flops:,} flops in all "
                       f"({cut.overhead:.3g}x unsliced), peak about {_bytes(cut.peak(self.itemsize))}",
                       "  (the path, steps and code below are one full slice's)"]
+        if self.distribution is not None:
+            lines += self.distribution.lines()
         rows = [["step", "operands", "equation", "output", "flops", "kernel"]]
         for i, step in enumerate(self.steps):
             rows.append([str(i), str(step.operands), step.equation, format_shape(step.output_shape),
@@ -187,7 +197,8 @@ def _plan_step(level: Program, step: Step, kernel: str, path: list[tuple[int, ..
 
 
 def describe(program: Program, code: Generated, *, pattern: str, shapes: Sequence[Shape], dtype: Any,
-             constants: Sequence[int] = (), slicing: Slicing | None = None) -> Plan:
+             constants: Sequence[int] = (), slicing: Slicing | None = None,
+             distribution: Distribution | None = None) -> Plan:
     """The :class:`Plan` of ``program`` as ``code`` runs it (``pattern`` as the user wrote
     it, ``shapes`` of every tensor, constants included; ``dtype`` a torch dtype)."""
     top = program.ir
@@ -218,4 +229,5 @@ def describe(program: Program, code: Generated, *, pattern: str, shapes: Sequenc
         operands=spelled,
         output=top.output.render(top.compact, frozenset(top.normalized)) or "(scalar)",
         slicing=slicing,
+        distribution=distribution,
     )
