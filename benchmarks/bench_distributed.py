@@ -133,6 +133,7 @@ def _rank(rank: int, world: int, port: int, path: str, calls: int) -> None:
     if rank == 0:
         with open(path, "w") as out:
             json.dump(found, out)
+    dist.barrier()  # every rank done before any tears its connections down
     dist.destroy_process_group()
 
 

@@ -74,6 +74,9 @@ PATTERNS: list[tuple[str, str, list[tuple[int, ...]], Callable[..., torch.Tensor
     # a top-level normalizer: its rows split
     ("softmax-rows", "softmax(i j, j k -> i [k])", [(12, 16), (16, 6)],
      lambda a, b: torch.softmax(a @ b, -1), "output"),
+    # a closed tensor network (every axis summed): the cheapest axis to split
+    ("tensor-network", "a b c, c d e, e f a, b d f -> ", [(4, 6, 5), (5, 4, 6), (6, 5, 4), (6, 4, 5)],
+     lambda *t: torch.einsum("abc,cde,efa,bdf->", *t), "sum"),
     # a composition and a keyword size
     ("heads", "b (h d), h d e -> b h e", [(9, 8), (2, 4, 3)],
      lambda x, w: torch.einsum("bhd,hde->bhe", x.reshape(9, 2, 4), w), "output"),
