@@ -249,8 +249,14 @@ class MultiheadAttention(torch.nn.Module):
     and the weighted sum run as separate steps (two einc patterns around torch's
     softmax), as torch's layer does.
 
-    Not supported: ``kdim``/``vdim`` different from ``embed_dim``, ``add_bias_kv``,
-    ``add_zero_attn``.
+    ``kdim``/``vdim`` (separate ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``),
+    ``add_bias_kv`` (``bias_k``/``bias_v``, a learned key and value appended to the
+    sequence) and ``add_zero_attn`` (a zero key and value appended) are torch's.  Beyond
+    torch's layer, ``num_kv_heads`` (a divisor of ``num_heads``) gives grouped-query
+    attention (``num_kv_heads=1``: multi-query): keys and values are projected to
+    ``num_kv_heads * head_dim`` features and query head ``i`` attends with key/value head
+    ``i // (num_heads // num_kv_heads)`` (as ``repeat_interleave`` and SDPA's
+    ``enable_gqa``); its weights are then separate, as with ``kdim``.
 
     >>> import torch, einc.nn
     >>> reference = torch.nn.MultiheadAttention(32, 4, batch_first=True)
@@ -263,66 +269,106 @@ class MultiheadAttention(torch.nn.Module):
 
     batch_first: Final[bool]
     num_heads: Final[int]
+    num_kv_heads: Final[int]
     has_bias: Final[bool]
-    # torch's Transformer layers read it to choose their fast path; kdim and vdim are
-    # always embed_dim here.
+    add_zero_attn: Final[bool]
+    # torch's Transformer layers read it to choose their fast path (packed in_proj_weight).
     _qkv_same_embed_dim: Final[bool]
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, *, num_kv_heads: int | None = None) -> None:
         super().__init__()
-        for name, number in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(number, bool) or not isinstance(number, int):
-                raise EincError(f"MultiheadAttention: {name} must be an int, not {number!r}")
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, number in (("embed_dim", embed_dim), ("num_heads", num_heads), ("kdim", kdim), ("vdim", vdim),
+                             ("num_kv_heads", num_kv_heads)):
+            if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+                raise EincError(f"MultiheadAttention: {name} must be a positive int, not {number!r}")
+        for name, flag in (("add_bias_kv", add_bias_kv), ("add_zero_attn", add_zero_attn), ("bias", bias),
+                           ("batch_first", batch_first)):
+            if not isinstance(flag, bool):
+                raise EincError(f"MultiheadAttention: {name} must be True or False, not {flag!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
             raise EincError(f"MultiheadAttention: dropout must be a probability between 0 and 1, not {dropout!r}")
-        if add_bias_kv or add_zero_attn:
-            raise EincError("einc.nn.MultiheadAttention does not support add_bias_kv or add_zero_attn")
-        if kdim not in (None, embed_dim) or vdim not in (None, embed_dim):
-            raise EincError("einc.nn.MultiheadAttention needs kdim == vdim == embed_dim")
-        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
+        if embed_dim % num_heads:
             raise EincError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise EincError(f"MultiheadAttention: num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
+        self.kdim, self.vdim = kdim, vdim
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.dropout = float(dropout)
         self.batch_first = batch_first
         self.has_bias = bias
-        self._qkv_same_embed_dim = True
-        self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.add_zero_attn = add_zero_attn
+        kv = num_kv_heads * self.head_dim  # key and value features
+        self._qkv_same_embed_dim = kdim == embed_dim and vdim == embed_dim and kv == embed_dim
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = torch.nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
+        else:  # torch's names for separate projections
+            self.q_proj_weight = torch.nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = torch.nn.Parameter(torch.empty(kv, kdim, **factory))
+            self.v_proj_weight = torch.nn.Parameter(torch.empty(kv, vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
         if bias:
-            self.in_proj_bias = torch.nn.Parameter(torch.empty(3 * embed_dim, **factory))
+            self.in_proj_bias = torch.nn.Parameter(torch.empty(embed_dim + 2 * kv, **factory))
         else:
             self.register_parameter("in_proj_bias", None)
+        if add_bias_kv:
+            self.bias_k = torch.nn.Parameter(torch.empty(1, 1, kv, **factory))
+            self.bias_v = torch.nn.Parameter(torch.empty(1, 1, kv, **factory))
+        else:
+            self.register_parameter("bias_k", None)
+            self.register_parameter("bias_v", None)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
-        h, e = num_heads, embed_dim
+        h, e, g = num_heads, embed_dim, num_kv_heads
         seq = "b l" if batch_first else "l b"
         # Tokens of either layout: (b, l, e) or (l, b, e); projections land in (b, l, (h d)),
-        # and the attention patterns split the heads.
+        # and the attention patterns split the heads.  Grouped queries: head (g r) attends
+        # with key/value head g.
         tokens = (EXAMPLE_SIZE, EXAMPLE_SIZE, e)
+        keys = (EXAMPLE_SIZE, EXAMPLE_SIZE, kv)
         heads = (EXAMPLE_SIZE, h, EXAMPLE_SIZE, self.head_dim)
         self.project = _compile(f"{seq} e, f e -> b l f").module(tokens, (e, e))
-        self.attend = _compile(
-            "softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)", h=h
-        ).module(tokens, tokens, tokens)
+        if g == h:
+            attend = "softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d)), b k (h d) -> b q (h d)"
+            scores, mix = "b q (h d), b k (h d) -> b h q k / sqrt(d)", "b h q k, b k (h d) -> b q (h d)"
+            sizes = {"h": h}
+        else:
+            attend = "softmax(b q (g r d), b k (g d) -> b g r q [k] / sqrt(d)), b k (g d) -> b q (g r d)"
+            scores, mix = "b q (g r d), b k (g d) -> b (g r) q k / sqrt(d)", "b (g r) q k, b k (g d) -> b q (g r d)"
+            sizes = {"g": g, "r": h // g}
+        self.attend = _compile(attend, **sizes).module(tokens, keys, keys)
         self.split_heads = _compile("b l (h d) -> b h l d", h=h).module(tokens)
+        self.split_kv_heads = _compile("b l (h d) -> b h l d", h=g).module(keys)
         self.merge_heads = _compile("b h l d -> b l (h d)").module(heads)
-        self.scores = _compile("b q (h d), b k (h d) -> b h q k / sqrt(d)", h=h).module(tokens, tokens)
-        self.mix = _compile("b h q k, b k (h d) -> b q (h d)", h=h).module(
-            (EXAMPLE_SIZE, h, EXAMPLE_SIZE, EXAMPLE_SIZE), tokens)
+        self.scores = _compile(scores, **sizes).module(tokens, keys)
+        self.mix = _compile(mix, **sizes).module((EXAMPLE_SIZE, h, EXAMPLE_SIZE, EXAMPLE_SIZE), keys)
         self.output = _compile(f"b l f, e f -> {seq} e").module(tokens, (e, e))
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
         # torch.nn.MultiheadAttention's initialisation.
-        torch.nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.in_proj_weight is not None:
+            torch.nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for weight in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                torch.nn.init.xavier_uniform_(weight)
         if self.in_proj_bias is not None:
             torch.nn.init.constant_(self.in_proj_bias, 0.0)
             torch.nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            torch.nn.init.xavier_normal_(self.bias_k)
+            torch.nn.init.xavier_normal_(self.bias_v)
 
     def merge_masks(
         self,
@@ -338,12 +384,50 @@ class MultiheadAttention(torch.nn.Module):
 
     def _projected(self, x: torch.Tensor, index: int) -> torch.Tensor:
         e = self.embed_dim
-        y = self.project(x, self.in_proj_weight[index * e:(index + 1) * e])
+        kv = self.num_kv_heads * self.head_dim
+        # Rows of the packed weight and bias: queries, keys, values.
+        start = 0 if index == 0 else e + (index - 1) * kv
+        stop = e if index == 0 else start + kv
+        packed = self.in_proj_weight
+        if packed is not None:
+            weight = packed[start:stop]
+        elif index == 0:
+            weight = self.q_proj_weight
+        elif index == 1:
+            weight = self.k_proj_weight
+        else:
+            weight = self.v_proj_weight
+        assert weight is not None
+        y = self.project(x, weight)
         if self.has_bias:
             bias = self.in_proj_bias
             assert bias is not None
-            y = y + bias[index * e:(index + 1) * e]
+            y = y + bias[start:stop]
         return y
+
+    def _extended(self, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],  # noqa: UP045
+                  key_padding_mask: Optional[torch.Tensor]  # noqa: UP045
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:  # noqa: UP006, UP045
+        """``add_bias_kv`` then ``add_zero_attn``, as torch's layer: a key and value appended
+        to the sequence (learned, then zeros), each mask padded with a column that lets
+        every query attend to them."""
+        extra: List[torch.Tensor] = []
+        extra_v: List[torch.Tensor] = []
+        bias_k, bias_v = self.bias_k, self.bias_v
+        if bias_k is not None and bias_v is not None:
+            extra.append(bias_k.expand(k.shape[0], 1, k.shape[2]).to(k.dtype))
+            extra_v.append(bias_v.expand(v.shape[0], 1, v.shape[2]).to(v.dtype))
+        if self.add_zero_attn:
+            extra.append(k.new_zeros([k.shape[0], 1, k.shape[2]]))
+            extra_v.append(v.new_zeros([v.shape[0], 1, v.shape[2]]))
+        if len(extra) > 0:
+            k = torch.cat([k] + extra, 1)
+            v = torch.cat([v] + extra_v, 1)
+            if attn_mask is not None:
+                attn_mask = F.pad(attn_mask, [0, len(extra)])
+            if key_padding_mask is not None:
+                key_padding_mask = F.pad(key_padding_mask, [0, len(extra)])
+        return k, v, attn_mask, key_padding_mask
 
     def _merged_mask(self, attn_mask: Optional[torch.Tensor], key_padding_mask: Optional[torch.Tensor],  # noqa: UP045
                      n: int, length: int, source: int, dtype: torch.dtype) -> Optional[torch.Tensor]:  # noqa: UP045
@@ -384,9 +468,14 @@ class MultiheadAttention(torch.nn.Module):
             if x.dim() < 2 or x.dim() > 3 or x.dim() != query.dim():
                 raise EincError(f"MultiheadAttention: {names[index]} has shape {_shape_text(list(x.shape))}; "
                                 f"query, key and value must all be batched {layout} or all unbatched (L, E)")
-            if x.shape[-1] != self.embed_dim:
+            features = [self.embed_dim, self.kdim, self.vdim][index]
+            if x.shape[-1] != features:
+                what = "embed_dim" if features == self.embed_dim else ["embed_dim", "kdim", "vdim"][index]
                 raise EincError(f"MultiheadAttention: {names[index]} has shape {_shape_text(list(x.shape))}, "
-                                f"whose last dimension is not embed_dim={self.embed_dim}")
+                                f"whose last dimension is not {what}={features}")
+        if key.shape[:-1] != value.shape[:-1]:
+            raise EincError(f"MultiheadAttention: key has shape {_shape_text(list(key.shape))} and value "
+                            f"{_shape_text(list(value.shape))}: they must have the same batch and sequence sizes")
 
     def _with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],  # noqa: UP045
                       dropout: float, average: bool) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
@@ -434,6 +523,8 @@ class MultiheadAttention(torch.nn.Module):
         q = self._projected(query, 0)
         k = self._projected(key, 1)
         v = self._projected(value, 2)
+        k, v, attn_mask, key_padding_mask = self._extended(k, v, attn_mask, key_padding_mask)
+        source = k.shape[1]
         dropout = self.dropout if self.training else 0.0
         # torch's layer drops the hint once key padding is merged into the mask (the
         # merged mask is not causal) and cannot use it when it returns weights.
@@ -444,8 +535,9 @@ class MultiheadAttention(torch.nn.Module):
             attended = self.attend(q, k, v)
         elif not need_weights:
             attended = self.merge_heads(F.scaled_dot_product_attention(
-                self.split_heads(q), self.split_heads(k), self.split_heads(v),
-                attn_mask=mask, dropout_p=dropout, is_causal=causal))
+                self.split_heads(q), self.split_kv_heads(k), self.split_kv_heads(v),
+                attn_mask=mask, dropout_p=dropout, is_causal=causal,
+                enable_gqa=self.num_kv_heads != self.num_heads))
         else:
             attended, weights = self._with_weights(q, k, v, mask, dropout, average_attn_weights)
         out = self.output(attended, self.out_proj.weight)

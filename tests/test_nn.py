@@ -171,10 +171,14 @@ MASKS = masks()
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_attention_matches_torch_multihead_attention(case, batch_first):
     reference, mine = pair(batch_first=batch_first)
-    q, k, v = inputs(batch_first)
-    expected = reference(q, k, v, **MASKS[case])
+    _matches_torch(reference, mine, inputs(batch_first), MASKS[case])
+
+
+def _matches_torch(reference, mine, tensors, options) -> None:
+    """einc's layer, eager and scripted, gives torch's layer's output and weights."""
+    expected = reference(*tensors, **options)
     for layer in (mine, script(mine)):
-        out, weights = layer(q, k, v, **MASKS[case])
+        out, weights = layer(*tensors, **options)
         torch.testing.assert_close(out, expected[0], rtol=1e-5, atol=1e-6)
         if expected[1] is None:
             assert weights is None
@@ -235,19 +239,120 @@ def test_dropout_applies_in_training_only():
     torch.testing.assert_close(mine(q, k, v)[0], reference(q, k, v)[0], rtol=1e-5, atol=1e-6)
 
 
+EXTENDED = {  # torch's options einc's layer once refused
+    "kdim-vdim": {"kdim": 12, "vdim": 20},                       # separate q/k/v projection weights
+    "bias-kv": {"add_bias_kv": True},                            # a learned key and value appended
+    "zero-attn": {"add_zero_attn": True},                        # a zero key and value appended
+    "all": {"kdim": 12, "vdim": 20, "add_bias_kv": True, "add_zero_attn": True},
+    "no-bias": {"kdim": 12, "vdim": 20, "add_bias_kv": True, "bias": False},
+}
+
+
+def _extended_inputs(batch_first: bool, options: dict, n: int = 2, lq: int = 5, lk: int = 7):
+    q, k, v = inputs(batch_first, n, lq, lk)
+    kdim, vdim = options.get("kdim", 32), options.get("vdim", 32)
+    k = k[..., :1].expand(*k.shape[:-1], kdim) * randn(kdim, dtype=torch.float32)
+    v = v[..., :1].expand(*v.shape[:-1], vdim) + randn(vdim, dtype=torch.float32)
+    return q, k.contiguous(), v.contiguous()
+
+
+@pytest.mark.parametrize("case", [c for c in MASKS if c != "float-mask-3d"])
+@pytest.mark.parametrize("extended", list(EXTENDED))
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_options_kdim_vdim_bias_kv_zero_attn_match_torch(extended, case, batch_first):
+    options = EXTENDED[extended]
+    reference, mine = pair(batch_first=batch_first, **options)
+    assert mine.state_dict().keys() == reference.state_dict().keys()
+    _matches_torch(reference, mine, _extended_inputs(batch_first, options), MASKS[case])
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_torch_options_gradients_match_torch(need_weights):
+    options = EXTENDED["all"]
+    reference, mine = pair(batch_first=True, **options)
+    q, k, v = _extended_inputs(True, options)
+    padding = MASKS["key-padding"]["key_padding_mask"]
+    grads = []
+    for layer in (reference, mine):
+        layer.zero_grad()
+        out = layer(q, k, v, key_padding_mask=padding, need_weights=need_weights)[0]
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append({name: p.grad for name, p in layer.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _gqa_reference(layer, q, k, v, mask=None):
+    """Grouped-query attention in float64, the plain way: project, repeat each key/value
+    head for its queries, softmax(q kᵀ / sqrt(d) + mask) v, project out (batch first)."""
+    h, g, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    e = layer.embed_dim
+    w = {name: p.detach().double() for name, p in layer.named_parameters()}
+    bias = w.get("in_proj_bias", torch.zeros(e + 2 * g * d, dtype=torch.float64))
+    qp = q.double() @ w["q_proj_weight"].T + bias[:e]
+    kp = k.double() @ w["k_proj_weight"].T + bias[e:e + g * d]
+    vp = v.double() @ w["v_proj_weight"].T + bias[e + g * d:]
+    n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+    qh = qp.reshape(n, lq, h, d).transpose(1, 2)
+    kh = kp.reshape(n, lk, g, d).transpose(1, 2).repeat_interleave(h // g, 1)
+    vh = vp.reshape(n, lk, g, d).transpose(1, 2).repeat_interleave(h // g, 1)
+    scores = qh @ kh.transpose(-1, -2) / d ** 0.5
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    out = (torch.softmax(scores, -1) @ vh).transpose(1, 2).reshape(n, lq, e)
+    return out @ w["out_proj.weight"].T + w.get("out_proj.bias", 0)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])   # multi-query, grouped, one key/value head per query head
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("padded", [False, True])
+def test_grouped_query_attention_matches_the_plain_form(kv_heads, need_weights, padded):
+    layer = einc.nn.MultiheadAttention(32, 4, batch_first=True, num_kv_heads=kv_heads, kdim=24).eval()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.uniform_(-0.3, 0.3)
+    q, k, v = randn(2, 5, 32, dtype=torch.float32), randn(2, 7, 24, dtype=torch.float32), \
+        randn(2, 7, 32, dtype=torch.float32)
+    padding = MASKS["key-padding"]["key_padding_mask"] if padded else None
+    expected = _gqa_reference(layer, q, k, v, None if padding is None else padding[:, None, None, :])
+    for module in (layer, script(layer)):
+        out, weights = module(q, k, v, key_padding_mask=padding, need_weights=need_weights)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+        assert (weights is None) == (not need_weights)
+    assert layer.k_proj_weight.shape == (kv_heads * 8, 24) and layer.in_proj_bias.shape == (32 + 2 * kv_heads * 8,)
+
+
+def test_grouped_query_attention_fuses_to_sdpa_without_masks():
+    layer = einc.nn.MultiheadAttention(32, 4, batch_first=True, num_kv_heads=2)
+    assert "scaled_dot_product_attention(" in layer.attend.einc_source
+
+
 @pytest.mark.parametrize("options, message", [
-    ({"add_bias_kv": True}, "add_bias_kv"),
-    ({"kdim": 16}, "kdim == vdim == embed_dim"),
+    ({"num_kv_heads": 3}, "num_kv_heads (3) must divide num_heads (4)"),
+    ({"num_kv_heads": 0}, "num_kv_heads must be a positive int, not 0"),
+    ({"kdim": 0}, "kdim must be a positive int, not 0"),
+    ({"vdim": "8"}, "vdim must be a positive int, not '8'"),
+    ({"add_bias_kv": 1}, "add_bias_kv must be True or False, not 1"),
 ])
-def test_attention_unsupported_options(options, message):
-    with pytest.raises(einc.EincError, match=message):
+def test_attention_bad_options(options, message):
+    with pytest.raises(einc.EincError, match=re.escape(message)):
         einc.nn.MultiheadAttention(32, 4, **options)
+
+
+def test_kdim_and_vdim_inputs_are_checked():
+    layer = einc.nn.MultiheadAttention(32, 4, batch_first=True, kdim=12, vdim=20)
+    q = torch.randn(2, 5, 32)
+    message = "key has shape (2, 7, 32), whose last dimension is not kdim=12"
+    with pytest.raises(einc.EincError, match=re.escape(message)):
+        layer(q, torch.randn(2, 7, 32), torch.randn(2, 7, 20))
+    with pytest.raises(einc.EincError, match="they must have the same batch and sequence sizes"):
+        layer(q, torch.randn(2, 7, 12), torch.randn(2, 6, 20))
 
 
 @pytest.mark.parametrize("arguments, message", [
     # a string embedding size (once a raw TypeError from a comparison)
-    ({"embed_dim": "8", "num_heads": 2}, "embed_dim must be an int, not '8'"),
-    ({"embed_dim": 8, "num_heads": 2.0}, "num_heads must be an int, not 2.0"),
+    ({"embed_dim": "8", "num_heads": 2}, "embed_dim must be a positive int, not '8'"),
+    ({"embed_dim": 8, "num_heads": 2.0}, "num_heads must be a positive int, not 2.0"),
     # dropout that is no probability (once a raw ValueError from float())
     ({"embed_dim": 8, "num_heads": 2, "dropout": "x"}, "dropout must be a probability between 0 and 1, not 'x'"),
     ({"embed_dim": 8, "num_heads": 2, "dropout": 1.5}, "dropout must be a probability between 0 and 1, not 1.5"),
@@ -574,3 +679,15 @@ def test_einc_attention_inside_torch_transformer_layers(kind, batch_first, train
         gradients = dict(mine.named_parameters())
         for name, parameter in reference.named_parameters():
             torch.testing.assert_close(gradients[name].grad, parameter.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.slow
+def test_grouped_query_attention_with_extra_keys_compiles_fullgraph():
+    layer = einc.nn.MultiheadAttention(32, 4, batch_first=True, num_kv_heads=2, add_bias_kv=True,
+                                       add_zero_attn=True).eval()
+    compiled = torch.compile(layer, fullgraph=True)
+    for n, lq, lk in [(2, 5, 7), (3, 4, 6)]:
+        q, k, v = (randn(n, length, 32, dtype=torch.float32) for length in (lq, lk, lk))
+        for need_weights in (False, True):
+            torch.testing.assert_close(compiled(q, k, v, need_weights=need_weights)[0],
+                                       layer(q, k, v, need_weights=need_weights)[0], rtol=1e-5, atol=1e-6)
