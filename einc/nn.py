@@ -548,3 +548,68 @@ class MultiheadAttention(torch.nn.Module):
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
+
+    @torch.jit.export
+    def decode(
+        self,
+        x: torch.Tensor,
+        cache_k: Optional[torch.Tensor] = None,  # noqa: UP045
+        cache_v: Optional[torch.Tensor] = None,  # noqa: UP045
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: UP006
+        """Causal self-attention of new tokens against a key/value cache (decoding).
+
+        ``x`` holds the new tokens (``(N, T, E)`` batch first, else ``(T, N, E)``); the
+        cache holds the keys and values of the tokens before them, heads split:
+        ``(N, num_kv_heads, S, head_dim)`` each (``None`` at the start).  Each new token
+        attends to the cache and to the new tokens up to itself: causality aligned to the
+        lower right (the new queries are the last ``T`` of ``S + T`` positions).  Returns
+        the output (laid out as ``x``) and the cache extended by the new tokens' keys and
+        values.  Shape-generic, scriptable (``torch.jit.script(layer).decode``) and
+        ``torch.compile(fullgraph=True)``-clean; one ``scaled_dot_product_attention``
+        call (no mask for one new token, SDPA's ``enable_gqa`` for grouped heads).
+        Decoding token by token gives what ``forward`` gives the whole sequence with a
+        causal ``attn_mask``.
+
+        >>> import torch, einc.nn
+        >>> layer = einc.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+        >>> out, k, v = layer.decode(torch.randn(2, 3, 16))            # a prompt of 3 tokens
+        >>> out, k, v = layer.decode(torch.randn(2, 1, 16), k, v)      # then one at a time
+        >>> out.shape, k.shape
+        (torch.Size([2, 1, 16]), torch.Size([2, 4, 4, 4]))
+        """
+        if self.bias_k is not None or self.add_zero_attn or not self._self_attention():
+            raise EincError("MultiheadAttention.decode: self-attention only (kdim == vdim == embed_dim), "
+                            "without add_bias_kv or add_zero_attn")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            layout = "(N, T, E)" if self.batch_first else "(T, N, E)"
+            raise EincError(f"MultiheadAttention.decode: x has shape {_shape_text(list(x.shape))}; expected "
+                            f"{layout} with E = embed_dim = {self.embed_dim}")
+        q = self.split_heads(self._projected(x, 0))
+        k = self.split_kv_heads(self._projected(x, 1))
+        v = self.split_kv_heads(self._projected(x, 2))
+        if (cache_k is None) != (cache_v is None):
+            raise EincError("MultiheadAttention.decode: pass both cache_k and cache_v, or neither")
+        if cache_k is not None and cache_v is not None:
+            expected = [k.shape[0], k.shape[1], cache_k.shape[2], k.shape[3]]
+            for name, cached in (("cache_k", cache_k), ("cache_v", cache_v)):
+                if list(cached.shape) != expected:
+                    raise EincError(f"MultiheadAttention.decode: {name} has shape {_shape_text(list(cached.shape))}"
+                                    f"; expected (N, num_kv_heads, S, head_dim) = {_shape_text(expected)} "
+                                    f"with one S for both")
+            k = torch.cat([cache_k.to(k.dtype), k], 2)
+            v = torch.cat([cache_v.to(v.dtype), v], 2)
+        new, total = q.shape[2], k.shape[2]
+        mask: Optional[torch.Tensor] = None  # noqa: UP045
+        if new > 1:
+            # Lower-right causality: new token i sees positions up to (total - new) + i.
+            rows = torch.arange(new, device=q.device).unsqueeze(1)
+            mask = torch.arange(total, device=q.device) <= rows + (total - new)
+        attended = self.merge_heads(F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads))
+        out = self.output(attended, self.out_proj.weight)
+        if self.has_bias:
+            out = out + self.out_proj.bias
+        return out, k, v
+
+    def _self_attention(self) -> bool:
+        return self.kdim == self.embed_dim and self.vdim == self.embed_dim

@@ -691,3 +691,71 @@ def test_grouped_query_attention_with_extra_keys_compiles_fullgraph():
         for need_weights in (False, True):
             torch.testing.assert_close(compiled(q, k, v, need_weights=need_weights)[0],
                                        layer(q, k, v, need_weights=need_weights)[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- decoding with a key/value cache
+
+CHUNKS = [(0, 3), (3, 4), (4, 6), (6, 9)]  # a prompt of 3, one token, two tokens, three tokens
+
+
+def _decoded(layer, x, batch_first: bool):
+    """``x`` fed to ``layer.decode`` chunk by chunk, the cache carried along; the outputs joined."""
+    outputs, k, v = [], None, None
+    for start, stop in CHUNKS:
+        part = x[:, start:stop] if batch_first else x[start:stop]
+        out, k, v = layer.decode(part, k, v)
+        outputs.append(out)
+    return torch.cat(outputs, 1 if batch_first else 0), k
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_decoding_with_a_cache_matches_torch_on_the_whole_sequence(batch_first):
+    reference, mine = pair(batch_first=batch_first)
+    x = randn(*((2, 9, 32) if batch_first else (9, 2, 32)), dtype=torch.float32)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(9)
+    expected = reference(x, x, x, attn_mask=causal, need_weights=False)[0]
+    for layer in (mine, script(mine)):
+        out, k = _decoded(layer, x, batch_first)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+        assert k.shape == (2, 4, 9, 8)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_grouped_query_decoding_matches_the_plain_causal_form(kv_heads):
+    layer = einc.nn.MultiheadAttention(32, 4, batch_first=True, num_kv_heads=kv_heads).eval()
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.uniform_(-0.3, 0.3)
+    x = randn(2, 9, 32, dtype=torch.float32)
+    future = torch.ones(9, 9, dtype=torch.bool).triu(1)
+    expected = _gqa_reference(layer, x, x, x, future)
+    out, k = _decoded(layer, x, True)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+    assert k.shape == (2, kv_heads, 9, 8)
+
+
+@pytest.mark.slow
+def test_decoding_compiles_fullgraph_for_a_growing_cache():
+    _, layer = pair(batch_first=True)
+    decode = torch.compile(layer.decode, fullgraph=True, dynamic=True)
+    x = randn(2, 9, 32, dtype=torch.float32)
+    expected, _ = _decoded(layer, x, True)
+    outputs, k, v = [], None, None
+    for start, stop in CHUNKS:
+        out, k, v = decode(x[:, start:stop], k, v)
+        outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, 1), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, call, message", [
+    ({"add_bias_kv": True}, lambda m: m.decode(torch.randn(2, 1, 32)), "self-attention only"),
+    ({"kdim": 16}, lambda m: m.decode(torch.randn(2, 1, 32)), "self-attention only"),
+    ({}, lambda m: m.decode(torch.randn(2, 1, 16)), "x has shape (2, 1, 16); expected (N, T, E) with E = embed_dim"),
+    ({}, lambda m: m.decode(torch.randn(2, 1, 32), torch.randn(2, 4, 3, 8)), "pass both cache_k and cache_v"),
+    ({}, lambda m: m.decode(torch.randn(2, 1, 32), torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)),
+     "cache_v has shape (2, 4, 5, 8); expected (N, num_kv_heads, S, head_dim) = (2, 4, 3, 8)"),
+])
+def test_decoding_errors(options, call, message):
+    layer = einc.nn.MultiheadAttention(32, 4, batch_first=True, **options)
+    with pytest.raises(einc.EincError, match=re.escape(message)):
+        call(layer)
