@@ -218,9 +218,10 @@ def _report(scaling: list[list[str]], communication: list[list[str]], overhead: 
         "### (c) Bytes each rank hands to collectives in one forward call, counted", "",
         "Counted by wrapping `torch.distributed`'s collectives; the plan's figure is "
         "`Plan.distribution.bytes()` (the same count, made by the planner). It includes the per-call "
-        "fingerprint check (8 bytes per rank). An all_gather counts the gathered whole (parts padded to "
-        "equal length); a logsumexp combine is two all_reduces (MAX, then SUM); a softmax's adds its "
-        "log-normalizer's (MAX and SUM).", "",
+        "fingerprint check (8 bytes from each rank, so world × 8 gathered). An all_gather counts the "
+        "gathered whole (parts padded to equal length); "
+        "a logsumexp combine is two all_reduces (MAX, then SUM); a softmax's adds its "
+        "log-normalizer's (MAX and SUM); a max adds a byte per entry (where some rank has NaN).", "",
         _table(communication), "",
     ])
 

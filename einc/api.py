@@ -173,7 +173,7 @@ class Expression:
         self._fixed_path = not self.ir.nested and self.ir.leaves <= 2
         self._generics: dict[tuple[Any, ...], tuple[Callable[..., torch.Tensor], list[str]]] = {}
         self._runners = functools.lru_cache(maxsize=cache_size)(self._runner)
-        self._local_expression: Expression | None = None
+        self._local_expressions: dict[bool, Expression] = {}
         self._agreement: str | None = None
 
     @property
@@ -318,20 +318,24 @@ class Expression:
             raise self._context(shapes, MemoryLimitError(message)) from None
         chunk = plan_at({axis.name: axis.chunk for axis in chosen.axes})
         assert chunk is not None
+        if any(axis.role in ir.NORMALIZERS for axis in chosen.axes):
+            inner = self._inner(part=True)
         try:
             return slicing.sliced(full, chosen, self._inner), inner, chunk
         except MemoryLimitError as err:
             raise self._context(shapes, MemoryLimitError(f"memory_limit={limit:,} elements is too small: {err}")
                                 ) from None
 
-    def _inner(self, pattern: ir.Pattern | None = None, slice: bool = False) -> Expression:  # noqa: A002
+    def _inner(self, pattern: ir.Pattern | None = None, slice: bool = False, part: bool = False  # noqa: A002
+               ) -> Expression:
         """This pattern (or ``pattern``, one derived from it) with the same options but
-        on one process and, by default, ``slice=False``: it computes one slice."""
+        on one process and, by default, ``slice=False``: it computes one slice; with
+        ``part``, a part of a normalizer's own axis (rows all -inf in it give zeros)."""
         pattern = self.ir if pattern is None else pattern
         inner = Expression.__new__(Expression)
         own = {name: n for name, n in self.sizes.items() if name in pattern.all_axes}
         options = dataclasses.replace(self.options, slice=slice and self.options.slice, distributed=False,
-                                      shard_output=False)
+                                      shard_output=False, part=part)
         inner._setup(pattern.render(), options, None, own, parsed=pattern)
         return inner
 
@@ -340,7 +344,7 @@ class Expression:
         """The signature's own code: planned for its sizes, which are literals in it."""
         program = self._plan_for(shapes, dtypes.promoted(types))
         try:
-            code = generate(program, types, safe=transformed)
+            code = generate(program, types, safe=transformed, part=self.options.part)
         except EincError as err:
             raise self._context(shapes, err) from None
         fn, folding = compiled(self.options.backend, code)
@@ -369,7 +373,8 @@ class Expression:
         try:
             if program is None:
                 program = self._plan_for(merged, common)
-            code = generate(program, types, generic=True, safe=transformed, context=f"pattern {self.pattern!r}",
+            code = generate(program, types, generic=True, safe=transformed, part=self.options.part,
+                            context=f"pattern {self.pattern!r}",
                             limits=(self.options.limit, settings.limit))
         except EincError as err:
             raise self._context(shapes, err) from None
@@ -441,36 +446,50 @@ class Expression:
 
     # ------------------------------------------------------------ distributed
 
-    def _local(self) -> Expression:
+    def _local(self, part: bool = False) -> Expression:
         """What a rank computes its part with: this expression on one process (in slices
-        under the memory limit)."""
-        if self._local_expression is None:
-            self._local_expression = self._inner(slice=True)
-        return self._local_expression
+        under the memory limit); ``part`` for a share of a normalizer's own axis."""
+        if self._local_expressions.get(part) is None:
+            self._local_expressions[part] = self._inner(slice=True, part=part)
+        return self._local_expressions[part]
 
     def _distribute(self, tensors: Sequence[Any]) -> Any:
         option = self.options.distributed
         world = distributed.world_of(option)
-        placed = distributed.placements(tensors)
-        if world == 1 and placed is None and not self.options.shard_output:
+        if world == 1 and not self.options.shard_output and not any(map(distributed.is_dtensor, tensors)):
             return self._local()(*tensors)
-        try:
-            key = (tuple(map(_signature, tensors)), placed, tensors[0].device.type if tensors else "cpu", world)
-        except AttributeError:
-            return self._local()(*tensors)  # which names the operand that is not a tensor
         group = distributed.group_of(option)
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
         distributed.check_device(device, group)
+        failure: EincError | None = None
+        try:
+            placed = distributed.placements(tensors)
+            key = (tuple(map(_signature, tensors)), placed, device.type, world)
+            description = self._call_description(tensors, placed, device)
+        except (EincError, AttributeError) as err:
+            # Not this rank alone: every rank takes part in the check, then raises.
+            failure = err if isinstance(err, EincError) else EincError(
+                f"pattern {self.pattern!r}: every operand must be a torch.Tensor ({err})")
+            description = f"an invalid call of pattern {self.pattern!r}: {failure}"
         if world > 1:
-            shapes = _format_shapes([tuple(t.shape) for t in tensors])
-            dtypes_ = ", ".join(str(t.dtype).removeprefix("torch.") for t in tensors)
-            where = f", placements {placed}" if placed is not None else ""
-            if self._agreement is None:
-                # The options without the group object (its address differs between processes).
-                self._agreement = f"pattern {self.pattern!r} ({dataclasses.replace(self.options, distributed=True)})"
-            distributed.check_agreement(f"{self._agreement} with shapes {shapes}, dtypes {dtypes_}{where} "
-                                        f"on {device.type}", device, group)
+            distributed.check_agreement(description, device, group)
+        if failure is not None:
+            raise failure
         return self._runners(key)(tensors)
+
+    def _call_description(self, tensors: Sequence[Any], placed: distributed.Placed | None, device: torch.device
+                          ) -> str:
+        """What ranks must agree on: pattern, options, shapes, dtypes, placements, device,
+        and what decides the collectives autograd adds (grad mode, requires_grad)."""
+        if self._agreement is None:
+            # The options without the group object (its address differs between processes).
+            self._agreement = f"pattern {self.pattern!r} ({dataclasses.replace(self.options, distributed=True)})"
+        shapes = _format_shapes([tuple(t.shape) for t in tensors])
+        dtypes_ = ", ".join(str(t.dtype).removeprefix("torch.") for t in tensors)
+        where = f", placements {placed}" if placed is not None else ""
+        grads = "".join("1" if t.requires_grad else "0" for t in tensors)
+        return (f"{self._agreement} with shapes {shapes}, dtypes {dtypes_}{where} on {device.type}, "
+                f"grad mode {torch.is_grad_enabled()}, requires_grad {grads}")
 
     def _runner(self, key: tuple[Any, ...]) -> distributed.Runner:
         signature, placed, device, world = key
@@ -481,8 +500,8 @@ class Expression:
         mesh = None
         if plan.sharded or placed is not None:
             mesh = placed.mesh if placed is not None else distributed.mesh_of(group, device)
-        return distributed.Runner(plan, self._local(), places, output_dim, dist.get_rank(group), group, norm,
-                                  mesh, kinds)
+        local = self._local(plan.role in ir.NORMALIZERS)
+        return distributed.Runner(plan, local, places, output_dim, dist.get_rank(group), group, norm, mesh, kinds)
 
     def _distribution(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], world: int,
                       placed: distributed.Placed | None = None
@@ -508,14 +527,15 @@ class Expression:
                 return distributed.collectives(
                     role, output=output, factor=distributed.factor_elements(full, role),
                     gathered=world * chunk * output // max(1, sizes[axis]), dtype=common,
-                    inputs=[math.prod(s) for s in shapes], sharded=sharded, dtensor=placed is not None)
+                    inputs=[(math.prod(s), t) for s, t in zip(shapes, types)], sharded=sharded,
+                    dtensor=placed is not None, world=world)
 
             def cost_at(axis: str, chunk: int) -> tuple[int, int]:
                 part = local._plan_lookup(cut(axis, chunk), None, common.is_floating_point)
                 role = candidates[axis]
-                extra = slicing._logits_flops(part) if role in ir.NORMALIZERS else 0
+                extra = slicing.logits_flops(part) if role in ir.NORMALIZERS else 0
                 moved = volume(axis, role, chunk, self.options.shard_output)
-                return slicing._flops(part) + extra, sum(c.elements for c in moved if c.when == "forward")
+                return slicing.flops_of(part) + extra, sum(c.elements for c in moved if c.when == "forward")
 
             kinds = None
             if placed is not None:
@@ -526,9 +546,10 @@ class Expression:
                 if chosen is None and self.options.shard_output:
                     raise EincError("shard_output=True: no output axis can be split over the ranks "
                                     f"(axes that can: {', '.join(candidates) or 'none'})")
-            check = distributed.Collective("all_gather", "fingerprint", world, 8)
+            # One rank checks nothing (and communicates nothing).
+            check = distributed.Collective("all_gather", "fingerprint", world if world > 1 else 0, 8)
             if chosen is None:
-                flops = slicing._flops(full)
+                flops = slicing.flops_of(full)
                 return (distributed.Distribution(world, None, "replicated", 0, 0, (flops,) * world, (1,) * world,
                                                  (), check), (), None, None, kinds)
             axis, chunk = chosen
@@ -561,7 +582,7 @@ class Expression:
                 raise
             cut = local._slicing(shapes, types, False)[0].slicing
             return cut.flops, cut.slices
-        return slicing._flops(part) + (slicing._logits_flops(part) if role in ir.NORMALIZERS else 0), 1
+        return slicing.flops_of(part) + (slicing.logits_flops(part) if role in ir.NORMALIZERS else 0), 1
 
     def _shapes_and_dtype(self, tensors_or_shapes: Sequence[Any], dtype: torch.dtype | str | None
                           ) -> tuple[tuple[tuple[int, ...], ...], list[torch.dtype]]:
@@ -597,9 +618,12 @@ class Expression:
         if world_size is not None:
             if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
                 raise EincError(f"world_size must be a positive int, not {world_size!r}")
-            spread = self._distribution(shapes, types, world_size)[0]
+            world = world_size
         elif self._distributed:
-            spread = self._distribution(shapes, types, distributed.world_of(self.options.distributed))[0]
+            world = distributed.world_of(self.options.distributed)
+        if world_size is not None or self._distributed:
+            # DTensor operands bring their split (the call's, not a chosen one).
+            spread = self._distribution(shapes, types, world, distributed.placements(tensors_or_shapes))[0]
         try:
             program = self._plan_for(shapes, common)
         except MemoryLimitError:
@@ -694,8 +718,10 @@ class Expression:
         True
         """
         result = self(*tensors)
-        if hasattr(result, "full_tensor"):  # shard_output=True: a DTensor
+        if distributed.is_dtensor(result):  # shard_output=True or DTensor operands
             result = result.full_tensor()
+        # The reference takes the whole tensors of DTensor operands.
+        tensors = tuple(t.full_tensor() if distributed.is_dtensor(t) else t for t in tensors)
         dtype = dtypes.promoted([t.dtype for t in tensors]) if tensors else torch.float64
         try:
             return compare(result, self.reference(*tensors), self.reference(*tensors, absolute=True),

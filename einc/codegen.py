@@ -323,6 +323,8 @@ class Emitter:
         marked = tuple(a for a in axes if a in pattern.normalized)
         if len(marked) == 1:
             dim = axes.index(marked[0])
+            if self.unit.part:
+                return self.part_normalized(value, dim)
             if value not in self.owned or self.unit.safe or self.generic:
                 return self.assign(f"{fn}({value}, {dim})")
             # Normalize our own intermediate in place when autograd does not need it: a
@@ -339,9 +341,19 @@ class Emitter:
         value = self.permute(value, axes, rest + marked)
         flat = singles(rest) + [marked]
         value = self.reshape(value, singles(rest + marked), flat)
-        value = self.assign(f"{fn}({value}, {len(rest)})")
+        value = self.part_normalized(value, len(rest)) if self.unit.part else self.assign(f"{fn}({value}, {len(rest)})")
         value = self.reshape(value, flat, singles(rest + marked))
         return self.permute(value, rest + marked, axes)
+
+    def part_normalized(self, value: str, dim: int) -> str:
+        """A part's normalizer (a slice's or a rank's share of the normalized axis): a row
+        whose logits are all -inf in this part has no share of the whole; it normalizes
+        to zeros for softmax (-inf for log_softmax) with a zero gradient, not NaN, so
+        that rescaling it by its zero share leaves the other parts' result as it is."""
+        dead = self.assign(f"{value}.amax({dim}, keepdim=True) == float('-inf')")
+        kept = self.assign(f"torch.{self.program.ir.op}({value}.masked_fill({dead}, 0.0), {dim})")
+        fill = "0.0" if self.program.ir.op == "softmax" else "float('-inf')"
+        return self.assign(f"{kept}.masked_fill({dead}, {fill})")
 
     def output_shape(self) -> str:
         """Generic code at the top level: the output shape, ``...`` spelled out again."""
@@ -510,7 +522,7 @@ def _module_class(parameters: list[str], not_tensor: int) -> str:
 
 
 def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torch.float32, *,
-             generic: bool = False, module: bool = False, safe: bool = False,
+             generic: bool = False, module: bool = False, safe: bool = False, part: bool = False,
              context: str = "", limits: Sequence[tuple[int | None, bool]] = ()) -> Generated:
     """Emit the function ``einc_fn(x0, x1, ...)`` that evaluates ``program``.
 
@@ -519,7 +531,8 @@ def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torc
     inputs' shapes and checks them (see the module docstring), ``context`` prefixing its
     messages and each of ``limits`` (``(limit, in_bytes)``) bounding its intermediates;
     ``safe`` avoids in-place writes and branches on data
-    (for torch.func transforms); ``module`` also defines ``EincModule(torch.nn.Module)``
+    (for torch.func transforms); ``part`` computes a part of a normalizer's axis (a
+    slice, a rank's share: see :meth:`Emitter.part_normalized`); ``module`` also defines ``EincModule(torch.nn.Module)``
     whose ``forward`` calls ``einc_fn``.
 
     >>> from einc.parser import parse
@@ -528,7 +541,7 @@ def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torc
     >>> print(code.source.splitlines()[1].strip())
     t0 = torch.mm(x0, x1)
     """
-    unit = Unit(generic, safe, context)
+    unit = Unit(generic, safe, context, part)
     count = program.ir.leaves
     leaves = [unit.names.create("c" if i in program.constants else "x") for i in range(count)]
     params = list(leaves)

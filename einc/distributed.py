@@ -228,6 +228,11 @@ def _dtensor_type() -> type | None:
     return DTensor
 
 
+def is_dtensor(value: Any) -> bool:
+    kind = _dtensor_type()
+    return kind is not None and isinstance(value, kind)
+
+
 def placements(tensors: Sequence[Any]) -> Placed | None:
     """The DTensor placements of a call, or ``None`` for plain tensors."""
     kind = _dtensor_type()
@@ -253,12 +258,16 @@ def placements(tensors: Sequence[Any]) -> Placed | None:
     return Placed(mesh, tuple(specs))
 
 
-def collectives(role: str, *, output: int, factor: int, gathered: int, dtype: torch.dtype, inputs: Sequence[int],
-                sharded: bool, dtensor: bool) -> tuple[Collective, ...]:
+def collectives(role: str, *, output: int, factor: int, gathered: int, dtype: torch.dtype,
+                inputs: Sequence[tuple[int, torch.dtype]], sharded: bool, dtensor: bool, world: int
+                ) -> tuple[Collective, ...]:
     """The collectives of a call by role: ``output`` elements of the result, ``factor``
     of a nested normalizer's log-normalizer, ``gathered`` of an all_gather (padded
-    parts), ``inputs`` the elements of each operand's gradient (plain inputs only).
-    Parts are gathered in the result's ``dtype``, combined in float32 where it is a half float."""
+    parts), ``inputs`` the elements and dtype of each operand (plain inputs: the
+    gradients of floating ones are summed).  Parts are gathered in the result's
+    ``dtype``, combined in float32 where it is a half float.  One rank communicates nothing."""
+    if world == 1:
+        return ()
     found: list[Collective] = []
     itemsize = (torch.float32 if dtype in HALF else dtype).itemsize
     if role == "output":
@@ -269,6 +278,7 @@ def collectives(role: str, *, output: int, factor: int, gathered: int, dtype: to
             found.append(Collective("all_reduce SUM", "output", output, itemsize))
     elif role in ("max", "min"):
         found += [Collective(f"all_reduce {role.upper()}", "output", output, itemsize),
+                  Collective("all_reduce MAX", "NaN flags", output, 1),
                   Collective("all_reduce SUM", "count", output, 4, "forward, for gradients")]
     elif role == "logsumexp":
         found += [Collective("all_reduce MAX", "output", output, itemsize),
@@ -281,8 +291,9 @@ def collectives(role: str, *, output: int, factor: int, gathered: int, dtype: to
             found.append(Collective("all_reduce SUM", "ones contraction", output, itemsize,
                                     "forward, for gradients"))
     if role != "replicated" and not dtensor:
-        found += [Collective("all_reduce SUM", f"input {i} gradient", n, itemsize, "backward")
-                  for i, n in enumerate(inputs)]
+        found += [Collective("all_reduce SUM", f"input {i} gradient", n,
+                             (torch.float32 if kind in HALF else kind).itemsize, "backward")
+                  for i, (n, kind) in enumerate(inputs) if kind.is_floating_point or kind.is_complex]
     return tuple(found)
 
 
@@ -398,6 +409,9 @@ class _Extremum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, local: torch.Tensor, op: Any, group: Any) -> torch.Tensor:
         result = _reduce(_wide(local).clone(), op, group)
+        # gloo's MAX/MIN drop NaN: a flag (MAX over ranks) puts it back.
+        nan = _reduce(torch.isnan(local).to(torch.uint8), dist.ReduceOp.MAX, group)
+        result = result.masked_fill(nan.bool(), float("nan"))
         if ctx.needs_input_grad[0]:
             hit = _wide(local) == result
             count = _reduce(hit.to(torch.int32), dist.ReduceOp.SUM, group)
@@ -542,11 +556,16 @@ class Runner:
             tensors, narrow = self._locals(tensors)
         if plan.axis is None:
             return self._replicated(self.local(*tensors))
-        if not self.dtensor:
+        if not self.dtensor and plan.world_size > 1:
             tensors = [_Replicated.apply(t, self.group) if t.requires_grad else t for t in tensors]
         views = self.part(tensors, narrow)
         start, length = plan.spans()[self.rank]
         role = plan.role
+        if plan.world_size == 1:  # the part is the whole: nothing to combine
+            whole = self.local(*views)
+            if plan.sharded:
+                return self._sharded(whole)
+            return self._partial(whole) if self.dtensor and role in ("sum", "mean") else self._replicated(whole)
         if role == "output":
             local = self.local(*views)
             if plan.sharded:
@@ -603,7 +622,7 @@ def factor_elements(program: Program, role: str) -> int:
     """Elements of a nested normalizer's log-normalizer (0 for other roles)."""
     if role not in ("softmax", "log_softmax"):
         return 0
-    found = slicing._normalized_level(program)
+    found = slicing.normalized_level(program)
     assert found is not None
     axis, _, level = found
     sizes = dict(level.sizes)

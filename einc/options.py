@@ -94,6 +94,9 @@ class Options:
     distributed: Any = False
     """Spread each call over the ranks of a process group (:mod:`einc.distributed`):
     ``True`` for the default group, or a ``torch.distributed.ProcessGroup``."""
+    part: bool = False
+    """Internal: the expression computes one part (a slice, a rank's share) of a
+    normalizer's own axis, where a row all -inf normalizes to zeros (its share is zero)."""
     shard_output: bool = False
     """With ``distributed``: return the result as a ``DTensor`` sharded along an output
     axis (each rank keeps its part) instead of gathering it on every rank."""

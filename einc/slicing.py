@@ -41,7 +41,8 @@ from .errors import EincError, MemoryLimitError
 from .planner import Program
 
 __all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "SlicingWarning", "choose", "choose_with_cotengra",
-           "largest_intermediate", "roles", "run", "sliced", "warn_if_small"]
+           "flops_of", "largest_intermediate", "logits_flops", "normalized_level", "roles", "run", "sliced",
+           "warn_if_small"]
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -145,7 +146,7 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
             allowed -= set(level.reduced)
     output = [tuple(g) for g in program.output_dims]
     found: dict[str, str] = {}
-    normalized = _normalized_level(program)
+    normalized = normalized_level(program)
     scaled = {f.value for level in program.programs() for f in level.ir.scale if isinstance(f.value, str)}
     if normalized is not None:
         axis, _, level = normalized
@@ -174,7 +175,7 @@ class SlicingWarning(UserWarning):
     """A sliced plan whose per-slice overhead will outweigh its work."""
 
 
-def _normalized_level(program: Program) -> tuple[str, int, Program] | None:
+def normalized_level(program: Program) -> tuple[str, int, Program] | None:
     """(axis, position, level) of a nested softmax or log_softmax that slices along its
     normalized axis (:class:`Normalized`): the top level a plain sum of products reducing
     that axis, the softmax over plain operands and one axis of its own dimension, and
@@ -218,7 +219,7 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
         for combo in itertools.combinations(names, count):
             found = _fit(combo, sizes, candidates, plan_at)
             if found is not None:
-                slicing = Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
+                slicing = Slicing(found[0], found[1], flops_of(program), found[2], math.prod(program.output_shape))
                 # Ties go to output and reduced axes (a softmax's own axis costs its logits
                 # twice), then to axes of the largest operand: backward writes its gradient
                 # in disjoint slices instead of adding a whole one per slice.
@@ -235,7 +236,7 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
         if len(chosen) > MAX_AXES and plan_at(dict.fromkeys(chosen, 1)) is not None:
             found = _fit(chosen, sizes, candidates, plan_at, split=False)
             assert found is not None
-            return Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
+            return Slicing(found[0], found[1], flops_of(program), found[2], math.prod(program.output_shape))
     if not names:
         raise MemoryLimitError("no slicing fits it either (no axis can be sliced)")
     least = peak_at(dict.fromkeys(names, 1))
@@ -271,20 +272,21 @@ def choose_with_cotengra(program: Program, candidates: Mapping[str, str], limit:
     found = _fit(chosen, sizes, candidates, plan_at, split=False)
     if found is None:  # pragma: no cover - single index values were just planned
         return None
-    return Slicing(found[0], found[1], _flops(program), found[2], math.prod(program.output_shape))
+    return Slicing(found[0], found[1], flops_of(program), found[2], math.prod(program.output_shape))
 
 
-def _logits_flops(program: Program) -> int:
+def logits_flops(program: Program) -> int:
     """What computing a sliced softmax's logits again costs: a contraction over the
     level's axes (counted as opt_einsum counts one pairwise product; a fused plan keeps
     the level's sizes but not its FLOPs)."""
-    found = _normalized_level(program)
+    found = normalized_level(program)
     if found is None:  # pragma: no cover - only asked for a "softmax" slicing
         return 0
     return 2 * math.prod(n for _, n in found[2].sizes)
 
 
-def _flops(program: Program) -> int:
+def flops_of(program: Program) -> int:
+    """All levels' FLOPs of ``program`` (as opt_einsum counts them)."""
     return sum(level.flops for level in program.programs())
 
 
@@ -325,8 +327,8 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
         for lengths in itertools.product(*[_lengths(axis) for axis in axes]):
             program = plan_at(dict(zip(combo, (n for n, _ in lengths))))
             assert program is not None, "a shorter slice fits where a longer one does"
-            logits = _logits_flops(program) if again else 0
-            total += (_flops(program) + logits) * math.prod(k for _, k in lengths)
+            logits = logits_flops(program) if again else 0
+            total += (flops_of(program) + logits) * math.prod(k for _, k in lengths)
             largest = max(largest, largest_intermediate(program))
         key = (total, math.prod(axis.count for axis in axes))
         if best is None or key < best[0]:
@@ -603,7 +605,7 @@ def sliced(program: Program, slicing: Slicing,
     role = reduced.pop() if reduced else "output"
     normalized = None
     if role in ir.NORMALIZERS:
-        found = _normalized_level(program)
+        found = normalized_level(program)
         assert found is not None and normalizer is not None
         axis, position, level = found
         first = sum(x.leaves if isinstance(x, ir.Pattern) else 1 for x in program.ir.inputs[:position])

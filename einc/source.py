@@ -66,9 +66,11 @@ class _Namespace:
 class Unit:
     """What the levels of one generated function share: names, helpers, kernels, checks."""
 
-    def __init__(self, generic: bool, safe: bool, context: str) -> None:
+    def __init__(self, generic: bool, safe: bool, context: str, part: bool = False) -> None:
         self.generic = generic
         self.safe = safe
+        self.part = part
+        """A part of a normalizer's axis: rows all -inf in it normalize to zeros, not NaN."""
         """No in-place writes, no branches on data: torch.func transforms (vmap, jvp) run it."""
         self.context = context.replace("{", "{{").replace("}", "}}")
         self.names = _Namespace()

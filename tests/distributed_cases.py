@@ -164,12 +164,12 @@ def dtypes(rank: int, world: int) -> None:
 @check
 def nan_and_infinities(rank: int, world: int) -> None:
     """NaN propagates through every combine; -inf slices and 1e30 stay exact."""
-    for op in ("max", "logsumexp", "sum"):
+    for op, row in itertools.product(("max", "min", "logsumexp", "sum"), (5, 47)):  # the first rank's, the last's
         f = einc.compile(f"{op}(b i, i j, j k -> b k)", distributed=True)
         xs = _inputs(CHAIN)
-        xs[1][5, 7] = float("nan")  # on one rank's part only
+        xs[1][5, row] = float("nan")  # on one rank's part only
         out = f(*xs)
-        assert torch.isnan(out).all(), f"{op}: NaN lost: {out}"
+        assert torch.isnan(out).all(), f"{op}: NaN at j={row} lost: {out}"
     f = einc.compile("logsumexp(b i, i j, j k -> b k)", distributed=True)
     xs = _inputs(CHAIN)
     xs[1][:, :24] = float("-inf")  # one rank's whole part is -inf
@@ -178,6 +178,28 @@ def nan_and_infinities(rank: int, world: int) -> None:
     xs[0] = xs[0] * 1e30
     want = _semiring("logsumexp")(*[x.double() for x in xs])
     _close(f(*xs), want, "1e30 in float32", rtol=1e-6, atol=0)
+
+
+@check
+def a_part_whose_keys_are_all_masked(rank: int, world: int) -> None:
+    """A rank whose share of a softmax's (log_softmax's) axis is all -inf contributes nothing:
+    values and gradients as torch's over the whole axis (padding at the end of a sequence)."""
+    generator = torch.Generator().manual_seed(5)
+    s, v = torch.randn(1, 12, generator=generator, dtype=torch.float64), \
+        torch.randn(12, 1, generator=generator, dtype=torch.float64)
+    s[:, 12 - 12 // world:] = float("-inf")  # the last rank's keys
+    # (A log_softmax of masked logits is -inf there, as torch's, whatever splits it.)
+    rows = [("softmax(q k -> q [k]), k e -> q e", "softmax", lambda s, v: torch.softmax(s, -1) @ v)]
+    for pattern, role, ref in rows:
+        other = v
+        f = einc.compile(pattern, distributed=True)
+        assert f.explain(s, other).distribution.role == role, f.explain(s, other).distribution
+        a, b = s.clone().requires_grad_(), other.clone().requires_grad_()
+        out, want = f(a, b), ref(a, b)
+        _close(out, want.detach(), f"{role}: values")
+        got, expected = torch.autograd.grad(out.sum(), (a, b)), torch.autograd.grad(want.sum(), (a, b))
+        for g, e in zip(got, expected):
+            _close(g, e, f"{role}: gradient")
 
 
 @check
@@ -250,15 +272,19 @@ class _Counter:
 @check
 def bytes_communicated(rank: int, world: int) -> None:
     """The bytes each rank hands to collectives equal the plan's figure, forward and with gradients."""
-    for (name, pattern, shapes, _, _), dtype in itertools.product(PATTERNS, (torch.float32, torch.bfloat16)):
+    mixed = [("float32 and float64", "i j, j k -> i k", [(1, 64), (64, 1)], [torch.float32, torch.float64]),
+             ("int64 and float32", "b i j, b j k -> b i k", [(6, 8, 16), (6, 16, 8)], [torch.int64, torch.float32])]
+    rows = [(name, pattern, shapes, [dtype] * len(shapes))
+            for (name, pattern, shapes, _, _), dtype in itertools.product(PATTERNS, (torch.float32, torch.bfloat16))]
+    for name, pattern, shapes, types in rows + mixed:
         f = einc.compile(pattern, distributed=True, **SIZES.get(name, {}))
-        plan = f.explain(*shapes, dtype=dtype).distribution
-        xs = _inputs(shapes, dtype)
+        xs = [x.to(t) for x, t in zip(_inputs(shapes), types)]
+        plan = f.explain(*xs).distribution
         f(*xs)  # compiled before counting
         with _Counter() as counter:
             f(*xs)
         assert counter.bytes == plan.bytes(), f"{name}: counted {counter.bytes}, plan {plan.bytes()}"
-        xs = [x.requires_grad_() for x in xs]
+        xs = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
         with _Counter() as counter:
             f(*xs).sum().backward()
         assert counter.bytes == plan.bytes(True), f"{name} with gradients: counted {counter.bytes}, " \
@@ -299,6 +325,17 @@ def shard_output(rank: int, world: int) -> None:
         _close(g, e, "gradient")
 
 
+def _with_grad(enabled: bool, call: Callable[[], Any]) -> Any:
+    with torch.set_grad_enabled(enabled):
+        return call()
+
+
+def _replicate() -> Any:
+    from torch.distributed.tensor import Replicate
+
+    return Replicate()
+
+
 def _dtensors(tensors: list[torch.Tensor], placements: list[Any]) -> list[Any]:
     from torch.distributed.tensor import distribute_tensor, init_device_mesh
 
@@ -335,6 +372,11 @@ def dtensor_inputs(rank: int, world: int) -> None:
         want.sum().backward()
         _close(dx.grad.full_tensor(), xr.grad, f"{pattern} {placements}: gradient of x")
         _close(dw.grad.full_tensor(), wr.grad, f"{pattern} {placements}: gradient of w")
+        f = einc.compile(pattern, distributed=True)
+        plan = f.explain(dx, dw).distribution  # the call's own split, from the placements
+        if placements[0] == Shard(1) and placements[1] != Shard(1):
+            assert plan.axis == "d", (pattern, placements, plan.axis)
+        assert f.validate(dx, dw) < 1e-9
 
 
 @check
@@ -348,9 +390,18 @@ def mismatched_ranks(rank: int, world: int) -> None:
         ("patterns", lambda: einc.compile("i j, j k -> i k" if rank else "i j, j k -> k i", distributed=True)(
             torch.ones(4, 3), torch.ones(3, 2))),
     ]
+    x, w = _inputs([(4, 3), (3, 2)])
+    (dx,) = _dtensors([x], [_replicate()])  # made on every rank (distribute_tensor communicates)
+    cases += [
+        # what decides the collectives autograd adds: requires_grad, grad mode
+        ("requires_grad", lambda: f(x.clone().requires_grad_(rank == 0), w)),
+        ("grad mode", lambda: _with_grad(rank == 0, lambda: f(x.clone().requires_grad_(), w))),
+        # an invalid call on one rank only: the others are told, not left waiting
+        ("a DTensor among plain tensors", lambda: f(dx if rank == 0 else x, w)),
+    ]
     for what, call in cases:
         message = _refused(call, "ranks called a distributed expression differently")
-        assert "rank 0: pattern" in message and "rank 1: pattern" in message, f"{what}: {message}"
+        assert "rank 0: " in message and "rank 1: " in message, f"{what}: {message}"
     # The group is still usable after a refused call.
     _close(f(torch.ones(4, 3), torch.ones(3, 2)), torch.full((4, 2), 3.0), "after a mismatch")
 

@@ -469,3 +469,20 @@ def test_half_log_softmax_cut_along_its_axis_is_as_accurate_as_unsliced(dtype):
     error = float((sliced(h, w, y).double() - expected).abs().max())
     whole = float((einc.compile(pattern)(h, w, y).double() - expected).abs().max())
     assert error <= 2 * whole + 2e-2
+
+
+@pytest.mark.parametrize("masked", ["first", "last", "middle"])  # which keys' slice is all -inf
+def test_a_slice_whose_keys_are_all_masked_contributes_nothing(masked):
+    """Attention cut along its keys where one slice of keys is masked out everywhere
+    (padding): values and gradients as torch's softmax over the whole row."""
+    generator = torch.Generator().manual_seed(0)
+    s = torch.randn(1, 12, generator=generator, dtype=torch.float64)
+    v = torch.randn(12, 1, generator=generator, dtype=torch.float64)
+    s[:, {"first": slice(0, 4), "last": slice(8, 12), "middle": slice(4, 8)}[masked]] = float("-inf")
+    f = einc.compile("softmax(q k -> q [k]), k e -> q e", memory_limit=4)
+    assert [a.role for a in f.explain(s, v).slicing.axes] == ["softmax"]
+    a, b = s.clone().requires_grad_(), v.clone().requires_grad_()
+    out, want = f(a, b), torch.softmax(a, -1) @ b
+    torch.testing.assert_close(out, want)
+    for got, expected in zip(torch.autograd.grad(out.sum(), (a, b)), torch.autograd.grad(want.sum(), (a, b))):
+        torch.testing.assert_close(got, expected)
