@@ -247,6 +247,9 @@ class Expression:
         """Every operand's dtype (constants included), checked against the pattern."""
         everything = self._with_constants(given, lambda t: t.dtype)
         try:
+            for position, modifier in self.ir.modifier_leaves():
+                if position < len(everything):
+                    dtypes.check_modifier(modifier, position, everything[position], self.ir.compact)
             dtypes.check(self.ir, dtypes.promoted(everything) if everything else torch.float32)
         except EincError as err:
             raise self._context(shapes, err) from None
@@ -587,10 +590,12 @@ class Expression:
     def _shapes_and_dtype(self, tensors_or_shapes: Sequence[Any], dtype: torch.dtype | str | None
                           ) -> tuple[tuple[tuple[int, ...], ...], list[torch.dtype]]:
         shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
+        masks = {i for i, m in self.ir.modifier_leaves() if m.kind == "mask"}  # bool whatever the dtype
         if dtype is not None:
-            given = [dtypes.dtype_of(dtype)] * len(shapes)
+            given = [torch.bool if i in masks else dtypes.dtype_of(dtype) for i in range(len(shapes))]
         else:
-            given = [x.dtype if isinstance(x, torch.Tensor) else torch.float32 for x in tensors_or_shapes]
+            given = [x.dtype if isinstance(x, torch.Tensor) else torch.bool if i in masks else torch.float32
+                     for i, x in enumerate(tensors_or_shapes)]
         return shapes, self._dtypes(given, shapes)
 
     def explain(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None,
@@ -694,10 +699,12 @@ class Expression:
         """
         self._check(tensors)  # the same checks (and errors) as a call
         given = self._with_constants(tensors, lambda t: t)
-        common = dtypes.promoted([t.dtype for t in given]) if given else torch.float64
-        given = [t.to(common) for t in given]
+        masks = {i for i, m in self.ir.modifier_leaves() if m.kind == "mask"}  # stay bool
+        common = dtypes.promoted([t.dtype for i, t in enumerate(given) if i not in masks]) if given \
+            else torch.float64
+        given = [t if i in masks else t.to(common) for i, t in enumerate(given)]
         if widen:
-            given = [to_wide(t) for t in given]
+            given = [t if i in masks else to_wide(t) for i, t in enumerate(given)]
         if absolute and self.ir.op in (None, "sum", "mean"):
             return reference(self.ir, given, self.sizes, absolute=True)
         result = reference(self.ir, given, self.sizes)

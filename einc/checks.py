@@ -169,7 +169,22 @@ class _Reader:
 
 def _promotion(unit: Unit, program: Program, values: list[str], lines: list[str]) -> list[str]:
     """Torch's type promotion and the widening of half floats and integers, in a branch
-    the usual call (one floating dtype) skips.  Returns the promoted leaves."""
+    the usual call (one floating dtype) skips.  Returns the promoted leaves; a ``mask``
+    stays bool and a ``bias`` keeps its dtype (it is added in the logits' dtype)."""
+    modifying = dict(program.ir.modifier_leaves())
+    for position, modifier in modifying.items():
+        if modifier.kind == "mask":
+            unit.check(lines, f"{values[position]}.dtype != torch.bool",
+                       f"{modifier.render(program.ir.compact)} (operand {position}) must be a bool tensor "
+                       "(True = attend)")
+        else:
+            unit.check(lines, f"not {values[position]}.is_floating_point()",
+                       f"{modifier.render(program.ir.compact)} (operand {position}) must be a floating-point tensor")
+    promoted = iter(_promote(unit, program, [v for i, v in enumerate(values) if i not in modifying], lines))
+    return [v if i in modifying else next(promoted) for i, v in enumerate(values)]
+
+
+def _promote(unit: Unit, program: Program, values: list[str], lines: list[str]) -> list[str]:
     unit.dtype = unit.assign(lines, f"{values[0]}.dtype", "d")
     several = len(values) > 1
     promoted = [unit.assign(lines, v, "x") for v in values] if several else values

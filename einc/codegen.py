@@ -116,6 +116,8 @@ class Emitter:
         self.owned: set[str] = set()
         """Variables holding contiguous intermediates nothing else refers to (see ``fresh``)."""
         self.scaling = Scaling(self) if program.ir.scale else None
+        self.modifying: list[str] = []
+        """The variables of this level's ``bias``/``mask`` tensors (set by :func:`_level`)."""
 
     # ------------------------------------------------------------------ sizes
 
@@ -323,7 +325,7 @@ class Emitter:
         marked = tuple(a for a in axes if a in pattern.normalized)
         if len(marked) == 1:
             dim = axes.index(marked[0])
-            if self.unit.part:
+            if self.unit.part or pattern.modifiers:
                 return self.part_normalized(value, dim)
             if value not in self.owned or self.unit.safe or self.generic:
                 return self.assign(f"{fn}({value}, {dim})")
@@ -341,9 +343,48 @@ class Emitter:
         value = self.permute(value, axes, rest + marked)
         flat = singles(rest) + [marked]
         value = self.reshape(value, singles(rest + marked), flat)
-        value = self.part_normalized(value, len(rest)) if self.unit.part else self.assign(f"{fn}({value}, {len(rest)})")
+        value = self.part_normalized(value, len(rest)) if self.unit.part or pattern.modifiers else \
+            self.assign(f"{fn}({value}, {len(rest)})")
         value = self.reshape(value, flat, singles(rest + marked))
         return self.permute(value, rest + marked, axes)
+
+    def spread(self, value: str, axes: Sequence[str], target: Sequence[str]) -> str:
+        """``value`` (over ``axes``) laid out to broadcast against a tensor over ``target``."""
+        order = tuple(a for a in target if a in axes)
+        value = self.permute(value, tuple(axes), order)
+        return self.reshape(value, singles(order), [(a,) if a in axes else () for a in target])
+
+    def modify(self, value: str, target: tuple[str, ...]) -> str:
+        """The logits with the level's ``bias`` added and its masks applied: -inf where a
+        mask, the causality or the window does not attend."""
+        pattern = self.program.ir
+        allowed: list[str] = []
+        for modifier, tensor in zip(pattern.tensor_modifiers, self.modifying):
+            laid = self.spread(tensor, modifier.axes, target)
+            if modifier.kind == "bias":
+                value = self.assign(f"{value} + {laid}.to({value}.dtype)")
+            else:
+                allowed.append(laid)
+        lower_right = any(m.kind == "causal_lower_right" for m in pattern.modifiers)
+        for modifier in pattern.modifiers:
+            if modifier.tensor:
+                continue
+            q, k = modifier.axes
+            device = f"{value}.device"
+            rows = self.assign(f"torch.arange({self.size(q)}, device={device})", "i")
+            rows = self.spread(rows, (q,), target)
+            cols = self.spread(self.assign(f"torch.arange({self.size(k)}, device={device})", "j"), (k,), target)
+            if lower_right:  # the queries are the last positions of the keys'
+                rows = self.assign(f"{rows} + ({self.size(k)} - {self.size(q)})", "i")
+            if modifier.kind == "window":
+                gap = self.assign(f"{rows} - {cols}", "g")
+                allowed.append(self.assign(f"({gap} >= 0) & ({gap} < {modifier.size})", "a"))
+            else:
+                allowed.append(self.assign(f"{cols} <= {rows}", "a"))
+        if allowed:
+            mask = self.assign(" & ".join(allowed), "a")
+            value = self.assign(f"{value}.masked_fill(~{mask}, float('-inf'))")
+        return value
 
     def part_normalized(self, value: str, dim: int) -> str:
         """A part's normalizer (a slice's or a rank's share of the normalized axis): a row
@@ -385,6 +426,8 @@ class Emitter:
         if self.scaling is not None:
             value = self.scaling.result(value, self)
         if program.ir.op in NORMALIZERS:
+            if program.ir.modifiers:
+                value = self.modify(value, target)
             value = self.normalize(value, target)
         merged = self.generic and self.top and program.ir.output.has_ellipsis
         value = self.reshape(value, singles(target), program.output_dims,
@@ -435,11 +478,31 @@ def _attention(unit: Unit, program: Program, values: dict[int, str], types_of: d
     k = prepared(roles.k, batch + key + head, [key, head])
     v = prepared(roles.v, batch + key + value, [key, value])
     scale = inner_emit.scaling.float_value() if inner_emit.scaling is not None else "(1.0)"
-    out = outer.assign(f"{SDPA}({q}, {k}, {v}, scale={scale})")
+    masking = ""
+    modifiers = inner.ir.modifiers
+    if modifiers and [m.kind for m in modifiers] == ["causal"]:
+        masking = ", is_causal=True"  # SDPA's own causality is upper left, as causal(q k)
+    elif modifiers:
+        inner_emit.modifying = [values[v] for v in inner.modifier_values]
+        masking = f", attn_mask={_sdpa_mask(inner_emit, q, batch + query + key, lead + [query, key])}"
+    out = outer.assign(f"{SDPA}({q}, {k}, {v}{masking}, scale={scale})")
     out = outer.reshape(out, lead + [query, value], singles(batch + query + value))
     unit.kernels.append("sdpa")
     unit.rewrites.append("sdpa")
     return outer.finish(out, batch + query + value), common
+
+
+def _sdpa_mask(emit: Emitter, query: str, axes: tuple[str, ...], groups: list[Group]) -> str:
+    """The level's bias and masks as SDPA's additive ``attn_mask`` (0 where attended, -inf
+    where not, plus the bias), in the query's dtype, broadcastable to its (N, H, L, S):
+    axes no modifier names stay 1; a folded group that some modifier names is expanded
+    over the rest of its axes before it merges."""
+    mask = emit.modify(emit.assign(f"torch.zeros([1], dtype={query}.dtype, device={query}.device)"), axes)
+    named = {a for m in emit.program.ir.modifiers for a in m.axes}
+    needed = {a for group in groups if named & set(group) for a in group}
+    laid = [(a,) if a in needed else () for a in axes]
+    mask = emit.assign(f"{mask}.expand({emit.dims(laid)})")
+    return emit.reshape(mask, laid, [tuple(a for a in group if a in needed) for group in groups])
 
 
 @dataclass
@@ -471,6 +534,7 @@ def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[
         types.append(dtype)
     common = None if unit.generic else dtypes.promoted(types)  # type: ignore[arg-type]
     emit = Emitter(program, common, unit, out.main, top=top)
+    emit.modifying = [values[v] for v in program.modifier_values]
     # What depends on constants alone is computed once, in einc_constants.
     constant = program.constant_values()
     folding = emit.into(out.folding) if constant else emit

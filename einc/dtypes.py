@@ -85,6 +85,19 @@ def check(pattern: ir.Pattern, dtype: torch.dtype) -> None:
             raise EincError(refusal(why, dtype))
 
 
+def check_modifier(modifier: ir.Modifier, position: int, dtype: torch.dtype, compact: bool) -> None:
+    """A ``mask`` is a bool tensor (True = attend); a ``bias`` a floating-point one (added
+    to the logits in their dtype)."""
+    spelled = modifier.render(compact)
+    if modifier.kind == "mask" and dtype != torch.bool:
+        raise EincError(f"{spelled} (operand {position}) must be a bool tensor (True = attend), not "
+                        f"{str(dtype).removeprefix('torch.')}; for an additive mask use bias(...), for ones and "
+                        "zeros pass .bool()")
+    if modifier.kind == "bias" and not dtype.is_floating_point:
+        raise EincError(f"{spelled} (operand {position}) must be a floating-point tensor (added to the logits), "
+                        f"not {str(dtype).removeprefix('torch.')}")
+
+
 def sums(op: str | None, reduces: bool) -> bool:
     """Whether a level adds numbers up: it ``reduces`` axes with a summing operation."""
     return reduces and op in _SUMMING

@@ -28,6 +28,8 @@ __all__ = [
     "SCALED_OPS",
     "AxisList",
     "Factor",
+    "MODIFIERS",
+    "Modifier",
     "Pattern",
     "ellipsis_axis",
 ]
@@ -203,6 +205,56 @@ class Factor:
         return f"{'/' if self.divide else '*'} {value}"
 
 
+MODIFIERS = ("bias", "mask", "causal", "causal_lower_right", "window")
+"""What may shape a normalizer's logits: an additive tensor, a boolean tensor (True =
+attend), upper-left causality (key ``j`` seen by query ``i`` where ``j <= i``),
+lower-right causality (``j <= i + K - Q``: the queries are the last of the keys'
+positions) and a sliding window (``0 <= i - j < N``, aligned as the causality given,
+upper left without one)."""
+
+TENSOR_MODIFIERS = ("bias", "mask")
+
+
+@dataclass(frozen=True, slots=True)
+class Modifier:
+    """One modifier of a normalizer's logits: ``mask(b k)`` is ``Modifier("mask", ("b", "k"))``,
+    ``window(q k, 128)`` is ``Modifier("window", ("q", "k"), 128)``."""
+
+    kind: str
+    axes: tuple[str, ...]
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODIFIERS:
+            raise PatternError(f"unknown modifier {self.kind!r}; the modifiers are {', '.join(MODIFIERS)}",
+                               ("modifier", self.kind))
+        if not isinstance(self.axes, tuple) or not self.axes:
+            raise PatternError(f"{self.kind}(...) names the axes it applies to", ("modifier", self.kind))
+        for name in self.axes:
+            check_axis(name)
+            if anonymous_size(name) is not None or name.startswith(ELLIPSIS):
+                raise PatternError(f"{self.kind}(...) takes named axes", ("modifier", self.kind))
+            if self.axes.count(name) > 1:
+                raise PatternError(f"axis {name!r} appears twice in {self.kind}(...)", ("modifier", self.kind))
+        positional = self.kind in ("causal", "causal_lower_right", "window")
+        if positional and len(self.axes) != 2:
+            raise PatternError(f"{self.kind}(...) takes two axes, the queries' and the keys', e.g. "
+                               f"{self.kind}(q k{', 128' if self.kind == 'window' else ''})", ("modifier", self.kind))
+        if (self.kind == "window") != (self.size is not None):
+            raise PatternError("window(q k, N) takes a size; only window does", ("modifier", self.kind))
+        if self.size is not None and not 1 <= self.size < INT64_LIMIT:
+            raise PatternError("a window's size is positive", ("modifier", self.kind))
+
+    @property
+    def tensor(self) -> bool:
+        """Whether the modifier is a tensor the call takes."""
+        return self.kind in TENSOR_MODIFIERS
+
+    def render(self, compact: bool) -> str:
+        axes = ("" if compact else " ").join(self.axes)
+        return f"{self.kind}({axes}{'' if self.size is None else f', {self.size}'})"
+
+
 @dataclass(frozen=True, slots=True)
 class Pattern:
     """A whole parsed pattern: ``op(inputs -> output) * scale``.
@@ -222,6 +274,9 @@ class Pattern:
     normalized: tuple[str, ...] = ()
     compact: bool = False
     scale: tuple[Factor, ...] = ()
+    modifiers: tuple[Modifier, ...] = ()
+    """What shapes a normalizer's logits before it normalizes them (:data:`MODIFIERS`);
+    each ``bias``/``mask`` is one more tensor, after the contraction's own."""
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -269,6 +324,28 @@ class Pattern:
             raise PatternError(f"{self.op} needs the normalized axes in brackets, e.g. '{self.op}(b [c])'", ("op",))
         if self.normalized and self.op not in NORMALIZERS:
             raise PatternError("brackets mark normalized axes, only in the output of softmax/log_softmax", ("op",))
+        if self.modifiers and self.op not in NORMALIZERS:
+            raise PatternError(f"{self.modifiers[0].kind}(...) shapes the logits of softmax/log_softmax, "
+                               "not those of another operation", ("modifier", 0))
+        output_dims = set(self.output.dims)
+        placed = [m for m in self.modifiers if not m.tensor]
+        if len({(m.axes, m.kind == "window") for m in placed}) != len(placed) or \
+                len({m.axes for m in placed if m.kind != "window"}) > 1:
+            raise PatternError("one causality (and one window) per pattern", ("modifier", 0))
+        for index, modifier in enumerate(self.modifiers):
+            if not isinstance(modifier, Modifier):
+                raise EincError(f"modifiers are a tuple of Modifier, not {modifier!r}")
+            for name in modifier.axes:
+                if (name,) not in output_dims:
+                    raise PatternError(f"{modifier.kind}(...) names axis {name!r}, which is not a dimension of its "
+                                       f"own in the output {self.output.render(self.compact)!r}",
+                                       ("modifier", index))
+            if not modifier.tensor and (modifier.axes[0] in self.normalized or modifier.axes[1] not in self.normalized):
+                raise PatternError(f"{modifier.kind}(...) takes the queries' axis, then the keys' axis, which "
+                                   f"the {self.op} normalizes; {modifier.axes[1]!r} is not normalized here"
+                                   if modifier.axes[1] not in self.normalized else
+                                   f"{modifier.kind}(...) takes the queries' axis first; {modifier.axes[0]!r} is "
+                                   "the normalized (keys') axis", ("modifier", index))
         if self.op == "prod" and len(self.inputs) > 1:
             raise PatternError(
                 "prod takes one operand only (products of several operands have no reduction semiring)", ("op",)
@@ -286,8 +363,26 @@ class Pattern:
 
     def leaf_lists(self) -> tuple[AxisList, ...]:
         """The axis list of each tensor the pattern takes, nested operations' included, in
-        the order a call takes the tensors."""
-        return tuple(a for x in self.inputs for a in (x.leaf_lists() if isinstance(x, Pattern) else (x,)))
+        the order a call takes the tensors (a level's ``bias``/``mask`` after its inputs)."""
+        return tuple(a for x in self.inputs for a in (x.leaf_lists() if isinstance(x, Pattern) else (x,))) + \
+            tuple(AxisList(tuple((a,) for a in m.axes)) for m in self.modifiers if m.tensor)
+
+    @property
+    def tensor_modifiers(self) -> tuple[Modifier, ...]:
+        return tuple(m for m in self.modifiers if m.tensor)
+
+    def modifier_leaves(self, first: int = 0) -> tuple[tuple[int, Modifier], ...]:
+        """(tensor position in a call, modifier) of every ``bias``/``mask``, nested levels' included."""
+        found: list[tuple[int, Modifier]] = []
+        position = first
+        for x in self.inputs:
+            if isinstance(x, Pattern):
+                found.extend(x.modifier_leaves(position))
+                position += x.leaves
+            else:
+                position += 1
+        found.extend((position + i, m) for i, m in enumerate(self.tensor_modifiers))
+        return tuple(found)
 
     @property
     def nested(self) -> bool:
@@ -296,7 +391,7 @@ class Pattern:
     @property
     def leaves(self) -> int:
         """How many tensors the pattern takes (nested operands count their own)."""
-        return sum(x.leaves if isinstance(x, Pattern) else 1 for x in self.inputs)
+        return sum(x.leaves if isinstance(x, Pattern) else 1 for x in self.inputs) + len(self.tensor_modifiers)
 
     @property
     def all_axes(self) -> frozenset[str]:
@@ -323,5 +418,6 @@ class Pattern:
         arrow = "->" if self.compact else " -> "
         out = self.output.render(self.compact, frozenset(self.normalized))
         inputs = (x.render() if isinstance(x, Pattern) else x.render(self.compact) for x in self.inputs)
-        body = sep.join(inputs) + arrow + out + "".join(" " + f.render() for f in self.scale)
+        body = sep.join(inputs) + arrow + out + "".join(" " + f.render() for f in self.scale) + \
+            "".join(" " + m.render(self.compact) for m in self.modifiers)
         return body if self.op is None else f"{self.op}({body})"

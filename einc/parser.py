@@ -137,10 +137,20 @@ class _Scale:
 
 
 @dataclass(frozen=True, slots=True)
+class _Modifier:
+    kind: str
+    axes: tuple[_Term, ...]
+    size: int | None
+    start: int
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Contraction:
     inputs: tuple[tuple[_Term, ...] | _Call, ...]
     output: tuple[_Term, ...] | None
     scale: tuple[_Scale, ...]
+    modifiers: tuple[_Modifier, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,11 +205,15 @@ class _Located(Transformer):
     def sqrt_factor(self, meta: Any, _sqrt: Token, token: Token) -> tuple[str, Token, bool]:
         return "factor", token, True
 
+    def modifier(self, meta: Any, kind: Token, axes: tuple[_Term, ...], size: Token | None = None) -> _Modifier:
+        return _Modifier(str(kind), axes, None if size is None else int(size), meta.start_pos, meta.end_pos)
+
     def contraction(self, meta: Any, *parts: Any) -> _Contraction:
         named = [p for p in parts if isinstance(p, tuple)]
         inputs = next(value for key, value in named if key == "inputs")
         output = next((value for key, value in named if key == "output"), None)
-        return _Contraction(inputs, output, tuple(p for p in parts if isinstance(p, _Scale)))
+        return _Contraction(inputs, output, tuple(p for p in parts if isinstance(p, _Scale)),
+                            tuple(p for p in parts if isinstance(p, _Modifier)))
 
     def op_call(self, meta: Any, op: Token, body: _Contraction) -> _Call:
         return _Call(str(op), op.start_pos, op.end_pos, body)
@@ -252,7 +266,9 @@ def _syntax_error(pattern: str, err: UnexpectedInput) -> EincError:
         # The LALR state's lookaheads are shared with nested calls (they list ')' at
         # the top level); the interactive parser knows what can really follow here.
         expected_terminals = set(err.interactive_parser.accepts())
-    expected = sorted({_TERMINAL_WORDS.get(e, e) for e in expected_terminals})
+    # Modifiers (mask(...), causal(...)) may follow any output, but mean something only
+    # after a normalizer's: listing them everywhere would mislead.
+    expected = sorted({_TERMINAL_WORDS.get(e, e) for e in expected_terminals - {"MODIFIER"}})
     if expected:
         what += f" (expected {', '.join(expected)})"
     pos = len(pattern) if ended or err.pos_in_stream is None else err.pos_in_stream
@@ -277,6 +293,7 @@ def _axis_lists(body: _Contraction) -> list[tuple[_Term, ...]]:
         lists.extend(_axis_lists(operand.body) if isinstance(operand, _Call) else [operand])
     if body.output is not None:
         lists.append(body.output)
+    lists.extend(m.axes for m in body.modifiers)
     return lists
 
 
@@ -327,6 +344,7 @@ class _Spans:
     inputs: list[dict[str, Span]] = field(default_factory=list)
     output: dict[str, Span] = field(default_factory=dict)
     scale: list[Span] = field(default_factory=list)
+    modifiers: list[Span] = field(default_factory=list)
 
     def of(self, subject: tuple[object, ...]) -> Span:
         kind = subject[0] if subject else None
@@ -336,6 +354,9 @@ class _Spans:
             return self.output.get(str(subject[1]), self.whole)
         if kind == "scale" and len(subject) == 2 and isinstance(subject[1], int) and subject[1] < len(self.scale):
             return self.scale[subject[1]]
+        if kind == "modifier" and len(subject) == 2 and isinstance(subject[1], int) \
+                and subject[1] < len(self.modifiers):
+            return self.modifiers[subject[1]]
         return self.op if kind == "op" else self.whole
 
 
@@ -452,6 +473,15 @@ class _Builder:
         except PatternError as err:
             raise self.error(start, start + len(scale.value), err.message) from None
 
+    def modifier(self, modifier: _Modifier) -> ir.Modifier:
+        axes, _, _ = self.axis_list(modifier.axes, brackets=False)
+        if any(len(dim) != 1 for dim in axes.dims):
+            raise self.error(modifier.start, modifier.end, f"{modifier.kind}(...) takes plain axis names")
+        try:
+            return ir.Modifier(modifier.kind, axes.axes, modifier.size)
+        except PatternError as err:
+            raise self.error(modifier.start, modifier.end, err.message) from None
+
     def contraction(self, body: _Contraction, op: str | None, op_span: Span) -> ir.Pattern:
         """The pattern of one contraction (an operation's body when ``op`` is given)."""
         normalizer = op in ir.NORMALIZERS
@@ -480,9 +510,11 @@ class _Builder:
             bracketed.extend(marks)
         scale = tuple(self.factor(s) for s in body.scale)
         spans.scale = [(s.start, s.end) for s in body.scale]
+        modifiers = tuple(self.modifier(m) for m in body.modifiers)
+        spans.modifiers = [(m.start, m.end) for m in body.modifiers]
         try:
             return ir.Pattern(inputs=tuple(inputs), output=output, op=op, normalized=tuple(dict.fromkeys(bracketed)),
-                              compact=self.compact, scale=scale)
+                              compact=self.compact, scale=scale, modifiers=modifiers)
         except PatternError as err:
             raise self.error(*spans.of(err.subject), err.message) from None
 

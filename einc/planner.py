@@ -21,7 +21,7 @@ from typing import Any
 import opt_einsum as oe
 
 from . import ir
-from .errors import EincError
+from .errors import EincError, format_shape
 from .paths import Optimize, check_output, check_path, folding_path, opt_einsum_path, ssa_to_linear, too_small
 from .rewrite import Attention
 from .sizes import Group, Shape, check_keyword_axes, learn_leaf_sizes, resolve, show_axes, show_axis
@@ -108,6 +108,8 @@ class Program:
     """The operand the pattern's scale multiplies (the smallest), or ``None`` for no scale."""
     fused: Attention | None = None
     """The attention roles where one SDPA call computes this level and its nested softmax."""
+    modifier_values: tuple[int, ...] = ()
+    """The tensor of each ``bias``/``mask`` of this level (``ir.tensor_modifiers``), in order."""
     ssa_path: tuple[tuple[int, ...], ...] = field(default=(), compare=False)
     """The whole pattern's path, in SSA form (top level only): tensors ``0..n-1``, then
     one id per entry; :meth:`path_over_tensors` converts it."""
@@ -127,7 +129,8 @@ class Program:
         levels' included, in the order a call takes the tensors."""
         nested = dict(self.nested)
         return tuple(dims for index in range(len(self.ir.inputs))
-                     for dims in (nested[index].leaf_dims() if index in nested else (self.input_dims[index],)))
+                     for dims in (nested[index].leaf_dims() if index in nested else (self.input_dims[index],))) + \
+            tuple(tuple((a,) for a in m.axes) for m in self.ir.tensor_modifiers)
 
     def structure(self) -> tuple[Any, ...]:
         """What this program computes, and how, without its sizes: the path, each step's
@@ -139,7 +142,7 @@ class Program:
                        s.a_reduce, s.b_reduce, s.fused) for s in self.steps)
         nested = tuple((position, inner.structure()) for position, inner in self.nested)
         return (self.path, steps, self.preps, self.operands, self.output_axes, self.input_dims, self.output_dims,
-                self.reduced, self.scaled, self.fused, nested)
+                self.reduced, self.scaled, self.fused, self.modifier_values, nested)
 
     def constant_values(self) -> frozenset[int]:
         """Values that depend on constants alone."""
@@ -390,16 +393,33 @@ def _plan_node(pattern: ir.Pattern, shapes: Sequence[Shape], tensors: list[int],
             operand_shapes.append(shapes[value])
             operands.append(value)
             labels.append(f"operand {value}")
+    modifier_values = tuple(tensors.pop(0) for _ in pattern.tensor_modifiers)
     own = pattern.input_axes | set(pattern.output.axes)
     keyword = {name: value for name, value in request.keyword.items() if name in own}
     program = _plan_level(pattern, tuple(operand_shapes), tuple(operands), keyword, labels, known, request,
                           numbering)
-    program = replace(program, nested=tuple(nested))
+    _check_modifiers(pattern, program, modifier_values, shapes)
+    program = replace(program, nested=tuple(nested), modifier_values=modifier_values)
     roles = request.fusions.get(pattern)
     if roles is not None and 0 not in dict(program.sizes).values() and 0 not in dict(nested[0][1].sizes).values():
         numbering.rewind(mark)
         return _fused(program, roles, numbering)
     return program
+
+
+def _check_modifiers(pattern: ir.Pattern, program: Program, values: Sequence[int], shapes: Sequence[Shape]) -> None:
+    """Each ``bias``/``mask`` tensor has its axes' sizes (they broadcast onto the logits by name)."""
+    sizes = dict(program.sizes)
+    for modifier, value in zip(pattern.tensor_modifiers, values):
+        shape = shapes[value]
+        spelled = f"{modifier.render(pattern.compact)} (operand {value})"
+        if len(shape) != len(modifier.axes):
+            raise EincError(f"{spelled} has shape {format_shape(shape)}: {len(shape)} dimensions for its "
+                            f"{len(modifier.axes)} axes")
+        for axis, n in zip(modifier.axes, shape):
+            if sizes.get(axis, n) != n:
+                raise EincError(f"{show_axis(axis, noun=True).capitalize()} has size {sizes[axis]} in the logits "
+                                f"but {n} in {spelled}, of shape {format_shape(shape)}")
 
 
 def _fused(program: Program, roles: Attention, numbering: _Numbering) -> Program:

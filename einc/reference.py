@@ -137,6 +137,7 @@ def _level(pattern: ir.Pattern, tensors: Iterator[torch.Tensor], table: dict[str
            absolute: bool) -> torch.Tensor:
     values = [_level(x, tensors, table, False) if isinstance(x, ir.Pattern) else next(tensors)
               for x in pattern.inputs]
+    modifying = [next(tensors) for _ in pattern.tensor_modifiers]
     if absolute:
         values = [t.abs() for t in values]
     split = [_split(axes, t, table) for axes, t in zip(pattern.operands, values)]
@@ -162,9 +163,16 @@ def _level(pattern: ir.Pattern, tensors: Iterator[torch.Tensor], table: dict[str
         result = result / number if factor.divide else result * number
     if pattern.op in ir.NORMALIZERS:
         marked = [i for i, a in enumerate(out_atoms) if a in pattern.normalized]
+        if pattern.modifiers:
+            result = _modified(pattern, result, out_atoms, modifying, table)
+            # A row whose logits are all -inf (masked out) normalizes to zeros, as SDPA's.
+            dead = result.amax(marked, keepdim=True) == float("-inf")
+            result = result.masked_fill(dead, 0.0)
         result = result - torch.logsumexp(result, marked, keepdim=True)
         if pattern.op == "softmax":
             result = result.exp()
+        if pattern.modifiers:
+            result = result.masked_fill(dead, 0.0 if pattern.op == "softmax" else float("-inf"))
     shape = []
     for dim in output.dims:
         atoms = [x for a in dim for x in (kept_ellipsis if a in (ir.ELLIPSIS, ir.MERGED_ELLIPSIS) else [a])]
@@ -175,6 +183,36 @@ def _level(pattern: ir.Pattern, tensors: Iterator[torch.Tensor], table: dict[str
         everything = {a: _size(a, table, operands) for _, names in operands for a in names}
         result = result / math.prod(n for a, n in everything.items() if a not in out_atoms)
     return result
+
+
+def _modified(pattern: ir.Pattern, logits: torch.Tensor, atoms: list[str], tensors: Sequence[torch.Tensor],
+              table: Mapping[str, int]) -> torch.Tensor:
+    """The logits with the pattern's bias added and its masks applied (-inf where not attended)."""
+    def spread(tensor: torch.Tensor, axes: Sequence[str]) -> torch.Tensor:
+        order = [a for a in atoms if a in axes]
+        moved = tensor.permute([list(axes).index(a) for a in order])
+        return moved.reshape([table[a] if a in axes else 1 for a in atoms])
+
+    allowed = torch.ones((), dtype=torch.bool, device=logits.device)
+    for modifier, tensor in zip(pattern.tensor_modifiers, tensors):
+        if modifier.kind == "bias":
+            logits = logits + spread(tensor, modifier.axes)
+        else:
+            allowed = allowed & spread(tensor, modifier.axes)
+    lower_right = any(m.kind == "causal_lower_right" for m in pattern.modifiers)
+    for modifier in pattern.modifiers:
+        if modifier.tensor:
+            continue
+        q, k = modifier.axes
+        i = spread(torch.arange(table[q], device=logits.device), (q,))
+        j = spread(torch.arange(table[k], device=logits.device), (k,))
+        if lower_right:
+            i = i + (table[k] - table[q])  # the queries are the last positions
+        if modifier.kind == "window":
+            allowed = allowed & (i - j >= 0) & (i - j < modifier.size)
+        else:
+            allowed = allowed & (j <= i)
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def _size(axis: str, table: Mapping[str, int], operands: Sequence[tuple[torch.Tensor, list[str]]]) -> int:

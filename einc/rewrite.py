@@ -78,6 +78,8 @@ def attention(pattern: ir.Pattern) -> Attention | None:
             and batch | key <= vs and not query & vs and out == batch | query | value)
     if not fits:
         return None
+    if any(not m.tensor for m in inner.modifiers) and (len(query) != 1 or len(key) != 1):
+        return None  # causality and windows count positions along SDPA's L and S
     in_order = lambda axes: tuple(x for x in inner.output.axes if x in axes)  # noqa: E731
     first_leaf = 0 if inner_first else 1  # the softmax's two tensors, then v (or v first)
     return Attention(

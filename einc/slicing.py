@@ -141,6 +141,8 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
             allowed.add(axis)
     for level in program.programs():
         allowed -= {f.value for f in level.ir.scale if isinstance(f.value, str)}
+        # Causality and windows count positions: a part of those axes would misalign them.
+        allowed -= {a for m in level.ir.modifiers if not m.tensor for a in m.axes}
         allowed -= set(level.ir.normalized)
         if level is not program:
             allowed -= set(level.reduced)
@@ -187,8 +189,8 @@ def normalized_level(program: Program) -> tuple[str, int, Program] | None:
     output = [tuple(g) for g in program.output_dims]
     for position, level in program.nested:
         pattern = level.ir
-        if pattern.op not in ir.NORMALIZERS or len(pattern.normalized) != 1 or pattern.nested:
-            continue
+        if pattern.op not in ir.NORMALIZERS or len(pattern.normalized) != 1 or pattern.nested or pattern.modifiers:
+            continue  # (a masked softmax's log-normalizer is not yet computed per part)
         (axis,) = pattern.normalized
         kept = [tuple(g) for g in level.output_dims]
         others = [p for pos, p in program.nested if pos != position for p in p.programs()]

@@ -1,0 +1,81 @@
+"""Masked and causal attention patterns (issue 15) against hand-written SDPA and the masked einsum form.
+
+    python benchmarks/bench_masks.py --rounds 3 --markdown benchmarks/RESULTS.md
+
+(b, h, L, d) = (8, 8, 1024, 64) float32 (``--quick``: (2, 2, 128, 16)), CPU, one thread.
+Contenders: the einc pattern with ``causal(q k)`` (lowered to SDPA with ``is_causal=True``)
+or ``mask(b k) causal(q k)`` (SDPA with one additive mask), SDPA written by hand with
+the same arguments, and the plain masked form ``einsum, masked_fill, softmax, einsum``.
+Each is checked against the float64 plain form first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import Case, Target, parse_args, script  # noqa: E402
+
+import einc  # noqa: E402
+
+HEADING = "## Masked and causal attention (issue 15)"
+PATTERN = "softmax(b h q d, b h k d -> b h q [k] / sqrt(d){}), b h k e -> b h q e"
+
+
+def _shape(quick: bool) -> tuple[int, int, int, int]:
+    return (2, 2, 128, 16) if quick else (8, 8, 1024, 64)
+
+
+def _plain(q, k, v, allowed):
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhqk,bhke->bhqe", torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1), v)
+
+
+def _case(padded: bool, quick: bool) -> Case:
+    b, h, length, d = _shape(quick)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, length, d, generator=g) for _ in range(3))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    padding = torch.ones(b, length, dtype=torch.bool)
+    padding[:, length - length // 8:] = False  # the last eighth of every sequence is padding
+    if padded:
+        f = einc.compile(PATTERN.format(" mask(b k) causal(q k)"))
+        allowed = causal & padding[:, None, None, :]
+        einc_call, args = (lambda: f(q, k, padding, v)), "key padding + causal"
+        by_hand = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)  # noqa: E731
+    else:
+        f = einc.compile(PATTERN.format(" causal(q k)"))
+        allowed = causal.expand(b, 1, length, length)
+        einc_call, args = (lambda: f(q, k, v)), "causal"
+        by_hand = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    return Case(
+        name="causal+padding" if padded else "causal",
+        description=f"{args} attention, (b, h, L, d) = {(b, h, length, d)}",
+        contenders={"einc": einc_call, "hand-written SDPA": by_hand,
+                    "einsum+masked_fill+softmax+einsum": lambda: _plain(q, k, v, allowed)},
+        reference=lambda: _plain(q.double(), k.double(), v.double(), allowed).float(),
+        einc=["einc"],
+    )
+
+
+TARGETS = [Target("causal", "einc", "hand-written SDPA", 1.05, "causal: einc ≤ 1.05x SDPA(is_causal=True)"),
+           Target("causal", "einc", "einsum+masked_fill+softmax+einsum", 0.5,
+                  "causal: einc ≤ 0.5x the masked einsum form"),
+           Target("causal+padding", "einc", "hand-written SDPA", 1.05, "causal+padding: einc ≤ 1.05x SDPA")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quick = parse_args(argv).quick
+    makers = [lambda: _case(False, quick), lambda: _case(True, quick)]
+    return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Masks, biases, causality and windows in patterns (``bias(...)``, ``mask(...)``,
+``causal(q k)``, ``causal_lower_right(q k)``, ``window(q k, N)``).
+
+Every row is compared with attention written by hand in float64 torch:
+``softmax(q kᵀ · scale + bias).masked_fill(...) @ v``, a row that attends to nothing
+giving zeros (SDPA's rule), on the fused (SDPA) and the plain lowering, on shared
+generic and literal code, with gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import einc
+from einc.errors import EincError
+from einc.parser import parse
+
+B, H, Q, K, D, E = 2, 2, 5, 7, 4, 3
+
+
+def _attention(q, k, v, *, scale=1.0, bias=None, allowed=None, causal=None, window=None):
+    """Attention over (b, h, q, d), (b, h, k, d), (b, h, k, e) in float64, the plain way."""
+    logits = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        logits = logits + bias
+    nq, nk = logits.shape[-2:]
+    i = torch.arange(nq)[:, None] + (nk - nq if causal == "lower_right" else 0)
+    j = torch.arange(nk)[None, :]
+    keep = torch.ones(logits.shape, dtype=torch.bool)
+    if allowed is not None:
+        keep = keep & allowed
+    if causal is not None:
+        keep = keep & (j <= i)
+    if window is not None:
+        keep = keep & (i - j >= 0) & (i - j < window)
+    logits = logits.masked_fill(~keep, float("-inf"))
+    dead = ~keep.any(-1, keepdim=True) | (logits.amax(-1, keepdim=True) == float("-inf"))
+    weights = torch.softmax(logits.masked_fill(dead, 0.0), -1).masked_fill(dead, 0.0)
+    return weights @ v
+
+
+def _tensors(seed=0, q_len=Q, k_len=K):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, q_len, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, H, k_len, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, k_len, E, generator=g, dtype=torch.float64)
+    padding = torch.rand(B, k_len, generator=g) < 0.7
+    padding[0, :] = False  # batch 0 attends to nothing: its rows give zeros
+    full = torch.rand(B, H, q_len, k_len, generator=g) < 0.6
+    bias = torch.randn(H, q_len, k_len, generator=g, dtype=torch.float64)
+    return q, k, v, padding, full, bias
+
+
+ATTEND = "softmax(b h q d, b h k d -> b h q [k] / sqrt(d){}), b h k e -> b h q e"
+SCALE = 1 / math.sqrt(D)
+# (name, modifiers, which extra tensors the call takes, the reference's keywords)
+ROWS = [
+    ("causal", " causal(q k)", [], {"causal": "upper_left"}),                       # SDPA's is_causal
+    ("causal-lower-right", " causal_lower_right(q k)", [], {"causal": "lower_right"}),  # decoding alignment
+    ("window", " window(q k, 3)", [], {"window": 3}),                                # sliding, upper left
+    ("window-lower-right", " causal_lower_right(q k) window(q k, 2)", [], {"causal": "lower_right", "window": 2}),
+    ("key-padding", " mask(b k)", ["padding"], {"allowed": "padding"}),              # broadcast by name
+    ("full-mask", " mask(b h q k)", ["full"], {"allowed": "full"}),
+    ("bias", " bias(h q k)", ["bias"], {"bias": "bias"}),                            # ALiBi-like, per head
+    ("everything", " bias(h q k) mask(b k) causal(q k)", ["bias", "padding"],
+     {"bias": "bias", "allowed": "padding", "causal": "upper_left"}),
+]
+
+
+def _reference_keywords(options, padding, full, bias):
+    found = dict(options)
+    if found.get("allowed") == "padding":
+        found["allowed"] = padding[:, None, None, :]
+    elif found.get("allowed") == "full":
+        found["allowed"] = full
+    if "bias" in found:
+        found["bias"] = bias
+    return found
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("name, modifiers, extra, options", ROWS, ids=[r[0] for r in ROWS])
+def test_masked_attention_matches_the_plain_form(both_codes, fuse, name, modifiers, extra, options):
+    q, k, v, padding, full, bias = _tensors()
+    named = {"padding": padding, "full": full, "bias": bias}
+    f = einc.compile(ATTEND.format(modifiers), fuse=fuse)
+    expected = _attention(q, k, v, scale=SCALE, **_reference_keywords(options, padding, full, bias))
+    operands = [q, k, *[named[x] for x in extra], v]
+    assert f.explain(*operands).rewrite == ("sdpa" if fuse else "")
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 1e-5)]:
+        cast = [t.to(dtype) if t.is_floating_point() else t for t in operands]
+        torch.testing.assert_close(f(*cast).double(), expected, rtol=tol, atol=tol)
+    # Gradients (float32) against float64 autograd of the plain form.
+    leaves = [t.float().requires_grad_() if t.is_floating_point() else t for t in operands]
+    out = f(*leaves)
+    wanted = [t.double().detach().requires_grad_() if t.is_floating_point() else t for t in leaves]
+    ref_q, ref_k, ref_v = wanted[0], wanted[1], wanted[-1]
+    ref_keywords = _reference_keywords(options, padding, full, wanted[2] if "bias" in extra else bias)
+    reference = _attention(ref_q, ref_k, ref_v, scale=SCALE, **ref_keywords)
+    weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    got = torch.autograd.grad((out * weights).sum(), [t for t in leaves if t.requires_grad])
+    want = torch.autograd.grad((reference * weights.double()).sum(), [t for t in wanted if t.requires_grad])
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_gradcheck(fuse):
+    q, k, v, padding, _, bias = _tensors(1, 3, 4)
+    f = einc.compile(ATTEND.format(" bias(h q k) mask(b k) causal_lower_right(q k)"), fuse=fuse)
+    leaves = [t.clone().requires_grad_() for t in (q, k, bias[:, :3, :4].clone(), v)]
+    assert torch.autograd.gradcheck(lambda a, b, c, d: f(a, b, c, padding[:, :4], d), leaves)
+
+
+def test_log_softmax_with_a_mask():
+    """Masked entries are -inf; a row that sees nothing is -inf everywhere (log of zeros)."""
+    q, k, _, _, full, _ = _tensors()
+    f = einc.compile("log_softmax(b h q d, b h k d -> b h q [k] mask(b h q k))")
+    logits = (q @ k.transpose(-1, -2)).masked_fill(~full, float("-inf"))
+    dead = ~full.any(-1, keepdim=True)
+    expected = torch.log_softmax(logits.masked_fill(dead, 0.0), -1).masked_fill(~full, float("-inf"))
+    torch.testing.assert_close(f(q, k, full), expected)
+
+
+def test_a_mask_inside_a_nested_pattern_under_a_reduction():
+    """The mean over queries of masked attention: the mask applies inside, before the softmax."""
+    q, k, v, padding, _, _ = _tensors()
+    f = einc.compile("mean(softmax(b h q d, b h k d -> b h q [k] mask(b k)), b h k e -> b h e)")
+    expected = _attention(q, k, v, allowed=padding[:, None, None, :]).mean(2) / K  # the mean over q and k
+    torch.testing.assert_close(f(q, k, padding, v), expected)
+
+
+@given(st.integers(1, 6), st.integers(1, 8), st.sampled_from([None, "upper_left", "lower_right"]),
+       st.integers(0, 2**31 - 1), st.booleans())
+def test_random_shapes_masks_and_alignments(q_len, k_len, causal, seed, fuse):
+    q, k, v, padding, _, _ = _tensors(seed, q_len, k_len)
+    spelled = {None: "", "upper_left": " causal(q k)", "lower_right": " causal_lower_right(q k)"}
+    modifiers = " mask(b k)" + spelled[causal]
+    f = einc.compile(ATTEND.format(modifiers), fuse=fuse)
+    expected = _attention(q, k, v, scale=SCALE, allowed=padding[:, None, None, :], causal=causal)
+    torch.testing.assert_close(f(q, k, padding, v), expected)
+
+
+def test_shape_generic_module_scripted_with_masks():
+    module = einc.compile(ATTEND.format(" mask(b k) causal_lower_right(q k)")).module(
+        (B, H, Q, D), (B, H, K, D), (B, K), (B, H, K, E), dtype=torch.float64)
+    scripted = torch.jit.script(module)
+    for q_len, k_len in [(5, 7), (1, 9), (3, 3)]:
+        q, k, v, padding, _, _ = _tensors(2, q_len, k_len)
+        expected = _attention(q, k, v, scale=SCALE, allowed=padding[:, None, None, :], causal="lower_right")
+        torch.testing.assert_close(scripted(q, k, padding, v), expected)
+
+
+@pytest.mark.slow
+def test_compiles_fullgraph_dynamic_with_masks():
+    module = einc.compile(ATTEND.format(" mask(b k) causal(q k)")).module(
+        (B, H, Q, D), (B, H, K, D), (B, K), (B, H, K, E))
+    compiled = torch.compile(module, fullgraph=True, dynamic=True)
+    for q_len, k_len in [(5, 7), (4, 6)]:
+        q, k, v, padding, _, _ = _tensors(3, q_len, k_len)
+        expected = _attention(q, k, v, scale=SCALE, allowed=padding[:, None, None, :], causal="upper_left")
+        got = compiled(*(t.float() if t.is_floating_point() else t for t in (q, k, padding, v)))
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern, message", [
+    # a mask over an axis the logits do not have
+    ("softmax(b q d, b k d -> b q [k] mask(b z))", "mask(...) names axis 'z', which is not a dimension of its own"),
+    # modifiers shape a normalizer's logits only
+    ("b q d, b k d -> b q k causal(q k)", "shapes the logits of softmax/log_softmax"),
+    # the keys' axis (the normalized one) comes second
+    ("softmax(b q d, b k d -> b q [k] causal(k q))", "takes the queries' axis, then the keys' axis"),
+    ("softmax(b q d, b k d -> b q [k] window(q b, 4))", "'b' is not normalized here"),
+    ("softmax(b q d, b k d -> b q [k] window(q k))", "window(q k, N) takes a size"),
+    ("softmax(b q d, b k d -> b q [k] causal(q k, 3))", "window(q k, N) takes a size; only window does"),
+    ("softmax(b q d, b k d -> b q [k] causal(q k) causal_lower_right(q k))", "one causality"),
+])
+def test_bad_modifiers(pattern, message):
+    with pytest.raises(EincError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse(pattern)
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (torch.ones(B, K), "mask(b k) (operand 2) must be a bool tensor (True = attend), not float32"),
+    (torch.ones(B, K, dtype=torch.int64), "must be a bool tensor (True = attend), not int64"),
+    (torch.ones(B, K + 1, dtype=torch.bool), "axis 'k' has size 8 in operand 2 (dimension 1) but 7 in operand 1"),
+    (torch.ones(K, dtype=torch.bool), "mask(b k) (operand 2) has shape 7: 1 dimensions for its 2 axes"),
+])
+def test_bad_mask_tensors(tensor, message):
+    q, k, v, *_ = _tensors()
+    f = einc.compile(ATTEND.format(" mask(b k)"))
+    with pytest.raises(EincError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        f(q.float(), k.float(), tensor, v.float())
+
+
+def test_an_integer_bias_is_refused():
+    q, k, v, *_ = _tensors()
+    with pytest.raises(EincError, match=r"bias\(h q k\) \(operand 2\) must be a floating-point tensor"):
+        einc.compile(ATTEND.format(" bias(h q k)"))(q, k, torch.ones(H, Q, K, dtype=torch.int64), v)
+
+
+def test_rendering_keeps_modifiers():
+    pattern = "softmax(b q d, b k d -> b q [k] / sqrt(d) bias(q k) mask(b k) window(q k, 16)), b k e -> b q e"
+    assert parse(pattern).render() == pattern
+    assert parse(pattern).leaves == 5
+
+
+class _NanoGPTAttention(torch.nn.Module):
+    """nanoGPT's CausalSelfAttention (karpathy/nanoGPT, model.py), as written there."""
+
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.c_attn = torch.nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = torch.nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd = n_head, n_embd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        q = q.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        v = v.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(b, t, c)
+        return self.c_proj(y)
+
+
+class _EincAttention(_NanoGPTAttention):
+    """The same block with the attention as one einc pattern: heads split and merged by
+    composition, causality in the pattern, padding as a mask over (b, k)."""
+
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__(n_embd, n_head)
+        self.attend = einc.compile("softmax(b q (h d), b k (h d) -> b h q [k] / sqrt(d) mask(b k) causal(q k)), "
+                                   "b k (h e) -> b q (h e)", h=n_head)
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        if padding is None:
+            padding = torch.ones(x.shape[:2], dtype=torch.bool)
+        return self.c_proj(self.attend(q, k, padding, v))
+
+
+def test_port_nanogpt_causal_self_attention():
+    torch.manual_seed(0)
+    mine, theirs = _EincAttention(32, 4), _NanoGPTAttention(32, 4)
+    theirs.load_state_dict({k: v for k, v in mine.state_dict().items()})
+    x = torch.randn(3, 9, 32, requires_grad=True)
+    out, expected = mine(x), theirs(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert mine.attend.explain(x, x, torch.ones(3, 9, dtype=torch.bool), x).rewrite == "sdpa"
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (h,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-6)
+    # Left padding (batched prompts of different lengths): padded keys are never attended,
+    # and the unpadded tokens of a short prompt get what the prompt alone gets.
+    padding = torch.ones(3, 9, dtype=torch.bool)
+    padding[1, :4] = False
+    alone = theirs(x[1:2, 4:])
+    torch.testing.assert_close(mine(x, padding)[1, 4:], alone[0], rtol=1e-5, atol=1e-6)
