@@ -32,7 +32,7 @@ from .planner import Program, plan
 from .reference import compare, reference
 from .reference import widen as to_wide
 from .report import Plan, describe
-from .rewrite import fusions
+from .rewrite import fusions, refusal
 from .sizes import check_keyword_axes, check_new_axes, check_sizes, merge_ellipsis
 
 __all__ = ["Expression", "compile", "compile_ir", "configure", "einsum"]
@@ -642,7 +642,19 @@ class Expression:
             raise self._context(shapes, err) from None
         return describe(program, code, pattern=self.pattern, dtype=common,
                         shapes=self._with_constants(shapes, lambda t: tuple(t.shape)),
-                        constants=sorted(self._constant_positions), slicing=chosen, distribution=spread)
+                        constants=sorted(self._constant_positions), slicing=chosen, distribution=spread,
+                        not_fused=self._not_fused(common))
+
+    def _not_fused(self, dtype: torch.dtype) -> str:
+        """Why no SDPA call computes this pattern's attention-like level (``explain``)."""
+        if not fusions(self.ir) and not refusal(self.ir):
+            return ""
+        if not self.options.fuse:
+            return "fuse=False"
+        if fusions(self.ir):
+            return ("the tensors are not floating point" if not dtype.is_floating_point else
+                    "an axis is empty")
+        return refusal(self.ir)
 
     def module(self, *tensors_or_shapes: torch.Tensor | Sequence[int], dtype: torch.dtype | str | None = None
                ) -> torch.nn.Module:

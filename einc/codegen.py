@@ -480,7 +480,7 @@ def _attention(unit: Unit, program: Program, values: dict[int, str], types_of: d
     scale = inner_emit.scaling.float_value() if inner_emit.scaling is not None else "(1.0)"
     masking = ""
     modifiers = inner.ir.modifiers
-    if modifiers and [m.kind for m in modifiers] == ["causal"]:
+    if [m.kind for m in modifiers] == ["causal"] and query + key == modifiers[0].axes:
         masking = ", is_causal=True"  # SDPA's own causality is upper left, as causal(q k)
     elif modifiers:
         inner_emit.modifying = [values[v] for v in inner.modifier_values]

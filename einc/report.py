@@ -84,6 +84,8 @@ class Plan:
     constants: tuple[int, ...] = ()
     rewrite: str = ""
     """The fused kernel that replaced steps (``"sdpa"``), or ``""``."""
+    not_fused: str = ""
+    """Where a level holds a nested softmax but no fused kernel computes it: why not."""
     operands: tuple[str, ...] = ()
     """Each tensor's axis list, as the pattern spells it."""
     output: str = ""
@@ -122,6 +124,7 @@ class Plan:
             "largest_intermediate_bytes": self.largest_intermediate_bytes,
             "steps": [step.to_dict() for step in self.steps],
             "rewrite": self.rewrite,
+            "not_fused": self.not_fused,
             "slicing": None if self.slicing is None else {
                 **self.slicing.to_dict(), "peak_bytes": self.slicing.peak(self.itemsize)},
             "distribution": None if self.distribution is None else self.distribution.to_dict(),
@@ -143,6 +146,8 @@ class Plan:
         if self.rewrite:
             lines.append(f"  rewrite:               {self.rewrite}: one fused call computes what the steps "
                          "it replaces would (their flops are counted)")
+        elif self.not_fused:
+            lines.append(f"  rewrite:               none; not SDPA because {self.not_fused}")
         if self.slicing is not None:
             cut = self.slicing
             axes = ", ".join(f"{a.name} ({a.role}) {a.size} in {a.count} chunks of {a.chunk}" for a in cut.axes)
@@ -198,7 +203,7 @@ def _plan_step(level: Program, step: Step, kernel: str, path: list[tuple[int, ..
 
 def describe(program: Program, code: Generated, *, pattern: str, shapes: Sequence[Shape], dtype: Any,
              constants: Sequence[int] = (), slicing: Slicing | None = None,
-             distribution: Distribution | None = None) -> Plan:
+             distribution: Distribution | None = None, not_fused: str = "") -> Plan:
     """The :class:`Plan` of ``program`` as ``code`` runs it (``pattern`` as the user wrote
     it, ``shapes`` of every tensor, constants included; ``dtype`` a torch dtype)."""
     top = program.ir
@@ -230,4 +235,5 @@ def describe(program: Program, code: Generated, *, pattern: str, shapes: Sequenc
         output=top.output.render(top.compact, frozenset(top.normalized)) or "(scalar)",
         slicing=slicing,
         distribution=distribution,
+        not_fused="" if code.rewrite else not_fused,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import ir
 
-__all__ = ["Attention", "attention", "fusions", "PASSES"]
+__all__ = ["Attention", "attention", "fusions", "refusal", "PASSES"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +78,6 @@ def attention(pattern: ir.Pattern) -> Attention | None:
             and batch | key <= vs and not query & vs and out == batch | query | value)
     if not fits:
         return None
-    if any(not m.tensor for m in inner.modifiers) and (len(query) != 1 or len(key) != 1):
-        return None  # causality and windows count positions along SDPA's L and S
     in_order = lambda axes: tuple(x for x in inner.output.axes if x in axes)  # noqa: E731
     first_leaf = 0 if inner_first else 1  # the softmax's two tensors, then v (or v first)
     return Attention(
@@ -112,6 +110,35 @@ def _shape(pattern: ir.Pattern) -> tuple[ir.Pattern, ir.AxisList, bool] | None:
     if not all(_plain(x) for x in (*inner.operands, v_axes, inner.output, pattern.output)):
         return None
     return inner, v_axes, inner_first
+
+
+def refusal(pattern: ir.Pattern) -> str:
+    """Why the attention rewrite does not take a level of ``pattern`` that holds a nested
+    softmax or log_softmax (what ``explain`` reports), or ``""`` where it does or where
+    nothing looks like attention.
+
+    >>> from einc.parser import parse
+    >>> refusal(parse("log_softmax(b q d, b k d -> b q [k]), b k e -> b q e"))
+    'log_softmax: SDPA computes a softmax'
+    """
+    for level in pattern.levels():
+        nested = [x for x in level.inputs if isinstance(x, ir.Pattern) and x.op in ir.NORMALIZERS]
+        if not nested or attention(level) is not None:
+            continue
+        inner = nested[0]
+        reasons = [
+            (inner.op != "softmax", f"{inner.op}: SDPA computes a softmax"),
+            (level.op not in (None, "sum"), f"the outer operation is {level.op}, not a sum of products"),
+            (bool(level.scale), "the outer contraction has a scale (SDPA scales the logits only)"),
+            (len(level.inputs) != 2, f"the outer contraction has {len(level.inputs)} operands, not softmax and v"),
+            (len(inner.inputs) != 2 or inner.nested, "the softmax is not of two plain operands (q and k)"),
+            (any(x.has_ellipsis or len(set(x.axes)) != len(x.axes) for x in (*inner.operands, *level.operands)),
+             "an operand has '...' or a repeated axis"),
+        ]
+        found = next((why for broken, why in reasons if broken), None)
+        return found or ("the axes do not take SDPA's roles: batch axes in q, k, v and the output, "
+                         "the head summed inside the softmax, the keys normalized and summed outside")
+    return ""
 
 
 PASSES: dict[str, Callable[[ir.Pattern], Attention | None]] = {"attention": attention}

@@ -264,3 +264,51 @@ def test_port_nanogpt_causal_self_attention():
     padding[1, :4] = False
     alone = theirs(x[1:2, 4:])
     torch.testing.assert_close(mine(x, padding)[1, 4:], alone[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern, options, reason", [
+    ("log_softmax(b q d, b k d -> b q [k]), b k e -> b q e", {}, "log_softmax: SDPA computes a softmax"),
+    ("softmax(b q d, b k d -> b q [k]), b k e -> b q e", {"fuse": False}, "fuse=False"),
+    ("softmax(b q d, b k d -> b q [k]), b k e -> b q e / 2", {}, "the outer contraction has a scale"),
+    ("softmax(b q d, b k d -> b q [k]), b k e, b z -> b q e z", {}, "the outer contraction has 3 operands"),
+])
+def test_explain_says_why_sdpa_was_not_taken(pattern, options, reason):
+    f = einc.compile(pattern, **options)
+    shapes = {"b": 2, "q": 3, "r": 2, "k": 5, "d": 4, "e": 6, "z": 2}
+    operands = [[shapes[a] for a in axes.axes] for axes in parse(pattern).leaf_lists()]
+    plan = f.explain(*operands)
+    assert plan.rewrite == "" and plan.not_fused.startswith(reason), plan.not_fused
+    assert f"not SDPA because {reason}" in str(plan)
+
+
+def test_explain_of_a_fused_or_plain_pattern_gives_no_reason():
+    assert einc.compile(ATTEND.format(" causal(q k)")).explain((2, 2, 5, 4), (2, 2, 7, 4), (2, 2, 7, 3)).not_fused == ""
+    assert einc.compile("b q d, b k d -> b q k").explain((2, 5, 4), (2, 7, 4)).not_fused == ""
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_grouped_query_attention_with_causality_and_padding(fuse):
+    """GQA spelled by composition: query heads (g r) share key/value head g; the causal mask
+    over (q, k) broadcasts over the query heads (SDPA's L folds r and q: one attn_mask)."""
+    g_, r_ = 2, 2
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(B, Q, g_ * r_ * D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, K, g_ * D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, K, g_ * E, generator=gen, dtype=torch.float64)
+    padding = torch.rand(B, K, generator=gen) < 0.8
+    f = einc.compile("softmax(b q (g r d), b k (g d) -> b g r q [k] / sqrt(d) mask(b k) causal_lower_right(q k)), "
+                     "b k (g e) -> b q (g r e)", g=g_, r=r_, fuse=fuse)
+    heads = lambda t, n: t.reshape(B, t.shape[1], n, -1).transpose(1, 2)  # noqa: E731
+    kh, vh = heads(k, g_).repeat_interleave(r_, 1), heads(v, g_).repeat_interleave(r_, 1)
+    expected = _attention(heads(q, g_ * r_), kh, vh, scale=SCALE, allowed=padding[:, None, None, :],
+                          causal="lower_right").transpose(1, 2).reshape(B, Q, -1)
+    torch.testing.assert_close(f(q, k, padding, v), expected)
+    assert f.explain(q, k, padding, v).rewrite == ("sdpa" if fuse else "")
+
+
+def test_the_readme_transformer_block_runs_as_written():
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    source = readme.split("```python\n# block.py\n", 1)[1].split("```", 1)[0]
+    exec(compile(source, "README.md:block.py", "exec"), {})  # it asserts einc against plain torch itself
