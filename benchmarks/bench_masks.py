@@ -6,7 +6,9 @@
 Contenders: the einc pattern with ``causal(q k)`` (lowered to SDPA with ``is_causal=True``)
 or ``mask(b k) causal(q k)`` (SDPA with one additive mask), SDPA written by hand with
 the same arguments, and the plain masked form ``einsum, masked_fill, softmax, einsum``.
-Each is checked against the float64 plain form first.
+Each is checked against the float64 plain form first.  And key-padding-masked
+self-attention through ``einc.nn.MultiheadAttention`` against ``torch.nn.MultiheadAttention``
+(embed_dim 512, 8 heads, (8, 512) tokens; same weights; eval, no_grad).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -24,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Case, Target, parse_args, script  # noqa: E402
 
 import einc  # noqa: E402
+import einc.nn  # noqa: E402
 
 HEADING = "## Masked and causal attention (issue 15)"
 PATTERN = "softmax(b h q d, b h k d -> b h q [k] / sqrt(d){}), b h k e -> b h q e"
@@ -65,15 +68,48 @@ def _case(padded: bool, quick: bool) -> Case:
     )
 
 
+def _layer_case(quick: bool) -> Case:
+    """Key-padding-masked self-attention through the layers (same weights), eval, no_grad."""
+    b, length, e, h = (2, 64, 32, 4) if quick else (8, 512, 512, 8)
+    torch.manual_seed(0)
+    reference = torch.nn.MultiheadAttention(e, h, batch_first=True).eval()
+    mine = einc.nn.MultiheadAttention(e, h, batch_first=True).eval()
+    mine.load_state_dict(reference.state_dict())
+    scripted = torch.jit.script(mine)
+    wide = einc.nn.MultiheadAttention(e, h, batch_first=True).double().eval()
+    wide.load_state_dict(reference.state_dict())
+    x = torch.randn(b, length, e, generator=torch.Generator().manual_seed(1))
+    padding = torch.zeros(b, length, dtype=torch.bool)
+    padding[:, length - length // 8:] = True  # torch's convention here: True = padded out
+
+    def call(layer: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                return layer(x, x, x, key_padding_mask=padding, need_weights=False)[0]
+        return run
+
+    return Case(
+        name="mha-key-padding",
+        description=f"`layer(x, x, x, key_padding_mask=..., need_weights=False)`, embed_dim {e}, {h} heads, "
+                    f"x {(b, length, e)}, the last eighth padded, eval, no_grad",
+        contenders={"einc.nn": call(mine, x), "einc.nn scripted": call(scripted, x),
+                    "torch.nn.MultiheadAttention": call(reference, x)},
+        reference=lambda: call(wide, x.double())().float(),
+        einc=["einc.nn", "einc.nn scripted"],
+    )
+
+
 TARGETS = [Target("causal", "einc", "hand-written SDPA", 1.05, "causal: einc ≤ 1.05x SDPA(is_causal=True)"),
            Target("causal", "einc", "einsum+masked_fill+softmax+einsum", 0.5,
                   "causal: einc ≤ 0.5x the masked einsum form"),
-           Target("causal+padding", "einc", "hand-written SDPA", 1.05, "causal+padding: einc ≤ 1.05x SDPA")]
+           Target("causal+padding", "einc", "hand-written SDPA", 1.05, "causal+padding: einc ≤ 1.05x SDPA"),
+           Target("mha-key-padding", "einc.nn", "torch.nn.MultiheadAttention", 1.0,
+                  "key-padding MHA (need_weights=False): einc.nn ≤ 1.0x torch's layer")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     quick = parse_args(argv).quick
-    makers = [lambda: _case(False, quick), lambda: _case(True, quick)]
+    makers = [lambda: _case(False, quick), lambda: _case(True, quick), lambda: _layer_case(quick)]
     return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()])
 
 
