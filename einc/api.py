@@ -144,6 +144,10 @@ class Expression:
         self._constant_positions = frozenset(position for position, _ in self._constants)
         if self._constants and self.ir.nested:
             raise EincError(f"pattern {pattern!r}: constants are not supported in patterns with nested operations")
+        self._modifying = frozenset(position for position, _ in self.ir.modifier_leaves())
+        if self._constants and any(level.modifiers for level in self.ir.levels()):
+            raise EincError(f"pattern {pattern!r}: constants are not supported with bias(...), mask(...), "
+                            "causal(...) or window(...)")
         self._distributed = options.distributed is not False
         if self._constants and self._distributed:
             raise EincError(f"pattern {pattern!r}: a distributed expression does not take constants")
@@ -243,6 +247,12 @@ class Expression:
         except EincError as err:
             raise self._context(shapes, err) from None
 
+    def _common(self, types: Sequence[torch.dtype]) -> torch.dtype:
+        """The dtype a call computes in: torch's promotion over its operands but the
+        ``bias``/``mask`` tensors (a bias is added in the logits' dtype)."""
+        modifying = self._modifying
+        return dtypes.promoted([t for i, t in enumerate(types) if i not in modifying] or list(types))
+
     def _dtypes(self, given: Sequence[torch.dtype], shapes: Sequence[tuple[int, ...]]) -> list[torch.dtype]:
         """Every operand's dtype (constants included), checked against the pattern."""
         everything = self._with_constants(given, lambda t: t.dtype)
@@ -250,7 +260,7 @@ class Expression:
             for position, modifier in self.ir.modifier_leaves():
                 if position < len(everything):
                     dtypes.check_modifier(modifier, position, everything[position], self.ir.compact)
-            dtypes.check(self.ir, dtypes.promoted(everything) if everything else torch.float32)
+            dtypes.check(self.ir, self._common(everything) if everything else torch.float32)
         except EincError as err:
             raise self._context(shapes, err) from None
         return everything or [torch.float32]
@@ -281,7 +291,7 @@ class Expression:
                  ) -> tuple[slicing.Sliced, Expression, Program]:
         """How a signature over the memory limit runs in slices: the runner, the
         expression that computes one slice, and the plan of a full slice."""
-        common = dtypes.promoted(types)
+        common = self._common(types)
         limit = element_limit([self.options.limit, settings.limit], common.itemsize)
         assert limit is not None
         try:
@@ -345,7 +355,7 @@ class Expression:
     def _literal(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
                  ) -> _Compiled:
         """The signature's own code: planned for its sizes, which are literals in it."""
-        program = self._plan_for(shapes, dtypes.promoted(types))
+        program = self._plan_for(shapes, self._common(types))
         try:
             code = generate(program, types, safe=transformed, part=self.options.part)
         except EincError as err:
@@ -364,7 +374,7 @@ class Expression:
         dimension, as generic code takes it) and its messages: generated once per plan
         structure (:meth:`Program.structure`), compiled once per source text
         (:func:`einc.backends.compiled`).  A fixed path is not planned again."""
-        common = dtypes.promoted(types)
+        common = self._common(types)
         key: tuple[Any, ...] = (tuple(types), transformed, settings.version)
         program = None
         if not self._fixed_path:
@@ -410,7 +420,7 @@ class Expression:
                     # A fixed path's signature was not planned: the planner's message
                     # names operands and shapes.  What it lets through, the literal code
                     # runs (or raises) as it always does.
-                    self._plan_for(shapes, dtypes.promoted(types))
+                    self._plan_for(shapes, self._common(types))
             entry.fn = self._literal(shapes, types, transformed).fn
             return entry.fn(*tensors)
 
@@ -434,7 +444,7 @@ class Expression:
         self._entry(tensors)
         shapes = tuple(tuple(t.shape) for t in tensors)
         try:
-            self._plan_for(shapes, dtypes.promoted(self._dtypes([t.dtype for t in tensors], shapes)))
+            self._plan_for(shapes, self._common(self._dtypes([t.dtype for t in tensors], shapes)))
         except MemoryLimitError:
             if not self.options.slice:
                 raise  # else the entry was made: it runs in slices
@@ -513,7 +523,7 @@ class Expression:
         """How a signature is spread over ``world`` ranks: the plan, where the split axis
         sits in the operands and the result, a nested normalizer's log-normalizer, and
         for DTensor operands how each becomes local (:meth:`einc.distributed.Placed.kinds`)."""
-        common = dtypes.promoted(types)
+        common = self._common(types)
         local = self._local()
         try:
             full = self._plan_lookup(shapes, None, common.is_floating_point)
@@ -579,7 +589,7 @@ class Expression:
         """(FLOPs, slices) of one rank's part, sliced where it is over the memory limit."""
         local = self._local()
         try:
-            part = local._plan_for(shapes, dtypes.promoted(types))
+            part = local._plan_for(shapes, self._common(types))
         except MemoryLimitError:
             if not self.options.slice:
                 raise
@@ -617,7 +627,7 @@ class Expression:
         (512, 2048)
         """
         shapes, types = self._shapes_and_dtype(tensors_or_shapes, dtype)
-        common = dtypes.promoted(types)
+        common = self._common(types)
         chosen = None
         spread = None
         if world_size is not None:
@@ -691,7 +701,7 @@ class Expression:
             merged = merge_ellipsis(self.ir, shapes)
         except EincError as err:
             raise self._context(shapes, err) from None
-        common = dtypes.promoted(types)
+        common = self._common(types)
         code = generate(self._plan_for(merged, common, process_limit), types, generic=True, module=True,
                         context=f"pattern {self.pattern!r}", limits=(self.options.limit, process_limit))
         recipe = (self.pattern, self.options, self.sizes, shapes, common, process_limit)
@@ -712,8 +722,7 @@ class Expression:
         self._check(tensors)  # the same checks (and errors) as a call
         given = self._with_constants(tensors, lambda t: t)
         masks = {i for i, m in self.ir.modifier_leaves() if m.kind == "mask"}  # stay bool
-        common = dtypes.promoted([t.dtype for i, t in enumerate(given) if i not in masks]) if given \
-            else torch.float64
+        common = self._common([t.dtype for t in given]) if given else torch.float64
         given = [t if i in masks else t.to(common) for i, t in enumerate(given)]
         if widen:
             given = [t if i in masks else to_wide(t) for i, t in enumerate(given)]
@@ -741,7 +750,7 @@ class Expression:
             result = result.full_tensor()
         # The reference takes the whole tensors of DTensor operands.
         tensors = tuple(t.full_tensor() if distributed.is_dtensor(t) else t for t in tensors)
-        dtype = dtypes.promoted([t.dtype for t in tensors]) if tensors else torch.float64
+        dtype = self._common([t.dtype for t in tensors]) if tensors else torch.float64
         try:
             return compare(result, self.reference(*tensors), self.reference(*tensors, absolute=True),
                            dtype, rtol=rtol, atol=atol)

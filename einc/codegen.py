@@ -391,7 +391,8 @@ class Emitter:
         whose logits are all -inf in this part has no share of the whole; it normalizes
         to zeros for softmax (-inf for log_softmax) with a zero gradient, not NaN, so
         that rescaling it by its zero share leaves the other parts' result as it is."""
-        dead = self.assign(f"{value}.amax({dim}, keepdim=True) == float('-inf')")
+        # (all(), not amax(): an empty axis has no row to kill, and amax refuses it.)
+        dead = self.assign(f"({value} == float('-inf')).all({dim}, keepdim=True)")
         kept = self.assign(f"torch.{self.program.ir.op}({value}.masked_fill({dead}, 0.0), {dim})")
         fill = "0.0" if self.program.ir.op == "softmax" else "float('-inf')"
         return self.assign(f"{kept}.masked_fill({dead}, {fill})")

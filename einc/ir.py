@@ -240,9 +240,12 @@ class Modifier:
         if positional and len(self.axes) != 2:
             raise PatternError(f"{self.kind}(...) takes two axes, the queries' and the keys', e.g. "
                                f"{self.kind}(q k{', 128' if self.kind == 'window' else ''})", ("modifier", self.kind))
-        if (self.kind == "window") != (self.size is not None):
-            raise PatternError("window(q k, N) takes a size; only window does", ("modifier", self.kind))
-        if self.size is not None and not 1 <= self.size < INT64_LIMIT:
+        if self.kind == "window" and self.size is None:
+            raise PatternError("window(q k, N) takes a size", ("modifier", self.kind))
+        if self.kind != "window" and self.size is not None:
+            raise PatternError(f"{self.kind}(...) takes axes only (a size is window's)", ("modifier", self.kind))
+        if self.size is not None and (isinstance(self.size, bool) or not isinstance(self.size, int)
+                                      or not 1 <= self.size < INT64_LIMIT):
             raise PatternError("a window's size is positive", ("modifier", self.kind))
 
     @property

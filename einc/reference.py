@@ -166,7 +166,9 @@ def _level(pattern: ir.Pattern, tensors: Iterator[torch.Tensor], table: dict[str
         if pattern.modifiers:
             result = _modified(pattern, result, out_atoms, modifying, table)
             # A row whose logits are all -inf (masked out) normalizes to zeros, as SDPA's.
-            dead = result.amax(marked, keepdim=True) == float("-inf")
+            dead = result == float("-inf")
+            for dim in marked:
+                dead = dead.all(dim, keepdim=True)
             result = result.masked_fill(dead, 0.0)
         result = result - torch.logsumexp(result, marked, keepdim=True)
         if pattern.op == "softmax":

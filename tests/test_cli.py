@@ -501,3 +501,12 @@ def test_python_dash_m_einc_bench(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "[5/5] timing einops.einsum ..." in done.stderr
     assert list(_timed(done.stdout)) == PLAIN_CONTENDERS
+
+
+
+def test_bench_makes_bool_masks(capsys):
+    from einc.cli import main
+
+    assert main(["bench", "softmax(b q d, b k d -> b q [k] mask(b k)), b k e -> b q e",
+                 "--shapes", "2x3x4", "2x5x4", "2x5", "2x5x3", "--repeat-time", "0.01"]) == 0
+    assert "einc (torchscript)" in capsys.readouterr().out

@@ -178,7 +178,9 @@ def test_compiles_fullgraph_dynamic_with_masks():
     ("softmax(b q d, b k d -> b q [k] causal(k q))", "takes the queries' axis, then the keys' axis"),
     ("softmax(b q d, b k d -> b q [k] window(q b, 4))", "'b' is not normalized here"),
     ("softmax(b q d, b k d -> b q [k] window(q k))", "window(q k, N) takes a size"),
-    ("softmax(b q d, b k d -> b q [k] causal(q k, 3))", "window(q k, N) takes a size; only window does"),
+    ("softmax(b q d, b k d -> b q [k] window(q k, 0))", "a window's size is positive"),
+    ("softmax(b q d, b k d -> b q [k] causal(q k, 3))", "causal(...) takes axes only (a size is window's)"),
+    ("softmax(b q d, b k d -> b q [k] mask(b k, 3))", "mask(...) takes axes only"),
     ("softmax(b q d, b k d -> b q [k] causal(q k) causal_lower_right(q k))", "one causality"),
 ])
 def test_bad_modifiers(pattern, message):
@@ -312,3 +314,46 @@ def test_the_readme_transformer_block_runs_as_written():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     source = readme.split("```python\n# block.py\n", 1)[1].split("```", 1)[0]
     exec(compile(source, "README.md:block.py", "exec"), {})  # it asserts einc against plain torch itself
+
+
+
+def test_constants_with_modifiers_are_refused():
+    q, k, v, padding, *_ = _tensors()
+    with pytest.raises(EincError, match=r"constants are not supported with bias\(...\), mask\(...\)"):
+        einc.compile("softmax(b q d, b k d -> b q [k] mask(b k))", constants={2: padding})
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_an_empty_key_axis_with_modifiers(both_codes, fuse, op):
+    """No keys: an empty result, as without modifiers (not amax's error on an empty axis)."""
+    q, k, v, padding, *_ = _tensors()
+    pattern = f"{op}(b h q d, b h k d -> b h q [k] mask(b k) causal(q k))" + (", b h k e -> b h q e" if op == "softmax"
+                                                                               else "")
+    f = einc.compile(pattern, fuse=fuse)
+    operands = [q, k[:, :, :0], padding[:, :0]] + ([v[:, :, :0]] if op == "softmax" else [])
+    out = f(*operands)
+    assert out.shape == ((B, H, Q, E) if op == "softmax" else (B, H, Q, 0))
+    assert (out == 0).all()
+
+
+def test_integer_queries_with_a_float_bias_are_refused_as_without_it():
+    """The bias does not decide the dtype the logits are computed in: integer q and k are
+    refused as softmax refuses them, not by a raw torch error."""
+    q, k, v, *_ = _tensors()
+    f = einc.compile("softmax(b h q d, b h k d -> b h q [k] bias(h q k))")
+    with pytest.raises(EincError, match="softmax"):
+        f(q.long(), k.long(), torch.zeros(H, Q, K))
+
+
+def test_the_bias_dtype_does_not_change_the_computation_dtype():
+    """A float64 bias on float32 logits: added in float32 (the plan, its byte figures and
+    validate's tolerance are float32's)."""
+    q, k, v, _, _, bias = _tensors()
+    f = einc.compile(ATTEND.format(" bias(h q k)"))
+    args = (q.float(), k.float(), bias, v.float())
+    assert f(*args).dtype == torch.float32
+    assert f.explain(*args).dtype == "float32"
+    assert f.validate(*args) < 1e-5
+    half = (q.half(), k.half(), bias.float(), v.half())
+    assert f(*half).dtype == torch.float16 and f.validate(*half) < 1e-2
