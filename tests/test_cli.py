@@ -510,3 +510,15 @@ def test_bench_makes_bool_masks(capsys):
     assert main(["bench", "softmax(b q d, b k d -> b q [k] mask(b k)), b k e -> b q e",
                  "--shapes", "2x3x4", "2x5x4", "2x5", "2x5x3", "--repeat-time", "0.01"]) == 0
     assert "einc (torchscript)" in capsys.readouterr().out
+
+
+def test_explain_world_size(capsys):
+    """--world-size shows the split without starting processes, as text and as JSON."""
+    pattern = "logsumexp(sum(b d, v d -> b v) -> b)"
+    code, out, _ = run_main(capsys, "explain", pattern, "--shapes", "1x64", "4096x64", "--world-size", "4")
+    assert code == 0 and "4 ranks split v (logsumexp) 4096 as 1024, 1024, 1024, 1024" in out
+    code, out, _ = run_main(capsys, "explain", pattern, "--shapes", "1x64", "4096x64", "--world-size", "3", "--json")
+    data = json.loads(out)["distribution"]
+    assert code == 0 and data["world_size"] == 3 and [n for _, n in data["spans"]] == [1366, 1366, 1364]
+    code, _, err = run_main(capsys, "explain", pattern, "--shapes", "1x64", "4096x64", "--world-size", "0")
+    assert code == 2 and "'0' is not a positive int" in err and "Traceback" not in err
