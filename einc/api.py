@@ -128,11 +128,11 @@ class Expression:
     def __init__(self, pattern: str, /, *, cache_size: int | None = None, backend: Backend = "torchscript",
                  optimize: Optimize = "auto", notation: Notation = "auto", memory_limit: int | str | None = None,
                  constants: Mapping[int, torch.Tensor] | None = None, fuse: bool = True, slice: bool = True,
-                 distributed: Any = False, shard_output: bool = False, **sizes: int) -> None:
+                 distributed: Any = False, shard_output: bool = False, dropout: float = 0.0, **sizes: int) -> None:
         # compile()'s options, and cache_size: the signatures this expression keeps.
         options = _options(pattern, backend=backend, optimize=optimize, notation=notation,
                            memory_limit=memory_limit, fuse=fuse, cache_size=cache_size, slice=slice,
-                           distributed=distributed, shard_output=shard_output)
+                           distributed=distributed, shard_output=shard_output, dropout=dropout)
         self._setup(pattern, options, constants, sizes)
 
     def _setup(self, pattern: str, options: Options, constants: Mapping[int, torch.Tensor] | None,
@@ -299,6 +299,9 @@ class Expression:
                 raise MemoryLimitError("sliced execution does not run under torch.func transforms")
             if self._constants:
                 raise MemoryLimitError("sliced execution does not take constants")
+            if self.options.dropout:
+                # Backward recomputes each slice: it would draw other dropout masks.
+                raise MemoryLimitError("sliced execution does not take dropout")
             full = self._plan_lookup(shapes, None, common.is_floating_point)
             # The output is allocated whole: it must fit (the planner's message names it).
             check_output(full.output_axes, dict(full.sizes), limit)
@@ -357,7 +360,7 @@ class Expression:
         """The signature's own code: planned for its sizes, which are literals in it."""
         program = self._plan_for(shapes, self._common(types))
         try:
-            code = generate(program, types, safe=transformed, part=self.options.part)
+            code = generate(program, types, safe=transformed, part=self.options.part, dropout=self.options.dropout)
         except EincError as err:
             raise self._context(shapes, err) from None
         fn, folding = compiled(self.options.backend, code)
@@ -387,7 +390,7 @@ class Expression:
             if program is None:
                 program = self._plan_for(merged, common)
             code = generate(program, types, generic=True, safe=transformed, part=self.options.part,
-                            context=f"pattern {self.pattern!r}",
+                            dropout=self.options.dropout, context=f"pattern {self.pattern!r}",
                             limits=(self.options.limit, settings.limit))
         except EincError as err:
             raise self._context(shapes, err) from None
@@ -647,7 +650,7 @@ class Expression:
             runner, _, program = self._slicing(shapes, types, False)
             chosen = runner.slicing
         try:
-            code = generate(program, types)
+            code = generate(program, types, dropout=self.options.dropout)
         except EincError as err:
             raise self._context(shapes, err) from None
         return describe(program, code, pattern=self.pattern, dtype=common,
@@ -703,6 +706,7 @@ class Expression:
             raise self._context(shapes, err) from None
         common = self._common(types)
         code = generate(self._plan_for(merged, common, process_limit), types, generic=True, module=True,
+                        dropout=self.options.dropout,
                         context=f"pattern {self.pattern!r}", limits=(self.options.limit, process_limit))
         recipe = (self.pattern, self.options, self.sizes, shapes, common, process_limit)
         return instantiate(code, (_restore_module, recipe))
@@ -745,6 +749,10 @@ class Expression:
         >>> einc.compile("ij,jk->ik").validate(torch.randn(3, 4), torch.randn(4, 5)) < 1e-5
         True
         """
+        if self.options.dropout:
+            raise EincError(f"pattern {self.pattern!r}: validate compares with a deterministic reference, and "
+                            f"dropout={self.options.dropout} makes the result random; validate an expression "
+                            "compiled with dropout=0.0")
         result = self(*tensors)
         if distributed.is_dtensor(result):  # shard_output=True or DTensor operands
             result = result.full_tensor()
@@ -790,6 +798,7 @@ def compile(  # noqa: A001 - the name is the API
     slice: bool = True,  # noqa: A002 - the option's name
     distributed: Any = False,
     shard_output: bool = False,
+    dropout: float = 0.0,
     **sizes: int,
 ) -> Expression:
     """Compile ``pattern`` into a callable :class:`Expression` (cached by pattern and options).
@@ -802,7 +811,7 @@ def compile(  # noqa: A001 - the name is the API
     torch.Size([2, 4, 8, 6])
     """
     options = _options(pattern, backend=backend, optimize=optimize, notation=notation, memory_limit=memory_limit,
-                       fuse=fuse, slice=slice, distributed=distributed, shard_output=shard_output)
+                       fuse=fuse, slice=slice, distributed=distributed, shard_output=shard_output, dropout=dropout)
     if constants is not None:
         # Tensors key a cache by identity only: an expression with constants is the caller's to keep.
         return _restore(pattern, options, constants, sizes)

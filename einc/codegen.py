@@ -430,6 +430,8 @@ class Emitter:
             if program.ir.modifiers:
                 value = self.modify(value, target)
             value = self.normalize(value, target)
+            if self.unit.dropout and program.ir.op == "softmax":
+                value = self.assign(f"torch.dropout({value}, {float(self.unit.dropout)!r}, True)")
         merged = self.generic and self.top and program.ir.output.has_ellipsis
         value = self.reshape(value, singles(target), program.output_dims,
                              shape=self.output_shape() if merged else "")
@@ -486,6 +488,8 @@ def _attention(unit: Unit, program: Program, values: dict[int, str], types_of: d
     elif modifiers:
         inner_emit.modifying = [values[v] for v in inner.modifier_values]
         masking = f", attn_mask={_sdpa_mask(inner_emit, q, batch + query + key, lead + [query, key])}"
+    if unit.dropout:
+        masking += f", dropout_p={float(unit.dropout)!r}"
     out = outer.assign(f"{SDPA}({q}, {k}, {v}{masking}, scale={scale})")
     out = outer.reshape(out, lead + [query, value], singles(batch + query + value))
     unit.kernels.append("sdpa")
@@ -588,6 +592,7 @@ def _module_class(parameters: list[str], not_tensor: int) -> str:
 
 def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torch.float32, *,
              generic: bool = False, module: bool = False, safe: bool = False, part: bool = False,
+             dropout: float = 0.0,
              context: str = "", limits: Sequence[tuple[int | None, bool]] = ()) -> Generated:
     """Emit the function ``einc_fn(x0, x1, ...)`` that evaluates ``program``.
 
@@ -597,7 +602,8 @@ def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torc
     messages and each of ``limits`` (``(limit, in_bytes)``) bounding its intermediates;
     ``safe`` avoids in-place writes and branches on data
     (for torch.func transforms); ``part`` computes a part of a normalizer's axis (a
-    slice, a rank's share: see :meth:`Emitter.part_normalized`); ``module`` also defines ``EincModule(torch.nn.Module)``
+    slice, a rank's share: see :meth:`Emitter.part_normalized`); ``dropout`` drops
+    softmax weights (SDPA's ``dropout_p``); ``module`` also defines ``EincModule(torch.nn.Module)``
     whose ``forward`` calls ``einc_fn``.
 
     >>> from einc.parser import parse
@@ -606,7 +612,7 @@ def generate(program: Program, types: Sequence[torch.dtype] | torch.dtype = torc
     >>> print(code.source.splitlines()[1].strip())
     t0 = torch.mm(x0, x1)
     """
-    unit = Unit(generic, safe, context, part)
+    unit = Unit(generic, safe, context, part, dropout)
     count = program.ir.leaves
     leaves = [unit.names.create("c" if i in program.constants else "x") for i in range(count)]
     params = list(leaves)

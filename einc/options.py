@@ -94,6 +94,9 @@ class Options:
     distributed: Any = False
     """Spread each call over the ranks of a process group (:mod:`einc.distributed`):
     ``True`` for the default group, or a ``torch.distributed.ProcessGroup``."""
+    dropout: float = 0.0
+    """Dropout probability for the weights of every softmax (attention's), as SDPA's
+    ``dropout_p``: drawn on every call (for training; compile with 0.0 to evaluate)."""
     part: bool = False
     """Internal: the expression computes one part (a slice, a rank's share) of a
     normalizer's own axis, where a row all -inf normalizes to zeros (its share is zero)."""
@@ -116,6 +119,13 @@ class Options:
         if self.distributed is not True and self.distributed is not False and not _is_group(self.distributed):
             raise EincError(f"distributed must be True, False or a torch.distributed.ProcessGroup, "
                             f"not {self.distributed!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
+                not 0.0 <= self.dropout < 1.0:
+            raise EincError(f"dropout must be a probability in [0, 1), not {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if self.dropout and self.distributed is not False:
+            raise EincError("dropout with distributed: every rank would draw the same masks for its part; "
+                            "apply dropout outside the distributed call")
         if not isinstance(self.shard_output, bool):
             raise EincError(f"shard_output must be True or False, not {self.shard_output!r}")
         if self.shard_output and self.distributed is False:

@@ -66,9 +66,11 @@ class _Namespace:
 class Unit:
     """What the levels of one generated function share: names, helpers, kernels, checks."""
 
-    def __init__(self, generic: bool, safe: bool, context: str, part: bool = False) -> None:
+    def __init__(self, generic: bool, safe: bool, context: str, part: bool = False, dropout: float = 0.0) -> None:
         self.generic = generic
         self.safe = safe
+        self.dropout = dropout
+        """Dropout probability of every softmax's weights (``Options.dropout``)."""
         self.part = part
         """A part of a normalizer's axis: rows all -inf in it normalize to zeros, not NaN."""
         """No in-place writes, no branches on data: torch.func transforms (vmap, jvp) run it."""

@@ -357,3 +357,66 @@ def test_the_bias_dtype_does_not_change_the_computation_dtype():
     assert f.validate(*args) < 1e-5
     half = (q.half(), k.half(), bias.float(), v.half())
     assert f(*half).dtype == torch.float16 and f.validate(*half) < 1e-2
+
+
+# ---------------------------------------------------------------- dropout
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_dropout_draws_what_torch_draws_for_the_same_seed(both_codes, fuse):
+    """dropout= drops the softmax weights as SDPA's dropout_p does (and as torch.dropout on
+    them): the same seed gives the same result on both lowerings."""
+    q, k, v, *_ = (t.float() for t in _tensors())
+    f = einc.compile(ATTEND.format(" causal(q k)"), dropout=0.5, fuse=fuse)
+    assert f.explain(q, k, v).rewrite == ("sdpa" if fuse else "")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        weights = torch.softmax((q @ k.transpose(-1, -2) * SCALE).masked_fill(
+            torch.ones(Q, K, dtype=torch.bool).triu(1), float("-inf")), -1)
+        expected = torch.dropout(weights, 0.5, True) @ v
+        torch.manual_seed(seed)
+        torch.testing.assert_close(f(q, k, v), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_keeps_the_expectation():
+    """Averaged over many draws, dropout's result tends to the result without it."""
+    q, k, v, *_ = (t.float() for t in _tensors())
+    torch.manual_seed(0)
+    f = einc.compile(ATTEND.format(""), dropout=0.3)
+    mean = torch.stack([f(q, k, v) for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(mean, einc.compile(ATTEND.format(""))(q, k, v), rtol=0, atol=0.1)
+
+
+def test_dropout_in_a_scripted_module_and_its_gradient():
+    q, k, v, *_ = (t.float() for t in _tensors())
+    module = torch.jit.script(einc.compile(ATTEND.format(""), dropout=0.5).module(q, k, v))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(3)
+    out = module(*leaves)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    torch.manual_seed(3)
+    again = [t.clone().requires_grad_() for t in (q, k, v)]
+    weights = torch.dropout(torch.softmax(again[0] @ again[1].transpose(-1, -2) * SCALE, -1), 0.5, True)
+    ((weights @ again[2]) * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    for got, want in zip(leaves, again):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"dropout": 1.0}, "dropout must be a probability in [0, 1), not 1.0"),
+    ({"dropout": -0.1}, "dropout must be a probability in [0, 1)"),
+    ({"dropout": True}, "dropout must be a probability in [0, 1), not True"),
+    ({"dropout": 0.1, "distributed": True}, "dropout with distributed"),
+])
+def test_bad_dropout(options, message):
+    with pytest.raises(EincError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        einc.compile(ATTEND.format(""), **options)
+
+
+def test_dropout_refuses_validate_and_slicing():
+    q, k, v, *_ = (t.float() for t in _tensors())
+    with pytest.raises(EincError, match="validate compares with a deterministic reference"):
+        einc.compile(ATTEND.format(""), dropout=0.1).validate(q, k, v)
+    with pytest.raises(EincError, match="sliced execution does not take dropout"):
+        einc.compile(ATTEND.format(""), dropout=0.1, fuse=False, memory_limit=64)(q, k, v)
