@@ -72,6 +72,13 @@ def _shape_of(value: Any, index: int) -> tuple[int, ...]:
     return shape
 
 
+def _narrowed(leaves: Sequence[Sequence[tuple[str, ...]]], shapes: Sequence[Sequence[int]],
+              chunks: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
+    """``shapes`` with each axis of ``chunks`` (a dimension of its own) cut to its chunk."""
+    return tuple(tuple(chunks.get(group[0], n) if len(group) == 1 else n for group, n in zip(dims, shape))
+                 for dims, shape in zip(leaves, shapes))
+
+
 def _format_shapes(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join(map(format_shape, shapes))
 
@@ -145,6 +152,8 @@ class Expression:
         if self._constants and self.ir.nested:
             raise EincError(f"pattern {pattern!r}: constants are not supported in patterns with nested operations")
         self._modifying = frozenset(position for position, _ in self.ir.modifier_leaves())
+        self._masks = frozenset(position for position, m in self.ir.modifier_leaves() if m.kind == "mask")
+        """Operands that are ``mask`` tensors: bool whatever the other operands' dtype."""
         if self._constants and any(level.modifiers for level in self.ir.levels()):
             raise EincError(f"pattern {pattern!r}: constants are not supported with bias(...), mask(...), "
                             "causal(...) or window(...)")
@@ -309,8 +318,7 @@ class Expression:
             leaves = full.leaf_dims()
 
             def cut(chunks: Mapping[str, int]) -> tuple[tuple[int, ...], ...]:
-                return tuple(tuple(chunks.get(group[0], n) if len(group) == 1 else n
-                                   for group, n in zip(dims, shape)) for dims, shape in zip(leaves, shapes))
+                return _narrowed(leaves, shapes, chunks)
 
             def plan_at(chunks: Mapping[str, int]) -> Program | None:
                 try:
@@ -536,8 +544,7 @@ class Expression:
             output = math.prod(full.output_shape)
 
             def cut(axis: str, length: int) -> tuple[tuple[int, ...], ...]:
-                return tuple(tuple(length if group == (axis,) else n for group, n in zip(dims, shape))
-                             for dims, shape in zip(leaves, shapes))
+                return _narrowed(leaves, shapes, {axis: length})
 
             def volume(axis: str, role: str, chunk: int, sharded: bool) -> tuple[distributed.Collective, ...]:
                 return distributed.collectives(
@@ -549,9 +556,9 @@ class Expression:
             def cost_at(axis: str, chunk: int) -> tuple[int, int]:
                 part = local._plan_lookup(cut(axis, chunk), None, common.is_floating_point)
                 role = candidates[axis]
-                extra = slicing.logits_flops(part) if role in ir.NORMALIZERS else 0
                 moved = volume(axis, role, chunk, self.options.shard_output)
-                return slicing.flops_of(part) + extra, sum(c.elements for c in moved if c.when == "forward")
+                return (slicing.part_flops(part, role in ir.NORMALIZERS),
+                        sum(c.elements for c in moved if c.when == "forward"))
 
             kinds = None
             if placed is not None:
@@ -577,15 +584,10 @@ class Expression:
                                        collectives=volume(axis, role, chunk, sharded))
         except EincError as err:
             raise self._context(shapes, err) from None
-        places = tuple((index, dims.index((axis,))) for index, dims in enumerate(leaves) if (axis,) in dims)
-        output_dims = [tuple(g) for g in full.output_dims]
-        output_dim = output_dims.index((axis,)) if role == "output" else None
-        norm = None
-        if role in ir.NORMALIZERS:
-            cut_axis = slicing.SlicedAxis(axis, sizes[axis], chunk, role)
-            norm = slicing.sliced(full, slicing.Slicing((cut_axis,), 0, 0, 0, output),
-                                  lambda p: self._inner(p, slice=True)).normalized
-        return plan, places, output_dim, norm, kinds
+        # Where the axis sits in the operands and the result: slicing's rule, for one axis.
+        parts = slicing.sliced(full, slicing.Slicing((slicing.SlicedAxis(axis, sizes[axis], chunk, role),),
+                                                     0, 0, 0, output), lambda p: self._inner(p, slice=True))
+        return plan, parts.places[0], parts.output_dims[0], parts.normalized, kinds
 
     def _part_cost(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], role: str
                    ) -> tuple[int, int]:
@@ -598,12 +600,12 @@ class Expression:
                 raise
             cut = local._slicing(shapes, types, False)[0].slicing
             return cut.flops, cut.slices
-        return slicing.flops_of(part) + (slicing.logits_flops(part) if role in ir.NORMALIZERS else 0), 1
+        return slicing.part_flops(part, role in ir.NORMALIZERS), 1
 
     def _shapes_and_dtype(self, tensors_or_shapes: Sequence[Any], dtype: torch.dtype | str | None
                           ) -> tuple[tuple[tuple[int, ...], ...], list[torch.dtype]]:
         shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
-        masks = {i for i, m in self.ir.modifier_leaves() if m.kind == "mask"}  # bool whatever the dtype
+        masks = self._masks
         if dtype is not None:
             given = [torch.bool if i in masks else dtypes.dtype_of(dtype) for i in range(len(shapes))]
         else:
@@ -725,7 +727,7 @@ class Expression:
         """
         self._check(tensors)  # the same checks (and errors) as a call
         given = self._with_constants(tensors, lambda t: t)
-        masks = {i for i, m in self.ir.modifier_leaves() if m.kind == "mask"}  # stay bool
+        masks = self._masks  # stay bool
         common = self._common([t.dtype for t in given]) if given else torch.float64
         given = [t if i in masks else t.to(common) for i, t in enumerate(given)]
         if widen:

@@ -325,7 +325,7 @@ class Emitter:
         marked = tuple(a for a in axes if a in pattern.normalized)
         if len(marked) == 1:
             dim = axes.index(marked[0])
-            if self.unit.part or pattern.modifiers:
+            if self.zero_dead_rows:
                 return self.part_normalized(value, dim)
             if value not in self.owned or self.unit.safe or self.generic:
                 return self.assign(f"{fn}({value}, {dim})")
@@ -343,7 +343,7 @@ class Emitter:
         value = self.permute(value, axes, rest + marked)
         flat = singles(rest) + [marked]
         value = self.reshape(value, singles(rest + marked), flat)
-        value = self.part_normalized(value, len(rest)) if self.unit.part or pattern.modifiers else \
+        value = self.part_normalized(value, len(rest)) if self.zero_dead_rows else \
             self.assign(f"{fn}({value}, {len(rest)})")
         value = self.reshape(value, flat, singles(rest + marked))
         return self.permute(value, rest + marked, axes)
@@ -366,16 +366,19 @@ class Emitter:
             else:
                 allowed.append(laid)
         lower_right = any(m.kind == "causal_lower_right" for m in pattern.modifiers)
+        positions: dict[tuple[str, ...], tuple[str, str]] = {}
         for modifier in pattern.modifiers:
             if modifier.tensor:
                 continue
-            q, k = modifier.axes
-            device = f"{value}.device"
-            rows = self.assign(f"torch.arange({self.size(q)}, device={device})", "i")
-            rows = self.spread(rows, (q,), target)
-            cols = self.spread(self.assign(f"torch.arange({self.size(k)}, device={device})", "j"), (k,), target)
-            if lower_right:  # the queries are the last positions of the keys'
-                rows = self.assign(f"{rows} + ({self.size(k)} - {self.size(q)})", "i")
+            if modifier.axes not in positions:  # a causality and a window share them
+                q, k = modifier.axes
+                device = f"{value}.device"
+                rows = self.spread(self.assign(f"torch.arange({self.size(q)}, device={device})", "i"), (q,), target)
+                cols = self.spread(self.assign(f"torch.arange({self.size(k)}, device={device})", "j"), (k,), target)
+                if lower_right:  # the queries are the last positions of the keys'
+                    rows = self.assign(f"{rows} + ({self.size(k)} - {self.size(q)})", "i")
+                positions[modifier.axes] = rows, cols
+            rows, cols = positions[modifier.axes]
             if modifier.kind == "window":
                 gap = self.assign(f"{rows} - {cols}", "g")
                 allowed.append(self.assign(f"({gap} >= 0) & ({gap} < {modifier.size})", "a"))
@@ -385,6 +388,12 @@ class Emitter:
             mask = self.assign(" & ".join(allowed), "a")
             value = self.assign(f"{value}.masked_fill(~{mask}, float('-inf'))")
         return value
+
+    @property
+    def zero_dead_rows(self) -> bool:
+        """Whether a row whose logits are all -inf normalizes to zeros (:meth:`part_normalized`):
+        in a part of a normalizer's axis, and wherever masks apply (SDPA's rule)."""
+        return self.unit.part or bool(self.program.ir.modifiers)
 
     def part_normalized(self, value: str, dim: int) -> str:
         """A part's normalizer (a slice's or a rank's share of the normalized axis): a row

@@ -540,9 +540,7 @@ class MultiheadAttention(torch.nn.Module):
                 enable_gqa=self.num_kv_heads != self.num_heads))
         else:
             attended, weights = self._with_weights(q, k, v, mask, dropout, average_attn_weights)
-        out = self.output(attended, self.out_proj.weight)
-        if self.has_bias:
-            out = out + self.out_proj.bias
+        out = self._projected_out(attended)
         if not batched:
             out = out.squeeze(0 if self.batch_first else 1)
             if weights is not None:
@@ -606,10 +604,14 @@ class MultiheadAttention(torch.nn.Module):
             mask = torch.arange(total, device=q.device) <= rows + (total - new)
         attended = self.merge_heads(F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads))
+        return self._projected_out(attended), k, v
+
+    def _projected_out(self, attended: torch.Tensor) -> torch.Tensor:
+        """``out_proj`` of the merged heads, laid out as the layer's inputs."""
         out = self.output(attended, self.out_proj.weight)
         if self.has_bias:
             out = out + self.out_proj.bias
-        return out, k, v
+        return out
 
     def _self_attention(self) -> bool:
         return self.kdim == self.embed_dim and self.vdim == self.embed_dim

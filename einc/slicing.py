@@ -41,7 +41,8 @@ from .errors import EincError, MemoryLimitError
 from .planner import Program
 
 __all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "SlicingWarning", "choose", "choose_with_cotengra",
-           "flops_of", "largest_intermediate", "logits_flops", "normalized_level", "roles", "run", "sliced",
+           "flops_of", "largest_intermediate", "logits_flops", "normalized_level", "part_flops", "roles", "run",
+           "sliced",
            "warn_if_small"]
 
 HALF = (torch.float16, torch.bfloat16)
@@ -292,6 +293,12 @@ def flops_of(program: Program) -> int:
     return sum(level.flops for level in program.programs())
 
 
+def part_flops(program: Program, normalized: bool) -> int:
+    """FLOPs of a part (a slice, a rank's share) planned as ``program``; ``normalized``
+    where it is cut along a nested normalizer's own axis, whose logits it computes again."""
+    return flops_of(program) + (logits_flops(program) if normalized else 0)
+
+
 def largest_intermediate(program: Program) -> int:
     """The largest intermediate of any level of ``program`` (elements)."""
     return max(level.largest_intermediate for level in program.programs())
@@ -329,8 +336,7 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
         for lengths in itertools.product(*[_lengths(axis) for axis in axes]):
             program = plan_at(dict(zip(combo, (n for n, _ in lengths))))
             assert program is not None, "a shorter slice fits where a longer one does"
-            logits = logits_flops(program) if again else 0
-            total += (flops_of(program) + logits) * math.prod(k for _, k in lengths)
+            total += part_flops(program, again) * math.prod(k for _, k in lengths)
             largest = max(largest, largest_intermediate(program))
         key = (total, math.prod(axis.count for axis in axes))
         if best is None or key < best[0]:
