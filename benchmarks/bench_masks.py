@@ -9,10 +9,18 @@ the same arguments, and the plain masked form ``einsum, masked_fill, softmax, ei
 Each is checked against the float64 plain form first.  And key-padding-masked
 self-attention through ``einc.nn.MultiheadAttention`` against ``torch.nn.MultiheadAttention``
 (embed_dim 512, 8 heads, (8, 512) tokens; same weights; eval, no_grad).
+
+Long causal attention under a memory budget: (1, 8, 4096, 64) float32 (``--quick``: (1, 2,
+512, 16)), whose scores (512 MiB) are over a 64 MiB ``memory_limit`` (``--quick``: 1 MiB):
+einc slices the queries, each slice taking only the keys its queries see (causal block
+skipping), on the plain lowering (``fuse=False``) and on SDPA; against the same pattern
+unsliced, SDPA with ``is_causal=True`` and the masked einsum form; and each one's peak
+memory in a fresh process (``common.run_memory_probe``).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -23,7 +31,7 @@ import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Case, Target, parse_args, script  # noqa: E402
+from common import Case, Result, Target, parse_args, peak_rss_growth, run_memory_probe, script  # noqa: E402
 
 import einc  # noqa: E402
 import einc.nn  # noqa: E402
@@ -99,6 +107,65 @@ def _layer_case(quick: bool) -> Case:
     )
 
 
+def _long_shape(quick: bool) -> tuple[tuple[int, int, int, int], str]:
+    return ((1, 2, 512, 16), "1MiB") if quick else ((1, 8, 4096, 64), "64MiB")
+
+
+def _long_contenders(quick: bool) -> tuple[dict[str, Callable[..., torch.Tensor]], tuple[torch.Tensor, ...]]:
+    (b, h, length, d), budget = _long_shape(quick)
+    g = torch.Generator().manual_seed(0)
+    tensors = tuple(torch.randn(b, h, length, d, generator=g) for _ in range(3))
+    pattern = PATTERN.format(" causal(q k)")
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return {
+        "einc, fuse=False, sliced": einc.compile(pattern, fuse=False, memory_limit=budget),
+        "einc, SDPA, sliced": einc.compile(pattern, memory_limit=budget),
+        "einc, fuse=False, no limit": einc.compile(pattern, fuse=False),
+        "hand-written SDPA(is_causal=True)": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "einsum+masked_fill+softmax+einsum": lambda q, k, v: _plain(q, k, v, causal),
+    }, tensors
+
+
+def _long_case(quick: bool) -> Case:
+    (b, h, length, d), budget = _long_shape(quick)
+    contenders, (q, k, v) = _long_contenders(quick)
+    sliced = contenders["einc, fuse=False, sliced"].explain(q, k, v).slicing
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    return Case(
+        name="causal-long-sliced",
+        description=f"causal attention, (b, h, L, d) = {(b, h, length, d)}, scores "
+                    f"{b * h * length * length * 4 / 2**20:.0f} MiB, memory_limit={budget}: sliced "
+                    f"{', '.join(f'{a.name} in {a.count} chunks of {a.chunk}' for a in sliced.axes)}, "
+                    f"{sliced.overhead:.2f}x the unsliced FLOPs (blocks above the diagonal skipped)",
+        contenders={name: (lambda f=f: f(q, k, v)) for name, f in contenders.items()},
+        reference=lambda: _plain(q.double(), k.double(), v.double(), causal).float(),
+        einc=["einc, fuse=False, sliced", "einc, SDPA, sliced"],
+    )
+
+
+def _probe(name: str, quick: bool) -> dict:
+    """In a fresh process (``--memory-probe``): peak RSS growth of one call of a contender."""
+    torch.set_num_threads(1)
+    contenders, tensors = _long_contenders(quick)
+    f = contenders[name]
+    f(*tensors)  # imports, compilation: not counted
+    held: list[torch.Tensor] = []
+    grown, method = peak_rss_growth(lambda: held.append(f(*tensors)))
+    return {"forward": grown, "method": method}
+
+
+def _memory(results: dict[str, Result], args) -> list[str]:
+    if "causal-long-sliced" not in results:
+        return []
+    lines = ["", "Peak memory of one call of `causal-long-sliced` (growth of the peak RSS, fresh process each):", "",
+             "| contender | peak growth |", "|---|---:|"]
+    for name in _long_contenders(True)[0]:
+        got = run_memory_probe(__file__, name, "quick" if args.quick else "full")
+        lines.append(f"| `{name}` | {got['forward'] / 2**20:.1f} MiB |")
+        print(lines[-1], flush=True)
+    return lines + [f"({got['method']})"]
+
+
 TARGETS = [Target("causal", "einc", "hand-written SDPA", 1.05, "causal: einc ≤ 1.05x SDPA(is_causal=True)"),
            Target("causal", "einc", "einsum+masked_fill+softmax+einsum", 0.5,
                   "causal: einc ≤ 0.5x the masked einsum form"),
@@ -108,9 +175,15 @@ TARGETS = [Target("causal", "einc", "hand-written SDPA", 1.05, "causal: einc ≤
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    quick = parse_args(argv).quick
-    makers = [lambda: _case(False, quick), lambda: _case(True, quick), lambda: _layer_case(quick)]
-    return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()])
+    args = parse_args(argv)
+    if args.memory_probe:
+        name, size = args.memory_probe
+        print(json.dumps(_probe(name, size == "quick")))
+        return 0
+    quick = args.quick
+    makers = [lambda: _case(False, quick), lambda: _case(True, quick), lambda: _layer_case(quick),
+              lambda: _long_case(quick)]
+    return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()], _memory)
 
 
 if __name__ == "__main__":

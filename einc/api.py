@@ -330,20 +330,30 @@ class Expression:
                 # Unfused: the limit holds for the intermediates a fused kernel replaces.
                 return slicing.largest_intermediate(inner._plan_lookup(cut(chunks), None, False))
 
-            candidates = slicing.roles(full, self.sizes)
+            keys = slicing.visible(full, self.sizes)
+            candidates = slicing.roles(full, self.sizes, keys)
+            if keys is not None and keys.query not in candidates:
+                keys = None
             chosen = None
             if self.options.optimize == "cotengra":
                 chosen = slicing.choose_with_cotengra(full, candidates, limit, plan_at)
             if chosen is None:
-                chosen = slicing.choose(full, candidates, plan_at, peak_at)
+                chosen = slicing.choose(full, candidates, plan_at, peak_at, keys)
         except MemoryLimitError as err:
             message = str(err) if str(err).startswith("memory_limit=") else \
                 f"memory_limit={limit:,} elements is too small: {err}"
             raise self._context(shapes, MemoryLimitError(message)) from None
-        chunk = plan_at({axis.name: axis.chunk for axis in chosen.axes})
+        chunks = {axis.name: axis.chunk for axis in chosen.axes}
+        follows = chosen.visible
+        if follows is not None:
+            sizes = {a: n for level in full.programs() for a, n in level.sizes}
+            chunks[follows.key] = follows.longest(chunks[follows.query], sizes[follows.query])
+        part = any(axis.role in ir.NORMALIZERS for axis in chosen.axes)
+        if part or follows is not None:
+            # A slice of queries and the keys they see: its causality aligned to the lower right.
+            inner = self._inner(None if follows is None else slicing.lower_right(self.ir), part=part)
+        chunk = plan_at(chunks)  # (by the slices' own expression, whose code explain shows)
         assert chunk is not None
-        if any(axis.role in ir.NORMALIZERS for axis in chosen.axes):
-            inner = self._inner(part=True)
         try:
             return slicing.sliced(full, chosen, self._inner), inner, chunk
         except MemoryLimitError as err:

@@ -326,7 +326,7 @@ class Emitter:
         if len(marked) == 1:
             dim = axes.index(marked[0])
             if self.zero_dead_rows:
-                return self.part_normalized(value, dim)
+                return self.part_normalized(value, dim, marked)
             if value not in self.owned or self.unit.safe or self.generic:
                 return self.assign(f"{fn}({value}, {dim})")
             # Normalize our own intermediate in place when autograd does not need it: a
@@ -343,7 +343,7 @@ class Emitter:
         value = self.permute(value, axes, rest + marked)
         flat = singles(rest) + [marked]
         value = self.reshape(value, singles(rest + marked), flat)
-        value = self.part_normalized(value, len(rest)) if self.zero_dead_rows else \
+        value = self.part_normalized(value, len(rest), marked) if self.zero_dead_rows else \
             self.assign(f"{fn}({value}, {len(rest)})")
         value = self.reshape(value, flat, singles(rest + marked))
         return self.permute(value, rest + marked, axes)
@@ -386,8 +386,18 @@ class Emitter:
                 allowed.append(self.assign(f"{cols} <= {rows}", "a"))
         if allowed:
             mask = self.assign(" & ".join(allowed), "a")
-            value = self.assign(f"{value}.masked_fill(~{mask}, float('-inf'))")
+            if self.in_place(value):
+                self.lines.append(f"    {value}.masked_fill_(~{mask}, float('-inf'))")
+            else:
+                value = self.assign(f"{value}.masked_fill(~{mask}, float('-inf'))")
         return value
+
+    def in_place(self, value: str) -> bool:
+        """Whether ``value`` may be written in place: our own logits (a contraction's
+        result, which its backward does not need), in literal code that no torch.func
+        transform runs (see :meth:`normalize`).  A copy as large as the scores costs
+        as much as the masking itself."""
+        return value in self.owned and not self.unit.safe and not self.generic
 
     @property
     def zero_dead_rows(self) -> bool:
@@ -395,16 +405,28 @@ class Emitter:
         in a part of a normalizer's axis, and wherever masks apply (SDPA's rule)."""
         return self.unit.part or bool(self.program.ir.modifiers)
 
-    def part_normalized(self, value: str, dim: int) -> str:
+    def part_normalized(self, value: str, dim: int, normalized: Sequence[str]) -> str:
         """A part's normalizer (a slice's or a rank's share of the normalized axis): a row
         whose logits are all -inf in this part has no share of the whole; it normalizes
         to zeros for softmax (-inf for log_softmax) with a zero gradient, not NaN, so
         that rescaling it by its zero share leaves the other parts' result as it is."""
-        # (all(), not amax(): an empty axis has no row to kill, and amax refuses it.)
-        dead = self.assign(f"({value} == float('-inf')).all({dim}, keepdim=True)")
-        kept = self.assign(f"torch.{self.program.ir.op}({value}.masked_fill({dead}, 0.0), {dim})")
+        if self.generic or not all(self.sizes[a] for a in normalized):
+            # (all(), not amax(): an empty axis has no row to kill, and amax refuses it.)
+            dead = self.assign(f"({value} == float('-inf')).all({dim}, keepdim=True)")
+        else:  # one reading pass, no bool tensor of the scores' size
+            dead = self.assign(f"{value}.amax({dim}, keepdim=True) == float('-inf')")
         fill = "0.0" if self.program.ir.op == "softmax" else "float('-inf')"
-        return self.assign(f"{kept}.masked_fill({dead}, {fill})")
+        if not self.in_place(value):
+            kept = self.assign(f"torch.{self.program.ir.op}({value}.masked_fill({dead}, 0.0), {dim})")
+            return self.assign(f"{kept}.masked_fill({dead}, {fill})")
+        self.lines.append(f"    {value}.masked_fill_({dead}, 0.0)")
+        # The normalizer's backward needs its result: normalized in place only without
+        # autograd (as :meth:`normalize`).
+        fn, name = f"torch.{self.program.ir.op}", self.names.create("t")
+        self.lines += [f"    if {value}.requires_grad:",
+                       f"        {name} = {fn}({value}, {dim}).masked_fill({dead}, {fill})",
+                       "    else:", f"        {name} = {fn}({value}, {dim}, out={value}).masked_fill_({dead}, {fill})"]
+        return name
 
     def output_shape(self) -> str:
         """Generic code at the top level: the output shape, ``...`` spelled out again."""

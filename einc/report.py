@@ -152,8 +152,11 @@ class Plan:
             cut = self.slicing
             axes = ", ".join(f"{a.name} ({a.role}) {a.size} in {a.count} chunks of {a.chunk}" for a in cut.axes)
             lines += [f"  sliced:                {axes}: {cut.slices} slices, {cut.flops:,} flops in all "
-                      f"({cut.overhead:.3g}x unsliced), peak about {_bytes(cut.peak(self.itemsize))}",
-                      "  (the path, steps and code below are one full slice's)"]
+                      f"({cut.overhead:.3g}x unsliced), peak about {_bytes(cut.peak(self.itemsize))}"]
+            if cut.visible is not None:
+                lines.append(f"  keys follow queries:   each slice of {cut.visible.query} takes only the keys "
+                             f"{cut.visible.key} it sees (causal block skipping)")
+            lines.append("  (the path, steps and code below are one full slice's)")
         if self.distribution is not None:
             lines += self.distribution.lines()
         rows = [["step", "operands", "equation", "output", "flops", "kernel"]]

@@ -11,6 +11,9 @@ number of slices.  :class:`Sliced` runs the slices on ``narrow`` views of the in
 - an axis the pattern reduces: ``sum`` accumulates, ``mean`` accumulates each slice's
   mean weighted by its share, ``max``/``min`` keep running values, ``logsumexp`` (and
   the log semiring) merges with ``logaddexp`` — as stable as one pass;
+- the queries of a causal (or windowed) softmax that the top level sums over its keys:
+  an output axis as any, each slice taking only the keys its queries see
+  (:class:`Visible`) — blocks above the diagonal are never computed;
 - the normalized axis of a nested softmax that the top level sums over (attention's
   keys): flash attention's recurrence, each slice rescaled by its log-normalizer's
   share of the running one; of a nested log_softmax (soft-label cross-entropy): each
@@ -27,6 +30,7 @@ nested softmax/log_softmax cases above).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -40,10 +44,9 @@ from . import ir
 from .errors import EincError, MemoryLimitError
 from .planner import Program
 
-__all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "SlicingWarning", "choose", "choose_with_cotengra",
-           "flops_of", "largest_intermediate", "logits_flops", "normalized_level", "part_flops", "roles", "run",
-           "sliced",
-           "warn_if_small"]
+__all__ = ["ROLE_OF_OP", "SlicedAxis", "Slicing", "Sliced", "SlicingWarning", "Visible", "choose",
+           "choose_with_cotengra", "flops_of", "largest_intermediate", "logits_flops", "lower_right",
+           "normalized_level", "part_flops", "roles", "run", "sliced", "visible", "warn_if_small"]
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -85,6 +88,37 @@ class SlicedAxis:
 
 
 @dataclass(frozen=True, slots=True)
+class Visible:
+    """Causal block skipping: the keys a slice of a causal (or windowed) softmax's queries
+    see.  Query ``i`` sees key ``j`` where ``j <= i + offset`` (``offset`` 0 for upper-left
+    causality, ``K - Q`` for lower-right) and, with a window, ``i + offset - j < window``.
+    A slice of queries ``[s, s + n)`` takes the keys ``[max(0, s + offset - window + 1),
+    s + n + offset)``; on that range its queries are the last ``n`` of the keys'
+    positions shifted by the range's start, i.e. ``causal_lower_right`` holds it exactly
+    (:func:`lower_right`).  Keys past every query's range are never computed."""
+
+    query: str
+    key: str
+    keys: int
+    """The keys' axis length."""
+    offset: int
+    window: int | None = None
+
+    def span(self, start: int, length: int) -> tuple[int, int]:
+        """(first key, count) that queries ``[start, start + length)`` see (count 0: none)."""
+        end = min(self.keys, max(0, start + length + self.offset))
+        first = 0 if self.window is None else min(end, max(0, start + self.offset - self.window + 1))
+        return first, end - first
+
+    def longest(self, chunk: int, queries: int) -> int:
+        """The most keys any slice of ``chunk`` queries sees."""
+        return max(self.span(start, min(chunk, queries - start))[1] for start in range(0, queries, chunk))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "key": self.key, "offset": self.offset, "window": self.window}
+
+
+@dataclass(frozen=True, slots=True)
 class Slicing:
     """How a pattern is sliced for a budget, and what it costs (``Plan.slicing``)."""
 
@@ -96,6 +130,8 @@ class Slicing:
     """Elements of the largest intermediate of one slice."""
     output: int
     """Elements of the (preallocated) output."""
+    visible: Visible | None = None
+    """Where a causal softmax's queries are sliced: the keys each slice takes."""
 
     @property
     def slices(self) -> int:
@@ -118,17 +154,20 @@ class Slicing:
         return {"axes": [{"name": a.name, "size": a.size, "chunk": a.chunk, "slices": a.count, "role": a.role}
                          for a in self.axes],
                 "slices": self.slices, "flops": self.flops, "overhead": self.overhead,
-                "largest_intermediate": self.largest_intermediate}
+                "largest_intermediate": self.largest_intermediate,
+                "keys_follow": None if self.visible is None else self.visible.to_dict()}
 
 
-def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
+def roles(program: Program, keyword: Mapping[str, int], visible: Visible | None = None) -> dict[str, str]:
     """The axes a pattern can be sliced along, each with its role.
 
     An axis qualifies when it is a dimension of its own wherever it appears (not inside
     a composition or ``...``, not repeated in one operand), is not sized by keyword or
-    used by a scale, is not normalized, and no nested operation reduces it; the top
-    level either keeps it (``"output"``) or reduces it by an operation whose slices
-    combine (:data:`ROLE_OF_OP`; a scale then rules out non-linear ones).
+    used by a scale, is not normalized, is not one of a causality's or window's (but
+    the queries of ``visible``, whose keys follow them), and no nested operation
+    reduces it; the top level either keeps it (``"output"``) or reduces it by an
+    operation whose slices combine (:data:`ROLE_OF_OP`; a scale then rules out
+    non-linear ones).
     """
     top = program.ir
     leaves = program.leaf_dims()
@@ -142,8 +181,10 @@ def roles(program: Program, keyword: Mapping[str, int]) -> dict[str, str]:
             allowed.add(axis)
     for level in program.programs():
         allowed -= {f.value for f in level.ir.scale if isinstance(f.value, str)}
-        # Causality and windows count positions: a part of those axes would misalign them.
-        allowed -= {a for m in level.ir.modifiers if not m.tensor for a in m.axes}
+        # Causality and windows count positions: a part of those axes would misalign
+        # them, but for queries whose keys follow (Visible).
+        allowed -= {a for m in level.ir.modifiers if not m.tensor for a in m.axes} - \
+            ({visible.query} if visible is not None else set())
         allowed -= set(level.ir.normalized)
         if level is not program:
             allowed -= set(level.reduced)
@@ -204,15 +245,78 @@ def normalized_level(program: Program) -> tuple[str, int, Program] | None:
     return None
 
 
+def visible(program: Program, keyword: Mapping[str, int]) -> Visible | None:
+    """The keys that follow a slice of a causal (or windowed) softmax's queries, where
+    slicing the queries can narrow them (:class:`Visible`): the top level a plain sum of
+    products that reduces the keys, the causality in a softmax nested directly under it
+    (a log_softmax's masked -inf entries would reach the top level), the keys a
+    dimension of their own everywhere, in no other nested operation, no scale and no
+    keyword.  Upper-left causality with more queries than keys (the last queries see
+    every key, which no narrowed range aligns) is not.  ``None`` otherwise."""
+    top = program.ir
+    placed = [(position, level) for position, level in program.nested
+              if any(not m.tensor for p in level.programs() for m in p.ir.modifiers)]
+    if top.op not in (None, "sum") or len(placed) != 1:
+        return None
+    position, level = placed[0]
+    modifiers = [m for m in level.ir.modifiers if not m.tensor]
+    if level.ir.op != "softmax" or level.nested or not modifiers or len({m.axes for m in modifiers}) != 1:
+        return None
+    query, key = modifiers[0].axes
+    others = [p for pos, p in program.nested if pos != position for p in p.programs()]
+    scaled = {f.value for p in program.programs() for f in p.ir.scale if isinstance(f.value, str)}
+    if (key in program.output_axes or key in keyword or key in scaled or any(key in p.ir.all_axes for p in others)
+            or not all((key,) in dims and sum(key in g for g in dims) == 1
+                       for dims in program.leaf_dims() if any(key in g for g in dims))):
+        return None
+    sizes = dict(level.sizes)
+    queries, keys = sizes[query], sizes[key]
+    offset = keys - queries if any(m.kind == "causal_lower_right" for m in modifiers) else 0
+    if queries + offset > keys:
+        return None
+    window = next((m.size for m in modifiers if m.kind == "window"), None)
+    return Visible(query, key, keys, offset, window)
+
+
+def lower_right(pattern: ir.Pattern) -> ir.Pattern:
+    """``pattern`` with its causality (and a window's alignment) lower right: how a slice
+    of :class:`Visible` queries and the keys they see is computed."""
+    inputs = tuple(lower_right(x) if isinstance(x, ir.Pattern) else x for x in pattern.inputs)
+    placed = [m for m in pattern.modifiers if not m.tensor]
+    modifiers = tuple(ir.Modifier("causal_lower_right", m.axes) if m.kind == "causal" else m
+                      for m in pattern.modifiers)
+    if placed and not any(m.kind.startswith("causal") for m in placed):
+        modifiers += (ir.Modifier("causal_lower_right", placed[0].axes),)  # a window alone is causal too
+    return dataclasses.replace(pattern, inputs=inputs, modifiers=modifiers)
+
+
 def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[Mapping[str, int]], Program | None],
-           peak_at: Callable[[Mapping[str, int]], int]) -> Slicing:
+           peak_at: Callable[[Mapping[str, int]], int], keys: Visible | None = None) -> Slicing:
     """The slicing of ``program`` (planned without a limit) whose slices fit: the least
     total FLOPs, then the fewest slices, over every single axis and pair of axes; then
     (tensor networks) axes added greedily.  ``plan_at(chunks)`` plans one slice (axis ->
     chunk size) under the limit, or gives ``None`` where it does not fit; ``peak_at``
-    gives a slice's largest intermediate without the limit.  Raises
+    gives a slice's largest intermediate without the limit; ``keys``, where the
+    queries of a causal softmax are a candidate, the keys that follow them (a slice of
+    queries is planned with the most keys any slice of its length sees).  Raises
     :class:`MemoryLimitError` when nothing fits."""
     sizes = dict(program.sizes) | {a: n for level in program.programs() for a, n in level.sizes}
+    if keys is not None:
+        follows = keys
+        queries = sizes[keys.query]
+
+        def follow(chunks: Mapping[str, int]) -> dict[str, int]:
+            if follows.query in chunks and follows.key not in chunks:
+                return dict(chunks) | {follows.key: follows.longest(chunks[follows.query], queries)}
+            return dict(chunks)
+
+        plan_at = (lambda f: lambda chunks: f(follow(chunks)))(plan_at)
+        peak_at = (lambda f: lambda chunks: f(follow(chunks)))(peak_at)
+
+    def made(found: tuple[tuple[SlicedAxis, ...], int, int]) -> Slicing:
+        axes, flops, largest = found
+        follows = keys if keys is not None and any(a.name == keys.query for a in axes) else None
+        return Slicing(axes, flops, flops_of(program), largest, math.prod(program.output_shape), follows)
     names = [a for a in candidates if sizes.get(a, 0) > 1]
     leaves = program.leaf_dims()
     largest = {a: max(math.prod(sizes[x] for g in dims for x in g if not x.startswith(ir.ELLIPSIS))
@@ -220,9 +324,9 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
     best: tuple[tuple[int, int, int, int], Slicing] | None = None
     for count in range(1, MAX_AXES + 1):
         for combo in itertools.combinations(names, count):
-            found = _fit(combo, sizes, candidates, plan_at)
+            found = _fit(combo, sizes, candidates, plan_at, keys=keys)
             if found is not None:
-                slicing = Slicing(found[0], found[1], flops_of(program), found[2], math.prod(program.output_shape))
+                slicing = made(found)
                 # Ties go to output and reduced axes (a softmax's own axis costs its logits
                 # twice), then to axes of the largest operand: backward writes its gradient
                 # in disjoint slices instead of adding a whole one per slice.
@@ -237,9 +341,9 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
         rest = [a for a in names if a not in chosen]
         chosen.append(min(rest, key=lambda a: peak_at(dict.fromkeys([*chosen, a], 1))))
         if len(chosen) > MAX_AXES and plan_at(dict.fromkeys(chosen, 1)) is not None:
-            found = _fit(chosen, sizes, candidates, plan_at, split=False)
+            found = _fit(chosen, sizes, candidates, plan_at, split=False, keys=keys)
             assert found is not None
-            return Slicing(found[0], found[1], flops_of(program), found[2], math.prod(program.output_shape))
+            return made(found)
     if not names:
         raise MemoryLimitError("no slicing fits it either (no axis can be sliced)")
     least = peak_at(dict.fromkeys(names, 1))
@@ -305,11 +409,12 @@ def largest_intermediate(program: Program) -> int:
 
 
 def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str, str],
-         plan_at: Callable[[Mapping[str, int]], Program | None], split: bool = True
+         plan_at: Callable[[Mapping[str, int]], Program | None], split: bool = True, keys: Visible | None = None
          ) -> tuple[tuple[SlicedAxis, ...], int, int] | None:
     """Chunk sizes for ``combo``: the first axes split into powers of two (or, without
     ``split``, single index values), the last one's chunk the largest that fits (by
-    bisection).  Returns (axes, total FLOPs, largest intermediate of a slice) or ``None``."""
+    bisection).  Returns (axes, total FLOPs, largest intermediate of a slice) or ``None``.
+    Slices of ``keys``' queries count the FLOPs of the keys each sees."""
     if plan_at(dict.fromkeys(combo, 1)) is None:
         return None  # not even single index values fit
     *first, last = combo
@@ -333,10 +438,17 @@ def _fit(combo: Sequence[str], sizes: Mapping[str, int], candidates: Mapping[str
         # Each distinct slice shape once: full chunks and the shorter last ones.
         # Slicing a softmax's own axis computes its logits again, for the log-normalizer.
         again = any(axis.role in ir.NORMALIZERS for axis in axes)
+        queries = next((axis for axis in axes if keys is not None and axis.name == keys.query), None)
         for lengths in itertools.product(*[_lengths(axis) for axis in axes]):
-            program = plan_at(dict(zip(combo, (n for n, _ in lengths))))
-            assert program is not None, "a shorter slice fits where a longer one does"
-            total += part_flops(program, again) * math.prod(k for _, k in lengths)
+            chunks = dict(zip(combo, (n for n, _ in lengths)))
+            count = math.prod(k for _, k in lengths)
+            if queries is None or keys is None:
+                program = plan_at(chunks)
+                assert program is not None, "a shorter slice fits where a longer one does"
+                total += part_flops(program, again) * count
+            else:
+                program, flops = _following(keys, queries, chunks, plan_at, again)
+                total += flops * (count // _lengths_count(queries, chunks[queries.name]))
             largest = max(largest, largest_intermediate(program))
         key = (total, math.prod(axis.count for axis in axes))
         if best is None or key < best[0]:
@@ -348,6 +460,30 @@ def _lengths(axis: SlicedAxis) -> list[tuple[int, int]]:
     """(slice length, how many slices have it)."""
     full, rest = divmod(axis.size, axis.chunk)
     return [(axis.chunk, full)] + ([(rest, 1)] if rest else [])
+
+
+def _lengths_count(axis: SlicedAxis, length: int) -> int:
+    return dict(_lengths(axis))[length]
+
+
+def _following(keys: Visible, queries: SlicedAxis, chunks: Mapping[str, int],
+               plan_at: Callable[[Mapping[str, int]], Program | None], again: bool) -> tuple[Program, int]:
+    """The plan of the slices of ``queries`` of length ``chunks[queries]`` with the most
+    keys, and the FLOPs of all those slices, each with the keys it sees: a slice's FLOPs
+    are affine in its keys' length (each step either has the keys, once, or not), so
+    two plans give them all."""
+    length = chunks[queries.name]
+    seen = [keys.span(start, length)[1] for start, n in queries.spans() if n == length]
+    most = max(seen)
+    program = plan_at(dict(chunks) | {keys.key: most})
+    assert program is not None, "a shorter slice fits where a longer one does"
+    flops = part_flops(program, again)
+    slope = 0.0
+    if most > 1:
+        half = plan_at(dict(chunks) | {keys.key: most // 2})
+        assert half is not None
+        slope = (flops - part_flops(half, again)) / (most - most // 2)
+    return program, sum(max(0, round(flops - slope * (most - n))) for n in seen)
 
 
 # ------------------------------------------------------------------ running
@@ -411,6 +547,9 @@ class Sliced:
     """How reduced slices combine (``"output"`` when only output axes are sliced)."""
     normalized: Normalized | None = None
     """For ``"softmax"``/``"log_softmax"``: the nested normalizer's log-normalizer."""
+    keys: tuple[tuple[int, int], ...] = ()
+    """(tensor, dimension) of each operand that has the keys that follow sliced queries
+    (``slicing.visible``)."""
 
     def slices(self, split: int = 1) -> list[tuple[tuple[int, int], ...]]:
         """Every slice's spans, one per sliced axis; ``split`` divides the last axis' chunk."""
@@ -423,6 +562,12 @@ class Sliced:
             for where, dim in places:
                 if where == index:
                     tensor = tensor.narrow(dim, start, length)
+        visible = self.slicing.visible
+        if visible is not None:
+            first, count = visible.span(*self.span_of(spans, visible.query))
+            for where, dim in self.keys:
+                if where == index:
+                    tensor = tensor.narrow(dim, first, count)
         return tensor
 
     def narrow(self, tensors: Sequence[torch.Tensor], spans: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
@@ -603,8 +748,11 @@ def sliced(program: Program, slicing: Slicing,
     """Where each sliced axis sits in the operands and the result of ``program``;
     ``normalizer(pattern)`` compiles the log-normalizer a ``"softmax"`` slicing needs."""
     leaves = program.leaf_dims()
-    places = tuple(tuple((index, dims.index((axis.name,))) for index, dims in enumerate(leaves)
-                         if (axis.name,) in dims) for axis in slicing.axes)
+
+    def places_of(name: str) -> tuple[tuple[int, int], ...]:
+        return tuple((index, dims.index((name,))) for index, dims in enumerate(leaves) if (name,) in dims)
+
+    places = tuple(places_of(axis.name) for axis in slicing.axes)
     output = [tuple(g) for g in program.output_dims]
     dims = tuple(output.index((axis.name,)) if axis.role == "output" else None for axis in slicing.axes)
     reduced = {axis.role for axis in slicing.axes if axis.role != "output"}
@@ -631,7 +779,8 @@ def sliced(program: Program, slicing: Slicing,
         names = tuple(g[0] if len(g) == 1 else "(" + " ".join(g) + ")" for g in output)
         normalized = Normalized(normalizer(lse), tuple(range(first, first + nested.leaves)), factor, names,
                                 axis, tuple(g[0] for g in level.output_dims), ones)
-    return Sliced(slicing, places, dims, role, normalized)
+    keys = () if slicing.visible is None else places_of(slicing.visible.key)
+    return Sliced(slicing, places, dims, role, normalized, keys)
 
 
 class _SlicedFunction(torch.autograd.Function):

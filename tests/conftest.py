@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +134,35 @@ def default_strategy(operands: int):
     if operands <= 20:
         return "dp"
     return oe.path_random.RandomGreedy(max_repeats=128)
+
+
+PROBE = """
+import re, sys, torch, einc
+torch.set_num_threads(1)
+{setup}
+{call}  # imports, compilation: not counted
+status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+{call}
+print((status("VmHWM") - before) * 1024)
+"""
+
+
+def peak_growth(setup: str, call: str, *argv: str) -> int:
+    """How far one more ``call`` (after ``setup`` and a first call) grows the peak RSS of a
+    fresh process, in bytes (Linux: reads /proc/self); ``sys.argv[1:]`` is ``argv``."""
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    script = PROBE.format(setup=setup, call=call)
+    return int(subprocess.run([sys.executable, "-c", script, *argv], check=True, capture_output=True, text=True,
+                              env=env).stdout)
+
+
+def assert_peak(setup: str, call: str, budget: str, bound: int | None, floor: int) -> None:
+    """One more ``call`` grows the peak RSS by less than ``bound`` under ``budget``; with
+    ``bound=None`` (unsliced, for the record) by at least ``floor``: the probe sees it."""
+    grown = peak_growth(setup, call, budget)
+    if bound is None:
+        assert grown >= floor, f"unsliced peak grew by only {grown / 2**20:.1f} MiB: the probe sees nothing"
+    else:
+        assert grown < bound, f"peak grew by {grown / 2**20:.1f} MiB under a {budget} budget"

@@ -10,9 +10,11 @@ generic and literal code, with gradients.
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
+from conftest import assert_peak
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -420,3 +422,139 @@ def test_dropout_refuses_validate_and_slicing():
         einc.compile(ATTEND.format(""), dropout=0.1).validate(q, k, v)
     with pytest.raises(EincError, match="sliced execution does not take dropout"):
         einc.compile(ATTEND.format(""), dropout=0.1, fuse=False, memory_limit=64)(q, k, v)
+
+
+# ------------------------------------------------------------ under a memory_limit
+
+# (rows of ROWS, query and key lengths): square, more keys than queries (a prefix
+# before the queries, lower right), more queries than keys (lower right: the first
+# queries see nothing).
+LENGTHS = [(24, 24), (16, 40), (40, 16)]
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("q_len, k_len", LENGTHS)
+@pytest.mark.parametrize("name, modifiers, extra, options", ROWS, ids=[r[0] for r in ROWS])
+def test_masked_attention_sliced_under_a_budget(fuse, q_len, k_len, name, modifiers, extra, options):
+    if options.get("causal", "upper_left" if "window" in options else None) == "upper_left" and q_len > k_len:
+        pytest.skip("upper-left causality with more queries than keys: test_upper_left_with_more_queries_...")
+    q, k, v, padding, full, bias = _tensors(1, q_len, k_len)
+    named = {"padding": padding, "full": full, "bias": bias}
+    operands = [q, k, *[named[x] for x in extra], v]
+    # Scores are B*H*q_len*k_len = 2,304..2,560 elements; 700 leaves room for a quarter.
+    f = einc.compile(ATTEND.format(modifiers), fuse=fuse, memory_limit=700)
+    cut = f.explain(*operands).slicing
+    assert cut is not None and cut.largest_intermediate <= 700
+    positional = "causal" in options or "window" in options
+    if positional:
+        # The queries slice with the keys they see: never more than the unsliced FLOPs.
+        assert [a.name for a in cut.axes] == ["q"] and cut.visible is not None and cut.overhead < 1
+    else:
+        assert cut.visible is None
+    expected = _attention(q, k, v, scale=SCALE, **_reference_keywords(options, padding, full, bias))
+    torch.testing.assert_close(f(*operands), expected, rtol=1e-12, atol=1e-12)
+    leaves = [t.clone().requires_grad_() if t.is_floating_point() else t for t in operands]
+    wanted = [t.clone().requires_grad_() if t.is_floating_point() else t for t in operands]
+    out = f(*leaves)
+    reference = _attention(wanted[0], wanted[1], wanted[-1], scale=SCALE, **_reference_keywords(
+        options, padding, full, wanted[2] if "bias" in extra else bias))
+    weights = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    got = torch.autograd.grad((out * weights).sum(), [t for t in leaves if t.requires_grad])
+    want = torch.autograd.grad((reference * weights).sum(), [t for t in wanted if t.requires_grad])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@given(st.integers(1, 30), st.integers(1, 30), st.sampled_from(["causal(q k)", "causal_lower_right(q k)"]),
+       st.sampled_from([None, 1, 3, 8]), st.floats(0.02, 1.0), st.integers(0, 2**31 - 1), st.booleans())
+def test_random_causal_slicing(q_len, k_len, causal, window, fraction, seed, fuse):
+    lower_right = causal.startswith("causal_lower_right")
+    if not lower_right and q_len > k_len:  # its queries do not slice (the test below)
+        q_len, k_len = k_len, q_len
+    q, k, v, padding, _, _ = _tensors(seed, q_len, k_len)
+    modifiers = f" mask(b k) {causal}" + ("" if window is None else f" window(q k, {window})")
+    # A fraction of the scores, but room for the output and a slice of one query.
+    limit = max(B * H * q_len * E, 4 * k_len, int(fraction * B * H * q_len * k_len))
+    f = einc.compile(ATTEND.format(modifiers), fuse=fuse, memory_limit=limit)
+    expected = _attention(q, k, v, scale=SCALE, allowed=padding[:, None, None, :],
+                          causal="lower_right" if lower_right else "upper_left", window=window)
+    torch.testing.assert_close(f(q, k, padding, v), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset_kind", ["causal(q k)", "causal_lower_right(q k)"])
+@pytest.mark.parametrize("window", [None, 1, 4])
+@pytest.mark.parametrize("q_len, k_len, chunk", [(24, 24, 5), (16, 40, 3), (40, 16, 7), (9, 9, 9), (12, 30, 1)])
+def test_each_slice_takes_exactly_the_keys_its_queries_see(offset_kind, window, q_len, k_len, chunk):
+    # Stage test of slicing.Visible: the narrowest range holding every key that some
+    # query of the slice attends to, read off the naive mask (the reference's rule).
+    if offset_kind == "causal(q k)" and q_len > k_len:
+        return  # not a Visible slicing (the next test)
+    lower_right = offset_kind != "causal(q k)"
+    offset = k_len - q_len if lower_right else 0
+    keys = einc.slicing.Visible("q", "k", k_len, offset, window)
+    i = torch.arange(q_len)[:, None] + offset
+    j = torch.arange(k_len)[None, :]
+    sees = (j <= i) & ((i - j < window) if window is not None else True)
+    for start in range(0, q_len, chunk):
+        length = min(chunk, q_len - start)
+        seen = sees[start:start + length].any(0).nonzero().flatten().tolist()
+        first, count = keys.span(start, length)
+        assert list(range(first, first + count)) == seen, (start, length)
+
+
+def test_upper_left_with_more_queries_than_keys_slices_other_axes():
+    # The queries past the last key see every key: no narrowed range aligns them, so
+    # the queries are not sliced; batch and heads are.
+    q, k, v, padding, _, _ = _tensors(2, 30, 12)
+    f = einc.compile(ATTEND.format(" causal(q k)"), memory_limit=400)
+    cut = f.explain(q, k, v).slicing
+    assert "q" not in [a.name for a in cut.axes] and cut.visible is None
+    torch.testing.assert_close(f(q, k, v), _attention(q, k, v, scale=SCALE, causal="upper_left"))
+
+
+def _causal_weights(q, k, normalizer):
+    logits = (q @ k.transpose(-1, -2) * SCALE)
+    keep = torch.arange(k.shape[-2])[None, :] <= torch.arange(q.shape[-2])[:, None]
+    return normalizer(logits.masked_fill(~keep, float("-inf")), -1)
+
+
+@pytest.mark.parametrize("pattern, follows, reference", [
+    # keys summed at the top by a plain contraction: they follow
+    (ATTEND, True, lambda q, k, v: _causal_weights(q, k, torch.softmax) @ v),
+    # the queries summed too (a loss over positions): they still follow
+    ("softmax(b h q d, b h k d -> b h q [k] / sqrt(d){}), b h k e -> b h e", True,
+     lambda q, k, v: (_causal_weights(q, k, torch.softmax) @ v).sum(2)),
+    # a log_softmax's masked -inf entries reach the top level (-inf x v): no narrowing
+    ("log_softmax(b h q d, b h k d -> b h q [k] / sqrt(d){}), b h k e -> b h q e", False,
+     lambda q, k, v: _causal_weights(q, k, torch.log_softmax) @ v),
+    # a mean over the keys divides by all of them: no narrowing
+    ("mean(softmax(b h q d, b h k d -> b h q [k] / sqrt(d){}), b h k e -> b h q e)", False,
+     lambda q, k, v: _causal_weights(q, k, torch.softmax) @ v / k.shape[-2]),
+])
+def test_which_causal_patterns_slice_their_queries(pattern, follows, reference):
+    q, k, v, *_ = _tensors(3, 24, 24)
+    operands = (q, k, v) if pattern.count(",") > 1 else (q, k)
+    f = einc.compile(pattern.format(" causal(q k)"), memory_limit=1200)
+    cut = f.explain(*operands).slicing
+    assert cut is not None and (cut.visible is not None) == follows
+    assert ("q" in [a.name for a in cut.axes]) == follows  # else batch or heads
+    torch.testing.assert_close(f(*operands), reference(q, k, v), equal_nan=True)
+
+
+CAUSAL_PROBE = """
+h, n, d = 8, 2048, 16
+q, k, v = (torch.randn(1, h, n, d) for _ in range(3))
+f = einc.compile("softmax(b h q d, b h k d -> b h q [k] / sqrt(d) causal(q k)), b h k e -> b h q e", fuse=False,
+                 memory_limit=sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+@pytest.mark.parametrize("budget, bound", [
+    ("8MiB", 32 * 2**20),  # sliced along queries: a slice's scores (twice: logits, weights), the output
+    ("1GiB", None),        # unsliced, for the record: the 128 MiB scores
+])
+def test_long_causal_attention_stays_within_its_budget(budget, bound):
+    # The plain lowering's scores are 128 MiB (8 x 2048 x 2048 float32); under an 8 MiB
+    # budget the process's peak grows by a few budgets.
+    assert_peak(CAUSAL_PROBE, "out = f(q, k, v)", budget, bound, floor=100 * 2**20)

@@ -8,12 +8,11 @@ peak is checked against the budget from the plan einc reports.
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import randn
+from conftest import assert_peak, randn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -303,18 +302,10 @@ def test_random_contractions_under_random_budgets(data):
     torch.testing.assert_close(out, torch.einsum(equation, *xs), rtol=1e-9, atol=1e-9)
 
 
-MEMORY_PROBE = """
-import re, sys, torch, einc
-torch.set_num_threads(1)
+LOG_PARTITION = """
 b, v, d = 512, 32768, 16
 h, w = torch.randn(b, d), torch.randn(v, d)
 f = einc.compile("logsumexp(sum(b d, v d -> b v) -> b)", memory_limit=sys.argv[1], backend="eager")
-f(h, w)  # imports, compilation: not counted
-status = lambda field: int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
-before = status("VmRSS")
-out = f(h, w)
-print((status("VmHWM") - before) * 1024)
 """
 
 
@@ -326,13 +317,7 @@ print((status("VmHWM") - before) * 1024)
 def test_the_sliced_log_partition_stays_within_its_budget(budget, bound):
     # The logits alone are 64 MiB (512 x 32768 float32); under a 4 MiB budget the
     # process's peak grows by a few budgets, not by the logits.
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    grown = int(subprocess.run([sys.executable, "-c", MEMORY_PROBE, budget], check=True, capture_output=True,
-                               text=True, env=env).stdout)
-    if bound is None:
-        assert grown >= 60 * 2**20, f"unsliced peak grew by only {grown / 2**20:.1f} MiB: the probe sees nothing"
-    else:
-        assert grown < bound, f"peak grew by {grown / 2**20:.1f} MiB under a {budget} budget"
+    assert_peak(LOG_PARTITION, "out = f(h, w)", budget, bound, floor=60 * 2**20)
 
 
 def test_cotengra_slices_a_tensor_network_where_asked():
