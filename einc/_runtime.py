@@ -275,7 +275,19 @@ def einc_int_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 '''
 
+INDEX_BAD = '''
+def einc_index_bad(index: torch.Tensor, size: int) -> bool:
+    # Whether an index is outside [0, size).  Not under torch.compile, which takes no
+    # branch on data (torch's own kernels check the index there).
+    if torch.jit.is_scripting():
+        checking = True
+    else:
+        checking = not torch.compiler.is_compiling()
+    return checking and index.numel() > 0 and (bool((index < 0).any()) or bool((index >= size).any()))
+'''
+
 HELPERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "einc_index_bad": (INDEX_BAD, ()),
     "einc_computed": (COMPUTED, ()),
     "einc_prod": (PROD, ()),
     "einc_ratio": (RATIO, ()),

@@ -25,7 +25,15 @@ from . import distributed, dtypes, ir, slicing
 from .backends import compiled, instantiate, transformed
 from .codegen import generate
 from .errors import EincError, MemoryLimitError, format_shape
-from .options import EXPRESSION_CACHE_SIZE, Backend, Options, check_constants, configure, element_limit, settings
+from .options import (
+    EXPRESSION_CACHE_SIZE,
+    Backend,
+    Options,
+    check_constants,
+    configure,
+    element_limit,
+    settings,
+)
 from .parser import Notation, parse
 from .paths import Optimize, check_output, check_path
 from .planner import Program, plan
@@ -154,9 +162,13 @@ class Expression:
         self._modifying = frozenset(position for position, _ in self.ir.modifier_leaves())
         self._masks = frozenset(position for position, m in self.ir.modifier_leaves() if m.kind == "mask")
         """Operands that are ``mask`` tensors: bool whatever the other operands' dtype."""
-        if self._constants and any(level.modifiers for level in self.ir.levels()):
+        self._indices = {position: (axis, level) for position, axis, level in self.ir.index_leaves()}
+        """Operands that are a ``gather``'s indices (integers): position -> (indexed axis, level)."""
+        self._kept = self._masks | frozenset(self._indices)
+        """Operands that keep their dtype (not promoted with the others, not widened)."""
+        if self._constants and any(level.modifiers or level.op == "gather" for level in self.ir.levels()):
             raise EincError(f"pattern {pattern!r}: constants are not supported with bias(...), mask(...), "
-                            "causal(...) or window(...)")
+                            "causal(...), window(...) or gather(...)")
         self._distributed = options.distributed is not False
         if self._constants and self._distributed:
             raise EincError(f"pattern {pattern!r}: a distributed expression does not take constants")
@@ -258,9 +270,10 @@ class Expression:
 
     def _common(self, types: Sequence[torch.dtype]) -> torch.dtype:
         """The dtype a call computes in: torch's promotion over its operands but the
-        ``bias``/``mask`` tensors (a bias is added in the logits' dtype)."""
-        modifying = self._modifying
-        return dtypes.promoted([t for i, t in enumerate(types) if i not in modifying] or list(types))
+        ``bias``/``mask`` tensors (a bias is added in the logits' dtype) and a gather's
+        indices."""
+        side = self._modifying | self._kept
+        return dtypes.promoted([t for i, t in enumerate(types) if i not in side] or list(types))
 
     def _dtypes(self, given: Sequence[torch.dtype], shapes: Sequence[tuple[int, ...]]) -> list[torch.dtype]:
         """Every operand's dtype (constants included), checked against the pattern."""
@@ -269,12 +282,53 @@ class Expression:
             for position, modifier in self.ir.modifier_leaves():
                 if position < len(everything):
                     dtypes.check_modifier(modifier, position, everything[position], self.ir.compact)
+            for position, (axis, _) in self._indices.items():
+                if position < len(everything):
+                    dtypes.check_index(axis, position, everything[position])
             dtypes.check(self.ir, self._common(everything) if everything else torch.float32)
         except EincError as err:
             raise self._context(shapes, err) from None
         return everything or [torch.float32]
 
     def _build(self, key: tuple[tuple[tuple[torch.Size, torch.dtype], ...], bool, int]) -> _Compiled:
+        entry = self._entry_for(key)
+        if not self._indices:
+            return entry
+        # A gather's indices: checked first on CUDA (a device-side assert would end the
+        # process); on CPU torch's kernels (and einc's checks) refuse them, and the error
+        # says which operand holds which index.
+        shapes = tuple(tuple(shape) for shape, _ in key[0])
+
+        def guarded(*tensors: torch.Tensor) -> torch.Tensor:
+            if any(t.is_cuda for t in tensors):
+                self._check_indices(shapes, tensors)
+            try:
+                return entry.fn(*tensors)
+            except (IndexError, RuntimeError, torch.jit.Error):
+                self._check_indices(shapes, tensors)
+                raise
+
+        return _Compiled(guarded, entry.folded)
+
+    def _check_indices(self, shapes: tuple[tuple[int, ...], ...], tensors: Sequence[torch.Tensor]) -> None:
+        """:class:`EincError` where a gather's index is outside its axis: which operand,
+        axis and value (indices are in ``[0, n)``; negative ones do not count from the end)."""
+        for position, n in self._index_sizes(shapes, [t.dtype for t in tensors]).items():
+            index, axis = tensors[position], self._indices[position][0]
+            wrong = (index < 0) | (index >= n)
+            if bool(wrong.any()):
+                raise EincError(f"pattern {self.pattern!r}: operand {position} indexes axis {axis!r} of size {n} "
+                                f"but holds the index {int(index[wrong].flatten()[0])} (indices are in [0, {n}); "
+                                "negative ones are not counted from the end)") from None
+
+    def _index_sizes(self, shapes: tuple[tuple[int, ...], ...], given: Sequence[torch.dtype]) -> dict[int, int]:
+        """The size of the axis each index operand indexes, for a call of ``shapes``."""
+        types = self._dtypes(list(given), shapes)
+        program = self._plan_lookup(shapes, None, self._common(types).is_floating_point)
+        sizes = {level.ir: dict(level.sizes) for level in program.programs()}
+        return {position: sizes[level][axis] for position, (axis, level) in self._indices.items()}
+
+    def _entry_for(self, key: tuple[tuple[tuple[torch.Size, torch.dtype], ...], bool, int]) -> _Compiled:
         signature, transformed, _ = key
         for index, (_, dtype) in enumerate(signature):
             if not isinstance(dtype, torch.dtype):
@@ -615,11 +669,15 @@ class Expression:
     def _shapes_and_dtype(self, tensors_or_shapes: Sequence[Any], dtype: torch.dtype | str | None
                           ) -> tuple[tuple[tuple[int, ...], ...], list[torch.dtype]]:
         shapes = tuple(_shape_of(x, i) for i, x in enumerate(tensors_or_shapes))
-        masks = self._masks
+        masks, indices = self._masks, self._indices
+
+        def default(i: int, dtype: torch.dtype) -> torch.dtype:
+            return torch.bool if i in masks else torch.int64 if i in indices else dtype
+
         if dtype is not None:
-            given = [torch.bool if i in masks else dtypes.dtype_of(dtype) for i in range(len(shapes))]
+            given = [default(i, dtypes.dtype_of(dtype)) for i in range(len(shapes))]
         else:
-            given = [x.dtype if isinstance(x, torch.Tensor) else torch.bool if i in masks else torch.float32
+            given = [x.dtype if isinstance(x, torch.Tensor) else default(i, torch.float32)
                      for i, x in enumerate(tensors_or_shapes)]
         return shapes, self._dtypes(given, shapes)
 
@@ -737,11 +795,11 @@ class Expression:
         """
         self._check(tensors)  # the same checks (and errors) as a call
         given = self._with_constants(tensors, lambda t: t)
-        masks = self._masks  # stay bool
+        kept = self._kept  # masks stay bool, indices integers
         common = self._common([t.dtype for t in given]) if given else torch.float64
-        given = [t if i in masks else t.to(common) for i, t in enumerate(given)]
+        given = [t if i in kept else t.to(common) for i, t in enumerate(given)]
         if widen:
-            given = [t if i in masks else to_wide(t) for i, t in enumerate(given)]
+            given = [t if i in kept else to_wide(t) for i, t in enumerate(given)]
         if absolute and self.ir.op in (None, "sum", "mean"):
             return reference(self.ir, given, self.sizes, absolute=True)
         result = reference(self.ir, given, self.sizes)

@@ -170,7 +170,8 @@ class _Reader:
 def _promotion(unit: Unit, program: Program, values: list[str], lines: list[str]) -> list[str]:
     """Torch's type promotion and the widening of half floats and integers, in a branch
     the usual call (one floating dtype) skips.  Returns the promoted leaves; a ``mask``
-    stays bool and a ``bias`` keeps its dtype (it is added in the logits' dtype)."""
+    stays bool, a ``bias`` keeps its dtype (it is added in the logits' dtype) and a
+    gather's index its integers."""
     modifying = dict(program.ir.modifier_leaves())
     for position, modifier in modifying.items():
         if modifier.kind == "mask":
@@ -180,8 +181,14 @@ def _promotion(unit: Unit, program: Program, values: list[str], lines: list[str]
         else:
             unit.check(lines, f"not {values[position]}.is_floating_point()",
                        f"{modifier.render(program.ir.compact)} (operand {position}) must be a floating-point tensor")
-    promoted = iter(_promote(unit, program, [v for i, v in enumerate(values) if i not in modifying], lines))
-    return [v if i in modifying else next(promoted) for i, v in enumerate(values)]
+    indices = {position: axis for position, axis, _ in program.ir.index_leaves()}
+    for position, axis in indices.items():
+        value = values[position]
+        unit.check(lines, f"{value}.dtype == torch.bool or {value}.is_floating_point() or {value}.is_complex()",
+                   f"operand {position} indexes axis {axis!r} of gather(...): it must be an integer tensor")
+    kept = modifying.keys() | indices.keys()
+    promoted = iter(_promote(unit, program, [v for i, v in enumerate(values) if i not in kept], lines))
+    return [v if i in kept else next(promoted) for i, v in enumerate(values)]
 
 
 def _promote(unit: Unit, program: Program, values: list[str], lines: list[str]) -> list[str]:

@@ -337,6 +337,9 @@ def _bench(args: argparse.Namespace) -> int:
         for position, modifier in first.ir.modifier_leaves():  # a mask is bool: about 3 in 4 attend
             if modifier.kind == "mask" and position < len(tensors):
                 tensors[position] = tensors[position] > -0.67
+        given = [torch.int64 if i in first._indices else t.dtype for i, t in enumerate(tensors)]
+        for position, n in first._index_sizes(tuple(shapes), given).items():
+            tensors[position] = torch.randint(0, max(1, n), shapes[position], generator=generator)  # gather's indices
     except (RuntimeError, MemoryError) as err:  # torch's allocation failure
         raise EincError(f"cannot allocate random tensors of shapes {', '.join(format_shape(s) for s in shapes)}: "
                         f"{str(err).splitlines()[0]}") from None

@@ -21,19 +21,21 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, List, Tuple  # noqa: UP035 - TorchScript source names typing.List/Tuple
 
 import torch
 
-from . import dtypes, ir
+from . import crossentropy, dtypes, ir
 from ._runtime import FLOOR, HELPERS, TINY
 from .checks import prologue, tensors, widening
 from .errors import EincError
 from .ir import NORMALIZERS
-from .planner import Program, Step
+from .planner import Program, Step, gather_roles
+from .rewrite import Attention, CrossEntropy
 from .scaling import Scaling, integral
+from .sizes import show_axis
 from .source import (
     CONSTANT_FUNCTION_NAME,
     EMPTY_LIST,
@@ -75,8 +77,8 @@ class Generated:
 
 
 _REDUCE = {None: "sum", "sum": "sum", "mean": "sum", "softmax": "sum", "log_softmax": "sum",
-           "prod": "prod", "max": "amax", "min": "amin", "logsumexp": "lse"}
-"""How each operation reduces an axis that only one operand has."""
+           "prod": "prod", "max": "amax", "min": "amin", "logsumexp": "lse", "gather": "none"}
+"""How each operation reduces an axis that only one operand has (a gather reduces none)."""
 
 _SEMIRING = {"logsumexp": "log", "max": "max", "min": "min"}
 """Operations whose operands combine by addition; the rest multiply."""
@@ -219,10 +221,12 @@ class Emitter:
         return self.unit.targets.get(widening(self.program))
 
     def prep(self, index: int, value: str, dtype: torch.dtype | None, *, widen: bool = True,
-             scale: bool = True) -> str:
-        """Operand ``index`` with one dimension per distinct axis (split, squeezed, diagonal)."""
+             scale: bool = True, cast: bool = True) -> str:
+        """Operand ``index`` with one dimension per distinct axis (split, squeezed, diagonal);
+        without ``cast``, in its own dtype (a gather's index)."""
         prep = self.program.preps[index]
-        value = self.cast(value, dtype, widen=widen)
+        if cast:
+            value = self.cast(value, dtype, widen=widen)
         value = self.reshape(value, self.program.input_dims[index], singles(prep.split))
         for d1, d2 in prep.diagonals:
             value = self.assign(f"torch.diagonal({value}, 0, {int(d1)}, {int(d2)})")
@@ -528,6 +532,46 @@ def _attention(unit: Unit, program: Program, values: dict[int, str], types_of: d
     return outer.finish(out, batch + query + value), common
 
 
+def _cross_entropy(unit: Unit, program: Program, values: dict[int, str], types_of: dict[int, torch.dtype | None],
+                   lines: list[str], top: bool) -> tuple[str, torch.dtype | None]:
+    """Token log-probabilities over a projection as one call of :mod:`einc.crossentropy`'s
+    kernel on h (N, D), w (V, D) and the index (N,); it never holds the N x V logits."""
+    roles = program.fused
+    assert isinstance(roles, CrossEntropy)
+    (_, inner), = program.nested
+    (step,) = program.steps
+    tensors = [values[v] for v in step.inputs]
+    types = [types_of[v] for v in step.inputs]
+    common = None if unit.generic else dtypes.promoted(types[:2])  # type: ignore[arg-type]
+    sizes = {**dict(inner.sizes), **dict(program.sizes)}
+    inner_emit = Emitter(inner, common, unit, lines, sizes=sizes)
+    outer = Emitter(program, common, unit, lines, top=top, sizes=sizes)
+    rows, vocab, hidden = roles.rows, (roles.vocab,), roles.hidden
+
+    def laid(position: int, order: tuple[str, ...], groups: list[Group]) -> str:
+        value = inner_emit.prep(position, tensors[position], types[position], widen=False, scale=False)
+        value = outer.permute(value, inner.preps[position].axes, order)
+        return outer.reshape(value, singles(order), groups)
+
+    h = laid(roles.h, rows + hidden, [rows, hidden])
+    w = laid(roles.w, vocab + hidden, [vocab, hidden])
+    index = outer.prep(1, tensors[2], None, cast=False)
+    index = outer.permute(index, program.preps[1].axes, rows)
+    index = outer.reshape(index, singles(rows), [rows])
+    budget = crossentropy.DEFAULT_BUDGET if program.budget is None else program.budget
+    wanted = f"torch.is_grad_enabled() and ({h}.requires_grad or {w}.requires_grad)"
+    out = outer.fresh(f"{crossentropy.register()}({h}, {w}, {index}.long(), {int(budget)}, {wanted})[0]")
+    out = outer.reshape(out, [rows], singles(rows))
+    unit.kernels.append("linear_cross_entropy")
+    unit.rewrites.append("cross_entropy")
+    return outer.finish(out, rows), common
+
+
+FUSED: dict[type, Callable[[Unit, Program, dict[int, str], dict[int, torch.dtype | None], list[str], bool],
+                           tuple[str, torch.dtype | None]]] = {Attention: _attention, CrossEntropy: _cross_entropy}
+"""How each fused kernel (:mod:`einc.rewrite`'s roles) is emitted."""
+
+
 def _sdpa_mask(emit: Emitter, query: str, axes: tuple[str, ...], groups: list[Group]) -> str:
     """The level's bias and masks as SDPA's additive ``attn_mask`` (0 where attended, -inf
     where not, plus the bias), in the query's dtype, broadcastable to its (N, H, L, S):
@@ -539,6 +583,68 @@ def _sdpa_mask(emit: Emitter, query: str, axes: tuple[str, ...], groups: list[Gr
     laid = [(a,) if a in needed else () for a in axes]
     mask = emit.assign(f"{mask}.expand({emit.dims(laid)})")
     return emit.reshape(mask, laid, [tuple(a for a in group if a in needed) for group in groups])
+
+
+def _gather(unit: Unit, program: Program, values: dict[int, str], types_of: dict[int, torch.dtype | None],
+            out: _Output, top: bool) -> tuple[str, torch.dtype | None]:
+    """A ``gather`` level: the data as (batch, indexed, rest), each index as (batch, own),
+    one ``torch.gather`` along the indexed dimension (``index_select`` of rows where no
+    batch axis is shared: embedding lookups).  Several indexed axes merge into one, their
+    indices into one linear index, each checked first (a wrong component could land in
+    range)."""
+    nested = dict(program.nested)
+    data, dtype = _level(unit, nested[0], values, types_of, out) if 0 in nested else \
+        (values[program.operands[0]], types_of[program.operands[0]])
+    emit = Emitter(program, dtype, unit, out.main, top=top)
+    batch, indexed, rest, own = gather_roles(program.ir, program.preps)
+    data = emit.prep(0, data, dtype, widen=False, scale=False)
+    data = emit.permute(data, program.preps[0].axes, batch + indexed + rest)
+    target = batch + own
+    linear = ""
+    for number, axis in enumerate(indexed, start=1):
+        index = emit.prep(number, values[program.operands[number]], None, cast=False)
+        index = emit.spread(index, program.preps[number].axes, target)
+        if tuple(a for a in target if a in program.preps[number].axes) != target:
+            index = emit.assign(f"{index}.expand({emit.dims(singles(target))})")
+        index = emit.reshape(index, singles(target), [batch, own])
+        if len(indexed) > 1 or emit.generic:  # (one index alone: torch's kernel checks it)
+            index = _checked_index(emit, index, program.operands[number], axis)
+        stride = emit.group(indexed[number:])
+        term = emit.assign(f"{index}.long()" if stride == "1" else f"{index}.long() * {stride}")
+        linear = term if not linear else emit.assign(f"{linear} + {term}")
+    if batch:
+        extent = emit.dims([batch, own, rest])
+        picked = emit.fresh(f"torch.gather({emit.reshape(data, singles(batch + indexed + rest), [batch, indexed, rest])}"
+                            f", 1, {linear}.reshape({emit.dims([batch, own, ()])}).expand({extent}))")
+        unit.kernels.append("gather")
+        groups = [batch, own, rest]
+    else:
+        rows = emit.reshape(data, singles(indexed + rest), [indexed, rest])
+        picked = emit.fresh(f"{rows}.index_select(0, {linear}.reshape([-1]))")
+        unit.kernels.append("index_select")
+        groups = [own, rest]
+    result = emit.reshape(picked, groups, singles(batch + own + rest))
+    result = emit.finish(result, batch + own + rest)
+    result_type = None if dtype is None else dtype
+    values[program.result], types_of[program.result] = result, result_type
+    return result, result_type
+
+
+def _checked_index(emit: Emitter, index: str, position: int, axis: str) -> str:
+    """``index`` (the call's tensor ``position``, indexing ``axis``), after a check that it
+    is in range: merged into one linear index, an index out of its own range could land
+    in the merged one's; generic code (modules) says which.  (Not under torch.func
+    transforms, which take no branch on data.)"""
+    if emit.unit.safe:
+        return index
+    size = emit.size(axis)
+    bad = f"{emit.helper('einc_index_bad')}({index}, {size})"
+    if emit.generic:
+        emit.unit.check(emit.lines, bad, f"operand {position} indexes {show_axis(axis, noun=True)} of size {{}}, "
+                                         "but has an index outside [0, {})", size, size)
+    else:  # the call says which operand and value (Expression._check_indices)
+        emit.lines += [f"    if {bad}:", "        raise IndexError('einc: an index is out of range')"]
+    return index
 
 
 @dataclass
@@ -557,7 +663,9 @@ def _level(unit: Unit, program: Program, values: dict[int, str], types_of: dict[
     each value computed so far (the tensors to begin with) and ``types_of`` its dtype
     (``None`` in generic code).  Returns the result's variable and dtype."""
     if program.fused is not None:
-        return _attention(unit, program, values, types_of, out.main, top)
+        return FUSED[type(program.fused)](unit, program, values, types_of, out.main, top)
+    if program.ir.op == "gather":
+        return _gather(unit, program, values, types_of, out, top)
     nested = dict(program.nested)
     operands: list[str] = []
     types: list[torch.dtype | None] = []

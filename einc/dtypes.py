@@ -98,6 +98,13 @@ def check_modifier(modifier: ir.Modifier, position: int, dtype: torch.dtype, com
                         f"not {str(dtype).removeprefix('torch.')}")
 
 
+def check_index(axis: str, position: int, dtype: torch.dtype) -> None:
+    """A gather's index is an integer tensor (not bool: a mask selects, it does not index)."""
+    if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
+        raise EincError(f"operand {position} indexes axis {axis!r} of gather(...): it must be an integer tensor, "
+                        f"not {str(dtype).removeprefix('torch.')}")
+
+
 def sums(op: str | None, reduces: bool) -> bool:
     """Whether a level adds numbers up: it ``reduces`` axes with a summing operation."""
     return reduces and op in _SUMMING

@@ -24,6 +24,7 @@ __all__ = [
     "spell_axis",
     "NORMALIZERS",
     "REDUCERS",
+    "INDEXERS",
     "OPS",
     "SCALED_OPS",
     "AxisList",
@@ -47,7 +48,10 @@ INT64_LIMIT = 2**63
 
 REDUCERS = ("sum", "mean", "max", "min", "prod", "logsumexp")
 NORMALIZERS = ("softmax", "log_softmax")
-OPS = REDUCERS + NORMALIZERS
+INDEXERS = ("gather",)
+"""``gather(data, index... -> output)``: the data's axes the output drops are indexed,
+each by one integer tensor (in the order they appear in the data)."""
+OPS = REDUCERS + NORMALIZERS + INDEXERS
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _ELLIPSIS_AXIS = re.compile(r"\.\.\.[0-9]+\Z")
@@ -349,6 +353,8 @@ class Pattern:
                                    if modifier.axes[1] not in self.normalized else
                                    f"{modifier.kind}(...) takes the queries' axis first; {modifier.axes[0]!r} is "
                                    "the normalized (keys') axis", ("modifier", index))
+        if self.op == "gather":
+            _check_gather(self)
         if self.op == "prod" and len(self.inputs) > 1:
             raise PatternError(
                 "prod takes one operand only (products of several operands have no reduction semiring)", ("op",)
@@ -388,6 +394,29 @@ class Pattern:
         return tuple(found)
 
     @property
+    def indexed(self) -> tuple[str, ...]:
+        """A ``gather``'s indexed axes: the data's axes its output drops, in the data's order."""
+        if self.op != "gather":
+            return ()
+        kept = set(self.output.axes)
+        return tuple(a for a in self.operands[0].axes if a not in kept)
+
+    def index_leaves(self, first: int = 0) -> tuple[tuple[int, str, Pattern], ...]:
+        """(tensor position in a call, indexed axis, its ``gather`` level) of every index
+        tensor, nested levels' included."""
+        found: list[tuple[int, str, Pattern]] = []
+        position = first
+        for number, x in enumerate(self.inputs):
+            if isinstance(x, Pattern):
+                found.extend(x.index_leaves(position))
+                position += x.leaves
+            else:
+                if number and self.op == "gather":
+                    found.append((position, self.indexed[number - 1], self))
+                position += 1
+        return tuple(found)
+
+    @property
     def nested(self) -> bool:
         return any(isinstance(x, Pattern) for x in self.inputs)
 
@@ -424,3 +453,40 @@ class Pattern:
         body = sep.join(inputs) + arrow + out + "".join(" " + f.render() for f in self.scale) + \
             "".join(" " + m.render(self.compact) for m in self.modifiers)
         return body if self.op is None else f"{self.op}({body})"
+
+
+def _check_gather(pattern: Pattern) -> None:
+    """The rules of ``gather(data, index... -> output)``: one integer tensor per indexed
+    axis (the data's axes the output drops), each over named axes shared with the data
+    (batch axes, matched by name) or new (they index), all of which the output keeps."""
+    if len(pattern.inputs) < 2:
+        raise PatternError("gather(...) takes the data, then one index tensor per indexed axis, e.g. "
+                           "gather(b t v, b t -> b t)", ("op",))
+    if any(a.has_ellipsis for a in pattern.operands) or pattern.output.has_ellipsis:
+        raise PatternError("gather(...) takes named axes, not '...'", ("op",))
+    data = pattern.operands[0]
+    indexed = pattern.indexed
+    for axis in indexed:
+        if (axis,) not in data.dims:
+            raise PatternError(f"the indexed axis {axis!r} (the output drops it) must be a dimension of its own "
+                               "in the data, not part of a composition", ("input", 0, axis))
+    if len(indexed) != len(pattern.inputs) - 1:
+        raise PatternError(f"gather(...) takes one index tensor per indexed axis (the data's axes the output "
+                           f"drops: {', '.join(map(repr, indexed)) or 'none'}): {len(indexed)}, not "
+                           f"{len(pattern.inputs) - 1}", ("op",))
+    kept = set(data.axes) - set(indexed)
+    for number, index in enumerate(pattern.inputs[1:], start=1):
+        if isinstance(index, Pattern):
+            raise PatternError("a gather(...) index is a tensor, not a nested operation", ("op",))
+        for axis in index.axes:
+            if axis in indexed:
+                raise PatternError(f"index operand {number} has the indexed axis {axis!r}: an index tensor's "
+                                   "axes are batch axes of the data or new ones", ("input", number, axis))
+            if axis not in pattern.output.axes:
+                raise PatternError(f"axis {axis!r} of index operand {number} is not in the output: gather(...) "
+                                   "keeps every axis of its indices (an enclosing operation may reduce it)",
+                                   ("input", number, axis))
+        kept |= set(index.axes)
+    for axis in pattern.output.axes:
+        if axis not in kept:
+            raise PatternError(f"output axis {axis!r} is in neither the data nor an index", ("output", axis))

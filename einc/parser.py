@@ -25,7 +25,12 @@ from typing import Any, Literal
 
 import lark
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import (
+    UnexpectedCharacters,
+    UnexpectedEOF,
+    UnexpectedInput,
+    UnexpectedToken,
+)
 
 from . import ir
 from .errors import EincError, PatternError, at
@@ -491,16 +496,18 @@ class _Builder:
         spans = _Spans(whole=op_span if op else (0, len(self.pattern)), op=op_span)
         inputs: list[ir.AxisList | ir.Pattern] = []
         bracketed: list[str] = []
-        for operand in body.inputs:
+        marked: list[str] = []  # a gather's data: its indexed axes, einx's spelling
+        for position, operand in enumerate(body.inputs):
             if isinstance(operand, _Call):
                 if arrowless:
                     raise self.error(*op_span, f"{op} without '->' takes an axis list, not a nested operation")
                 inputs.append(self.contraction(operand.body, operand.op, (operand.start, operand.end)))
                 spans.inputs.append({})
                 continue
-            axes, marks, located = self.axis_list(operand, brackets=arrowless)
+            gathered = op == "gather" and position == 0
+            axes, marks, located = self.axis_list(operand, brackets=arrowless or gathered)
             inputs.append(axes)
-            bracketed.extend(marks)
+            (marked if gathered else bracketed).extend(marks)
             spans.inputs.append(located)
         lists = [x.output if isinstance(x, ir.Pattern) else x for x in inputs]
         if body.output is None:
@@ -513,10 +520,17 @@ class _Builder:
         modifiers = tuple(self.modifier(m) for m in body.modifiers)
         spans.modifiers = [(m.start, m.end) for m in body.modifiers]
         try:
-            return ir.Pattern(inputs=tuple(inputs), output=output, op=op, normalized=tuple(dict.fromkeys(bracketed)),
-                              compact=self.compact, scale=scale, modifiers=modifiers)
+            pattern = ir.Pattern(inputs=tuple(inputs), output=output, op=op,
+                                 normalized=tuple(dict.fromkeys(bracketed)), compact=self.compact, scale=scale,
+                                 modifiers=modifiers)
         except PatternError as err:
             raise self.error(*spans.of(err.subject), err.message) from None
+        if marked and set(marked) != set(pattern.indexed):
+            raise self.error(*spans.of(("input", 0, marked[0])),
+                             f"brackets in gather(...)'s data mark its indexed axes, those the output drops "
+                             f"({', '.join(map(repr, pattern.indexed)) or 'none'}), not "
+                             f"{', '.join(map(repr, marked))}")
+        return pattern
 
 
 def _implicit_output(inputs: list[ir.AxisList]) -> ir.AxisList:

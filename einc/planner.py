@@ -22,11 +22,28 @@ import opt_einsum as oe
 
 from . import ir
 from .errors import EincError, format_shape
-from .paths import Optimize, check_output, check_path, folding_path, opt_einsum_path, ssa_to_linear, too_small
-from .rewrite import Attention
-from .sizes import Group, Shape, check_keyword_axes, learn_leaf_sizes, resolve, show_axes, show_axis
+from .paths import (
+    Optimize,
+    check_output,
+    check_path,
+    folding_path,
+    opt_einsum_path,
+    ssa_to_linear,
+    too_small,
+)
+from .rewrite import Fusion
+from .sizes import (
+    Group,
+    Level,
+    Shape,
+    check_keyword_axes,
+    learn_leaf_sizes,
+    resolve,
+    show_axes,
+    show_axis,
+)
 
-__all__ = ["Prep", "Step", "Program", "plan"]
+__all__ = ["Prep", "Step", "Program", "gather_roles", "plan"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +123,12 @@ class Program:
     """(operand position, program) of each nested operation, which computes that operand."""
     scaled: int | None = None
     """The operand the pattern's scale multiplies (the smallest), or ``None`` for no scale."""
-    fused: Attention | None = None
-    """The attention roles where one SDPA call computes this level and its nested softmax."""
+    fused: Fusion | None = None
+    """The roles where one fused kernel computes this level and its nested operation
+    (SDPA for attention, :mod:`einc.crossentropy` for token log-probabilities)."""
+    budget: int | None = None
+    """Elements a fused kernel's own workspace may take (the ``memory_limit``; ``None``:
+    its default)."""
     modifier_values: tuple[int, ...] = ()
     """The tensor of each ``bias``/``mask`` of this level (``ir.tensor_modifiers``), in order."""
     ssa_path: tuple[tuple[int, ...], ...] = field(default=(), compare=False)
@@ -142,7 +163,7 @@ class Program:
                        s.a_reduce, s.b_reduce, s.fused) for s in self.steps)
         nested = tuple((position, inner.structure()) for position, inner in self.nested)
         return (self.path, steps, self.preps, self.operands, self.output_axes, self.input_dims, self.output_dims,
-                self.reduced, self.scaled, self.fused, self.modifier_values, nested)
+                self.reduced, self.scaled, self.fused, self.budget, self.modifier_values, nested)
 
     def constant_values(self) -> frozenset[int]:
         """Values that depend on constants alone."""
@@ -325,7 +346,7 @@ class _Request:
     optimize: Optimize
     memory_limit: int | None
     constants: frozenset[int]
-    fusions: Mapping[ir.Pattern, Attention]
+    fusions: Mapping[ir.Pattern, Fusion]
 
 
 def plan(
@@ -335,7 +356,7 @@ def plan(
     optimize: Optimize = "auto",
     memory_limit: int | None = None,
     constants: frozenset[int] = frozenset(),
-    fusions: Mapping[ir.Pattern, Attention] | None = None,
+    fusions: Mapping[ir.Pattern, Fusion] | None = None,
 ) -> Program:
     """Plan ``pattern`` for tensors of ``shapes`` (with keyword ``sizes``).
 
@@ -376,10 +397,14 @@ def _plan_node(pattern: ir.Pattern, shapes: Sequence[Shape], tensors: list[int],
     operands: list[int] = []
     labels: list[str] = []
     mark = numbering.mark()
+    roles = request.fusions.get(pattern)
+    # A kernel that bounds its own workspace: the unfused intermediates never exist.
+    inner_request = replace(request, memory_limit=None) if roles is not None and roles.bounded else request
+    unplanned = list(tensors)
     for index, operand in enumerate(pattern.inputs):
         if isinstance(operand, ir.Pattern):
             first = tensors[0]
-            inner = _plan_node(operand, shapes, tensors, known, request, numbering)
+            inner = _plan_node(operand, shapes, tensors, known, inner_request, numbering)
             nested.append((index, inner))
             operand_shapes.append(inner.output_shape)
             operands.append(inner.result)
@@ -400,10 +425,15 @@ def _plan_node(pattern: ir.Pattern, shapes: Sequence[Shape], tensors: list[int],
                           numbering)
     _check_modifiers(pattern, program, modifier_values, shapes)
     program = replace(program, nested=tuple(nested), modifier_values=modifier_values)
-    roles = request.fusions.get(pattern)
     if roles is not None and 0 not in dict(program.sizes).values() and 0 not in dict(nested[0][1].sizes).values():
         numbering.rewind(mark)
-        return _fused(program, roles, numbering)
+        return _fused(program, roles, numbering, request.memory_limit)
+    if inner_request is not request and request.memory_limit is not None:
+        # Not fused after all (an empty axis): planned again, the limit counting everything.
+        numbering.rewind(mark)
+        tensors[:] = unplanned
+        unfused = replace(request, fusions={p: f for p, f in request.fusions.items() if p != pattern})
+        return _plan_node(pattern, shapes, tensors, known, unfused, numbering)
     return program
 
 
@@ -422,12 +452,13 @@ def _check_modifiers(pattern: ir.Pattern, program: Program, values: Sequence[int
                                 f"but {n} in {spelled}, of shape {format_shape(shape)}")
 
 
-def _fused(program: Program, roles: Attention, numbering: _Numbering) -> Program:
-    """``program`` (and its nested softmax) as one SDPA step on its three tensors.
+def _fused(program: Program, roles: Fusion, numbering: _Numbering, budget: int | None) -> Program:
+    """``program`` (and its nested operation) as one fused step on their tensors.
 
-    The unfused steps were planned (their FLOPs count, and a memory limit was checked
-    against their intermediates: SDPA may fall back to a kernel that makes them); the
-    numbering was rewound past them, for one entry and one value."""
+    The unfused steps were planned (their FLOPs count, and for SDPA a memory limit was
+    checked against their intermediates: it may fall back to a kernel that makes them);
+    the numbering was rewound past them, for one entry and one value.  ``budget``: the
+    memory limit, for a kernel that bounds its own workspace."""
     (position, inner), = program.nested
     tensors = [v for index, value in enumerate(program.operands)
                for v in (inner.operands if index == position else (value,))]
@@ -438,7 +469,8 @@ def _fused(program: Program, roles: Attention, numbering: _Numbering) -> Program
     emptied = replace(inner, steps=(), flops=0, naive_flops=0, largest_intermediate=0)
     return replace(program, steps=(step,), nested=((position, emptied),), flops=step.flops,
                    naive_flops=inner.naive_flops + program.naive_flops,
-                   largest_intermediate=math.prod(program.output_shape), fused=roles)
+                   largest_intermediate=math.prod(program.output_shape), fused=roles,
+                   budget=budget if roles.bounded else None)
 
 
 def _plan_level(pattern: ir.Pattern, shapes: tuple[Shape, ...], operands: tuple[int, ...],
@@ -455,6 +487,8 @@ def _plan_level(pattern: ir.Pattern, shapes: tuple[Shape, ...], operands: tuple[
     limit = request.memory_limit
     if limit is not None:
         check_output(output_axes, size, limit)  # the output, new axes included, must fit whatever the path
+    if pattern.op == "gather":
+        return _gather(pattern, level, preps, shapes, operands, keyword, request, numbering)
     ssa_path, info = _path(atoms, contracted_output, size, request)
     steps = _steps(atoms, operands, ssa_path, contracted_output, size, numbering)
     output_shape = tuple(math.prod(size[a] for a in dim) for dim in level.output_dims)
@@ -486,6 +520,43 @@ def _plan_level(pattern: ir.Pattern, shapes: tuple[Shape, ...], operands: tuple[
         reduced_count=math.prod(size[a] for a in reduced), constants=request.constants,
         input_dims=level.input_dims, output_dims=level.output_dims, keyword=tuple(sorted(keyword.items())),
         reduced=tuple(sorted(reduced)), scaled=scaled,
+    )
+
+
+def gather_roles(pattern: ir.Pattern, preps: Sequence[Prep]) -> tuple[tuple[str, ...], ...]:
+    """A gather level's axes by role, each in the data's (or the indices') order: the data's
+    batch axes (an index has them too), its indexed axes, its other axes, and the
+    indices' own axes (each index element picks one entry)."""
+    data = preps[0].axes
+    on_indices = tuple(dict.fromkeys(a for prep in preps[1:] for a in prep.axes))
+    batch = tuple(a for a in data if a in on_indices)
+    rest = tuple(a for a in data if a not in pattern.indexed and a not in on_indices)
+    return batch, pattern.indexed, rest, tuple(a for a in on_indices if a not in data)
+
+
+def _gather(pattern: ir.Pattern, level: Level, preps: tuple[Prep, ...], shapes: tuple[Shape, ...],
+            operands: tuple[int, ...], keyword: Mapping[str, int], request: _Request,
+            numbering: _Numbering) -> Program:
+    """A ``gather`` level: one step, no path; its result is over batch + the indices' own
+    axes + the data's other axes (:func:`gather_roles`), one read per element."""
+    size = level.sizes
+    batch, indexed, rest, own = gather_roles(pattern, preps)
+    result = batch + own + rest
+    elements = math.prod(size[a] for a in result)
+    if elements >= ir.INT64_LIMIT:
+        raise EincError(f"the output would have {elements:,} elements, more than a tensor can index (2**63)")
+    entry = numbering.entry(operands)
+    step = Step(operands, numbering.value(), tuple(p.axes for p in preps), result, elements, entry, fused=True)
+    numbering.produced(step.value, entry)
+    output_axes = tuple(a for dim in level.output_dims for a in dim)
+    used = set(result) | set(indexed)
+    return Program(
+        ir=pattern, shapes=shapes, sizes=tuple(sorted((a, n) for a, n in size.items() if a in used)),
+        preps=preps, steps=(step,), operands=operands, output_axes=output_axes,
+        output_shape=tuple(math.prod(size[a] for a in dim) for dim in level.output_dims),
+        path=(tuple(range(len(preps))),), flops=elements, naive_flops=elements, largest_intermediate=elements,
+        reduced_count=1, constants=request.constants, input_dims=level.input_dims, output_dims=level.output_dims,
+        keyword=tuple(sorted(keyword.items())), reduced=indexed,
     )
 
 

@@ -2,7 +2,7 @@
 
 The reference is computed the naive way, in float64 (complex128): torch.einsum for sums
 of products, the broadcast form with torch.logsumexp/amax/amin for semirings, and
-``x - logsumexp(x)`` for normalizers.
+``x - logsumexp(x)`` for normalizers, advanced indexing for a gather.
 """
 
 from __future__ import annotations
@@ -138,6 +138,8 @@ def _level(pattern: ir.Pattern, tensors: Iterator[torch.Tensor], table: dict[str
     values = [_level(x, tensors, table, False) if isinstance(x, ir.Pattern) else next(tensors)
               for x in pattern.inputs]
     modifying = [next(tensors) for _ in pattern.tensor_modifiers]
+    if pattern.op == "gather":
+        return _gathered(pattern, [v.abs() if absolute and i == 0 else v for i, v in enumerate(values)], table)
     if absolute:
         values = [t.abs() for t in values]
     split = [_split(axes, t, table) for axes, t in zip(pattern.operands, values)]
@@ -185,6 +187,30 @@ def _level(pattern: ir.Pattern, tensors: Iterator[torch.Tensor], table: dict[str
         everything = {a: _size(a, table, operands) for _, names in operands for a in names}
         result = result / math.prod(n for a, n in everything.items() if a not in out_atoms)
     return result
+
+
+def _gathered(pattern: ir.Pattern, values: Sequence[torch.Tensor], table: dict[str, int]) -> torch.Tensor:
+    """A gather by advanced indexing: the data indexed along each of its dimensions by a
+    tensor over the output's axes (its index tensor for an indexed axis, ``arange`` for
+    the others), broadcast by name."""
+    data, names = _split(pattern.operands[0], values[0], table)
+    out_atoms = [a for dim in pattern.output.dims for a in dim]
+
+    def laid(t: torch.Tensor, axes: list[str]) -> torch.Tensor:
+        present = [a for a in out_atoms if a in axes]
+        t = t.permute([axes.index(a) for a in present])
+        return t.reshape([t.shape[present.index(a)] if a in axes else 1 for a in out_atoms])
+
+    indices = iter(_split(axes, t, table) for axes, t in zip(pattern.operands[1:], values[1:]))
+    picks = []
+    for position, axis in enumerate(names):
+        if axis in pattern.indexed:
+            index, axes = next(indices)
+            picks.append(laid(index.long(), axes))
+        else:
+            picks.append(laid(torch.arange(data.shape[position], device=data.device), [axis]))
+    result = data[tuple(picks)].expand([table[a] for a in out_atoms])
+    return result.reshape([math.prod(table[a] for a in dim) for dim in pattern.output.dims])
 
 
 def _modified(pattern: ir.Pattern, logits: torch.Tensor, atoms: list[str], tensors: Sequence[torch.Tensor],

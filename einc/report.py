@@ -193,7 +193,7 @@ def _equation(pattern: ir.Pattern, inputs: Sequence[Sequence[str]], output: Sequ
 def _plan_step(level: Program, step: Step, kernel: str, path: list[tuple[int, ...]], shapes: Sequence[Shape],
                spelled: Sequence[str]) -> PlanStep:
     operands = path[step.entry] if step.entry is not None else ()
-    if step.fused:
+    if step.fused and level.fused is not None:  # SDPA: on the pattern's tensors
         sep = "," if level.ir.compact else ", "
         arrow = "->" if level.ir.compact else " -> "
         equation = sep.join(spelled[v] for v in step.inputs) + arrow + level.ir.output.render(level.ir.compact)

@@ -1,11 +1,13 @@
-"""IR -> IR-level optimisations: patterns that one fused torch kernel computes.
+"""IR -> IR-level optimisations: patterns that one fused kernel computes.
 
-Today one rewrite: attention.  ``softmax(Q, K -> ... [k] * scale), V -> out`` is
+Two rewrites.  Attention: ``softmax(Q, K -> ... [k] * scale), V -> out`` is
 ``torch.nn.functional.scaled_dot_product_attention`` once each axis is given its
 role (batch, query, key, head, value), whatever the axes are called and however the
-operands spell them (compositions, unit axes, any order).  :func:`attention` finds
-the roles or says the pattern does not fit; codegen then emits the SDPA call with
-permutes/reshapes around it, and the plain lowering otherwise.
+operands spell them (compositions, unit axes, any order).  Cross-entropy:
+``gather(log_softmax(h, w -> rows [v]), ids -> rows)`` (token log-probabilities over a
+projection) is :mod:`einc.crossentropy`'s kernel, which never holds the logits.  Each
+pass finds the roles or says the pattern does not fit; codegen then emits the fused
+call with permutes/reshapes around it, and the plain lowering otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 
 from . import ir
 
-__all__ = ["Attention", "attention", "fusions", "refusal", "PASSES"]
+__all__ = ["Attention", "CrossEntropy", "Fusion", "attention", "cross_entropy", "fusions", "refusal", "PASSES"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,34 @@ class Attention:
     v: int
     """Positions of the three tensors among the pattern's operands."""
     scale: tuple[ir.Factor, ...]
+
+    bounded = False
+    """A ``memory_limit`` counts the unfused intermediates (SDPA may fall back to a
+    kernel that makes them)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CrossEntropy:
+    """The roles of the axes of ``gather(log_softmax(h, w -> rows [vocab]), ids -> rows)``:
+    ``out[rows] = h[rows]·w[ids[rows]] - logsumexp_vocab h[rows]·w[vocab]``."""
+
+    rows: tuple[str, ...]
+    """Axes of h, the index and the output (flattened into the kernel's N)."""
+    vocab: str
+    """The normalized and indexed axis, of w."""
+    hidden: tuple[str, ...]
+    """Axes of h and w, contracted (the kernel's D)."""
+    h: int
+    w: int
+    """Positions of h and w among the log_softmax's operands."""
+
+    bounded = True
+    """The kernel keeps its own workspace within the memory budget (the unfused
+    intermediates never exist, so a ``memory_limit`` does not count them)."""
+
+
+Fusion = Attention | CrossEntropy
+"""What a rewrite pass found: the roles one fused kernel takes."""
 
 
 def _plain(axes: ir.AxisList) -> bool:
@@ -93,6 +123,37 @@ def attention(pattern: ir.Pattern) -> Attention | None:
     )
 
 
+def cross_entropy(pattern: ir.Pattern) -> CrossEntropy | None:
+    """The roles of token log-probabilities over a projection, or ``None``: a gather of a
+    log_softmax of two plain operands (h: rows and hidden axes; w: the vocabulary and
+    the hidden axes) along its normalized axis, by an index over exactly the rows.
+
+    >>> from einc.parser import parse
+    >>> cross_entropy(parse("gather(log_softmax(b t d, v d -> b t [v]), b t -> b t)"))
+    CrossEntropy(rows=('b', 't'), vocab='v', hidden=('d',), h=0, w=1)
+    >>> cross_entropy(parse("gather(softmax(b t d, v d -> b t [v]), b t -> b t)")) is None
+    True
+    """
+    if pattern.op != "gather" or len(pattern.inputs) != 2 or not isinstance(pattern.inputs[0], ir.Pattern):
+        return None
+    inner, index = pattern.inputs
+    if (inner.op != "log_softmax" or len(inner.normalized) != 1 or inner.modifiers or inner.scale or inner.nested
+            or len(inner.inputs) != 2 or pattern.indexed != inner.normalized):
+        return None
+    if not all(_plain(x) for x in (*inner.operands, inner.output, index, pattern.output)):
+        return None
+    (vocab,) = inner.normalized
+    first, second = inner.operands
+    h, w = (0, 1) if vocab in second.axes else (1, 0)
+    h_axes, w_axes = set(inner.operands[h].axes), set(inner.operands[w].axes)
+    hidden = h_axes & w_axes
+    rows = set(index.axes)
+    if not hidden or vocab in h_axes or w_axes != hidden | {vocab} or h_axes != rows | hidden \
+            or set(inner.output.axes) != rows | {vocab}:
+        return None
+    return CrossEntropy(tuple(index.axes), vocab, tuple(a for a in inner.operands[h].axes if a in hidden), h, w)
+
+
 def _shape(pattern: ir.Pattern) -> tuple[ir.Pattern, ir.AxisList, bool] | None:
     """(softmax, v's axes, softmax first) where ``pattern`` is a plain sum of a softmax of
     two plain operands and a plain operand v; else ``None``."""
@@ -123,7 +184,7 @@ def refusal(pattern: ir.Pattern) -> str:
     """
     for level in pattern.levels():
         nested = [x for x in level.inputs if isinstance(x, ir.Pattern) and x.op in ir.NORMALIZERS]
-        if not nested or attention(level) is not None:
+        if not nested or attention(level) is not None or level.op == "gather":  # (a gather is not attention)
             continue
         inner = nested[0]
         reasons = [
@@ -141,12 +202,12 @@ def refusal(pattern: ir.Pattern) -> str:
     return ""
 
 
-PASSES: dict[str, Callable[[ir.Pattern], Attention | None]] = {"attention": attention}
+PASSES: dict[str, Callable[[ir.Pattern], Fusion | None]] = {"attention": attention, "cross_entropy": cross_entropy}
 """The rewrite passes, by name: each looks at one level of a pattern and says what
-fused kernel computes it, or ``None``.  (Slicing and masking passes come next.)"""
+fused kernel computes it, or ``None``."""
 
 
-def fusions(pattern: ir.Pattern) -> dict[ir.Pattern, Attention]:
+def fusions(pattern: ir.Pattern) -> dict[ir.Pattern, Fusion]:
     """Every level of ``pattern`` (nested ones included) that a pass fuses, with what
     the pass found; the planner decides per signature whether the fusion applies (an
     empty axis or integer tensors keep the plain lowering).
@@ -156,7 +217,7 @@ def fusions(pattern: ir.Pattern) -> dict[ir.Pattern, Attention]:
     >>> [roles.key for roles in found.values()]
     [('k',)]
     """
-    found: dict[ir.Pattern, Attention] = {}
+    found: dict[ir.Pattern, Fusion] = {}
     for level in (x for x in pattern.inputs if isinstance(x, ir.Pattern)):
         found.update(fusions(level))
     for run in PASSES.values():

@@ -749,7 +749,8 @@ def test_peps_grid_contraction(backend):
 # ============================================================================ cross-entropy
 # Token cross-entropy as in nanoGPT's model.py GPT.forward
 # (F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)) and the
-# README's recipe: logsumexp(b c -> b) minus the gathered logit.
+# README's recipe: minus gather(log_softmax(b [c]), b -> b), the target's log-probability
+# (and logsumexp(b c -> b) minus the logit gathered by hand, as before the gather op).
 
 CE_ROWS = [
     # (logits, targets)
@@ -772,13 +773,15 @@ def test_token_cross_entropy(logits, targets, dtype, backend):
     else:
         x, t = torch.tensor(logits, dtype=dtype), torch.tensor(targets)
     x.requires_grad_()
-    loss = lse(x) - x.gather(1, t[:, None])[:, 0]
-    assert loss.dtype == dtype
+    gathered = einc.compile("gather(log_softmax(b [c]), b -> b)", backend=backend)
     x64 = x.detach().double().requires_grad_()
     expected = F.cross_entropy(x64, t, reduction="none")
     tol = dict(rtol=1e-6, atol=1e-5) if dtype == torch.float32 else {}
-    assert_close(loss, expected, **tol)
-    assert_close(grads(loss, [x])[0], grads(expected, [x64])[0], **tol)
+    wanted = grads(expected, [x64])[0]
+    for loss in (lse(x) - x.gather(1, t[:, None])[:, 0], -gathered(x, t)):
+        assert loss.dtype == dtype
+        assert_close(loss, expected, **tol)
+        assert_close(grads(loss, [x])[0], wanted, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -797,18 +800,22 @@ def test_token_cross_entropy_half(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nanogpt_sequence_loss_with_ignore_index(backend):
-    lse = einc.compile("logsumexp(b t v -> b t)", backend=backend)
-    V = 11
+    # GPT.forward's loss on its lm_head (x @ wte.T, tied weights) in one pattern: the
+    # fused kernel, weighted per token (0 where the target is ignored).
+    loss_of = einc.compile("sum(gather(log_softmax(b t d, v d -> b t [v]), b t -> b t), b t -> )", backend=backend)
+    V, D = 11, 6
     for B, T in [(2, 5), (1, 2), (3, 8)]:
-        logits = torch.randn(B, T, V, dtype=F64, requires_grad=True)
+        x = torch.randn(B, T, D, dtype=F64, requires_grad=True)
+        wte = torch.randn(V, D, dtype=F64, requires_grad=True)
         targets = torch.randint(0, V, (B, T))
         targets[0, -1] = -1                          # ignored position
-        valid = targets != -1
-        picked = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-        loss = ((lse(logits) - picked) * valid).sum() / valid.sum()
-        expected = F.cross_entropy(logits.view(-1, V), targets.view(-1), ignore_index=-1)
+        valid = (targets != -1).double()
+        loss = -loss_of(x, wte, targets.clamp(min=0), valid / valid.sum())
+        assert loss_of.explain(x, wte, targets, valid).rewrite == "cross_entropy"
+        expected = F.cross_entropy((x @ wte.T).view(-1, V), targets.view(-1), ignore_index=-1)
         assert_close(loss, expected)
-        assert_close(grads(loss, [logits])[0], grads(expected, [logits])[0])
+        for got, want in zip(grads(loss, [x, wte]), grads(expected, [x, wte])):
+            assert_close(got, want)
 
 
 # ============================================================================ einops pooling / patches

@@ -916,11 +916,27 @@ def test_readme_cross_entropy():
     logits = rand(5, 7, seed=61, scale=4.0, dtype=F32)
     target = torch.tensor([0, 6, 3, 3, 1])
     expected = F.cross_entropy(logits.double(), target, reduction="none")
-    picked = logits.gather(1, target[:, None])[:, 0]
-    ce = einc.einsum("logsumexp(b c -> b)", logits) - picked
+    ce = -einc.einsum("gather(log_softmax(b [c]), b -> b)", logits, target)
     assert_matches(ce, expected, bound=logits.double().abs().amax(1), tol=TOL[F32], dtype=F32)
-    ce = -einc.einsum("log_softmax(b [c])", logits).gather(1, target[:, None])[:, 0]
-    assert_matches(ce, expected, bound=logits.double().abs().amax(1), tol=TOL[F32], dtype=F32)
+    assert_matches(-ce.mean(), -F.cross_entropy(logits.double(), target), tol=TOL[F32], dtype=F32)
+
+
+def test_readme_soft_label_cross_entropy():
+    logits = rand(5, 7, seed=62, scale=4.0, dtype=F32)
+    labels = torch.softmax(rand(5, 7, seed=63, dtype=F64), 1)
+    soft = -einc.einsum("log_softmax(b [c]), b c -> b", logits, labels.float()).mean()
+    assert_matches(soft, F.cross_entropy(logits.double(), labels), tol=TOL[F32], dtype=F32)
+
+
+def test_readme_weighted_token_cross_entropy():
+    # README: a weight per token (0 at padding, as ignore_index) with the fused kernel.
+    h, w = rand(2, 5, 4, seed=64, dtype=F64), rand(9, 4, seed=65, dtype=F64)
+    ids = torch.tensor([[1, 8, 0, -100, -100], [3, 3, 7, 2, -100]])
+    masked = einc.compile("sum(gather(log_softmax(b t d, v d -> b t [v]), b t -> b t), b t -> )")
+    weights = (ids >= 0).double() / (ids >= 0).sum()
+    loss = -masked(h, w, ids.clamp(min=0), weights)
+    expected = F.cross_entropy((h @ w.T).reshape(-1, 9), ids.reshape(-1), ignore_index=-100)
+    assert_matches(loss, expected, tol=1e-12)
 
 
 def test_readme_softmax_of_1000_and_0():
@@ -936,10 +952,15 @@ def test_readme_softmax_of_1000_and_0():
 
 def test_readme_cross_entropy_of_1000_and_0():
     x = torch.tensor([[1000.0, 0.0]], requires_grad=True)
-    loss = einc.einsum("logsumexp(b c -> b)", x) - x[:, 1]
+    loss = -einc.einsum("gather(log_softmax(b [c]), b -> b)", x, torch.tensor([1]))
     assert loss.shape == (1,) and loss.item() == 1000.0
     loss.sum().backward()
     assert torch.equal(x.grad, torch.tensor([[1.0, -1.0]]))
+    x.grad = None
+    soft = -einc.einsum("log_softmax(b [c]), b c -> b", x, torch.tensor([[0.5, 0.5]]))
+    assert soft.item() == 500.0
+    soft.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([[0.5, -0.5]]))
 
 
 # ------------------------------------------------------------------- validate
