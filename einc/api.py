@@ -252,19 +252,22 @@ class Expression:
         return kind(f"pattern {self.pattern!r} with shapes {_format_shapes(shapes)}: {err}")
 
     def _plan_for(self, shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype,
-                  process_limit: tuple[int | None, bool] | None = None) -> Program:
+                  process_limit: tuple[int | None, bool] | None = None, transformed: bool = False) -> Program:
         # The dtype matters to the plan through a memory limit given in bytes, and
         # whether a fused kernel takes it (SDPA takes floating tensors only).  A module
         # keeps the process-wide limit it was made under (``process_limit``).
         limit = element_limit([self.options.limit, settings.limit if process_limit is None else process_limit],
                               dtype.itemsize)
-        return self._plan_lookup(shapes, limit, dtype.is_floating_point)
+        return self._plan_lookup(shapes, limit, dtype.is_floating_point, transformed)
 
-    def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None, floating: bool) -> Program:
+    def _plan(self, shapes: tuple[tuple[int, ...], ...], limit: int | None, floating: bool,
+              transformed: bool = False) -> Program:
+        # Under torch.func transforms only the fused kernels they can run.
+        fused = {} if not floating else self._fusions if not transformed else \
+            {level: roles for level, roles in self._fusions.items() if roles.transforms}
         try:
             everything = self._with_constants(shapes, lambda t: tuple(t.shape))
-            return plan(self.ir, everything, self.sizes, self.optimize, limit, self._constant_positions,
-                        self._fusions if floating else {})
+            return plan(self.ir, everything, self.sizes, self.optimize, limit, self._constant_positions, fused)
         except EincError as err:
             raise self._context(shapes, err) from None
 
@@ -298,14 +301,18 @@ class Expression:
         # process); on CPU torch's kernels (and einc's checks) refuse them, and the error
         # says which operand holds which index.
         shapes = tuple(tuple(shape) for shape, _ in key[0])
+        positions = tuple(self._indices)
 
         def guarded(*tensors: torch.Tensor) -> torch.Tensor:
-            if any(t.is_cuda for t in tensors):
+            if any(tensors[p].is_cuda for p in positions):
                 self._check_indices(shapes, tensors)
             try:
                 return entry.fn(*tensors)
             except (IndexError, RuntimeError, torch.jit.Error):
-                self._check_indices(shapes, tensors)
+                try:
+                    self._check_indices(shapes, tensors)
+                except (RuntimeError, TypeError):  # (vmap's tensors take no bool())
+                    pass
                 raise
 
         return _Compiled(guarded, entry.folded)
@@ -430,7 +437,7 @@ class Expression:
     def _literal(self, shapes: tuple[tuple[int, ...], ...], types: list[torch.dtype], transformed: bool
                  ) -> _Compiled:
         """The signature's own code: planned for its sizes, which are literals in it."""
-        program = self._plan_for(shapes, self._common(types))
+        program = self._plan_for(shapes, self._common(types), transformed=transformed)
         try:
             code = generate(program, types, safe=transformed, part=self.options.part, dropout=self.options.dropout)
         except EincError as err:
@@ -453,14 +460,14 @@ class Expression:
         key: tuple[Any, ...] = (tuple(types), transformed, settings.version)
         program = None
         if not self._fixed_path:
-            program = self._plan_for(merged, common)
+            program = self._plan_for(merged, common, transformed=transformed)
             key += (program.structure(),)
         hit = self._generics.get(key)
         if hit is not None:
             return hit
         try:
             if program is None:
-                program = self._plan_for(merged, common)
+                program = self._plan_for(merged, common, transformed=transformed)
             code = generate(program, types, generic=True, safe=transformed, part=self.options.part,
                             dropout=self.options.dropout, context=f"pattern {self.pattern!r}",
                             limits=(self.options.limit, settings.limit))

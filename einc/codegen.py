@@ -558,6 +558,7 @@ def _cross_entropy(unit: Unit, program: Program, values: dict[int, str], types_o
     index = outer.prep(1, tensors[2], None, cast=False)
     index = outer.permute(index, program.preps[1].axes, rows)
     index = outer.reshape(index, singles(rows), [rows])
+    _check_index(outer, index, step.inputs[2], roles.vocab)
     budget = crossentropy.DEFAULT_BUDGET if program.budget is None else program.budget
     wanted = f"torch.is_grad_enabled() and ({h}.requires_grad or {w}.requires_grad)"
     out = outer.fresh(f"{crossentropy.register()}({h}, {w}, {index}.long(), {int(budget)}, {wanted})[0]")
@@ -607,15 +608,19 @@ def _gather(unit: Unit, program: Program, values: dict[int, str], types_of: dict
         if tuple(a for a in target if a in program.preps[number].axes) != target:
             index = emit.assign(f"{index}.expand({emit.dims(singles(target))})")
         index = emit.reshape(index, singles(target), [batch, own])
-        if len(indexed) > 1 or emit.generic:  # (one index alone: torch's kernel checks it)
-            index = _checked_index(emit, index, program.operands[number], axis)
+        _check_index(emit, index, program.operands[number], axis)
         stride = emit.group(indexed[number:])
         term = emit.assign(f"{index}.long()" if stride == "1" else f"{index}.long() * {stride}")
+        if len(indexed) > 1:
+            # Merged into one linear index, a component out of its range could land in
+            # range: it points past the end instead, where torch's kernel refuses it.
+            term = emit.assign(f"torch.where(({index} >= 0) & ({index} < {emit.size(axis)}), {term}, "
+                               f"{emit.group(indexed)})")
         linear = term if not linear else emit.assign(f"{linear} + {term}")
     if batch:
-        extent = emit.dims([batch, own, rest])
-        picked = emit.fresh(f"torch.gather({emit.reshape(data, singles(batch + indexed + rest), [batch, indexed, rest])}"
-                            f", 1, {linear}.reshape({emit.dims([batch, own, ()])}).expand({extent}))")
+        data = emit.reshape(data, singles(batch + indexed + rest), [batch, indexed, rest])
+        spread = f"{linear}.reshape({emit.dims([batch, own, ()])}).expand({emit.dims([batch, own, rest])})"
+        picked = emit.fresh(f"torch.gather({data}, 1, {spread})")
         unit.kernels.append("gather")
         groups = [batch, own, rest]
     else:
@@ -630,21 +635,16 @@ def _gather(unit: Unit, program: Program, values: dict[int, str], types_of: dict
     return result, result_type
 
 
-def _checked_index(emit: Emitter, index: str, position: int, axis: str) -> str:
-    """``index`` (the call's tensor ``position``, indexing ``axis``), after a check that it
-    is in range: merged into one linear index, an index out of its own range could land
-    in the merged one's; generic code (modules) says which.  (Not under torch.func
-    transforms, which take no branch on data.)"""
-    if emit.unit.safe:
-        return index
+def _check_index(emit: Emitter, index: str, position: int, axis: str) -> None:
+    """Generic code (modules): an :class:`EincError` naming the operand where ``index`` (the
+    call's tensor ``position``) is outside ``axis``.  (A call of an expression finds
+    which after torch's kernel refuses it; torch.func transforms take no branch on data.)"""
+    if not emit.generic or emit.unit.safe:
+        return
     size = emit.size(axis)
-    bad = f"{emit.helper('einc_index_bad')}({index}, {size})"
-    if emit.generic:
-        emit.unit.check(emit.lines, bad, f"operand {position} indexes {show_axis(axis, noun=True)} of size {{}}, "
-                                         "but has an index outside [0, {})", size, size)
-    else:  # the call says which operand and value (Expression._check_indices)
-        emit.lines += [f"    if {bad}:", "        raise IndexError('einc: an index is out of range')"]
-    return index
+    emit.unit.check(emit.lines, f"{emit.helper('einc_index_bad')}({index}, {size})",
+                    f"operand {position} indexes {show_axis(axis, noun=True)} of size {{}}, but has an index "
+                    "outside [0, {})", size, size)
 
 
 @dataclass

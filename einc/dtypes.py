@@ -64,7 +64,7 @@ def refusals(pattern: ir.Pattern) -> list[tuple[tuple[torch.dtype, ...], str]]:
     out: list[tuple[tuple[torch.dtype, ...], str]] = []
     for level in pattern.levels():
         op = level.op
-        if op not in (None, "sum", "mean", "prod"):
+        if op not in (None, "sum", "mean", "prod", "gather"):
             out.append((COMPLEX, f"{op}(...) needs real tensors"))
         if op in _NEEDS_FLOAT:
             out.append((INTEGRAL, f"{op}(...) needs floating-point tensors"))

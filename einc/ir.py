@@ -467,6 +467,9 @@ def _check_gather(pattern: Pattern) -> None:
     data = pattern.operands[0]
     indexed = pattern.indexed
     for axis in indexed:
+        if data.axes.count(axis) > 1:
+            raise PatternError(f"the indexed axis {axis!r} appears twice in the data: one index tensor indexes "
+                               "one dimension", ("input", 0, axis))
         if (axis,) not in data.dims:
             raise PatternError(f"the indexed axis {axis!r} (the output drops it) must be a dimension of its own "
                                "in the data, not part of a composition", ("input", 0, axis))

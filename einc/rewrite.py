@@ -46,6 +46,8 @@ class Attention:
     bounded = False
     """A ``memory_limit`` counts the unfused intermediates (SDPA may fall back to a
     kernel that makes them)."""
+    transforms = True
+    """torch.func transforms (vmap, grad, jvp) run SDPA."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +68,9 @@ class CrossEntropy:
     bounded = True
     """The kernel keeps its own workspace within the memory budget (the unfused
     intermediates never exist, so a ``memory_limit`` does not count them)."""
+    transforms = False
+    """A custom op with its own autograd: torch.func's grad cannot run it (the plain
+    lowering runs under transforms)."""
 
 
 Fusion = Attention | CrossEntropy
@@ -126,7 +131,8 @@ def attention(pattern: ir.Pattern) -> Attention | None:
 def cross_entropy(pattern: ir.Pattern) -> CrossEntropy | None:
     """The roles of token log-probabilities over a projection, or ``None``: a gather of a
     log_softmax of two plain operands (h: rows and hidden axes; w: the vocabulary and
-    the hidden axes) along its normalized axis, by an index over exactly the rows.
+    the hidden axes, no row: one projection for every row) along its normalized axis,
+    by an index over exactly the rows.
 
     >>> from einc.parser import parse
     >>> cross_entropy(parse("gather(log_softmax(b t d, v d -> b t [v]), b t -> b t)"))
@@ -148,7 +154,7 @@ def cross_entropy(pattern: ir.Pattern) -> CrossEntropy | None:
     h_axes, w_axes = set(inner.operands[h].axes), set(inner.operands[w].axes)
     hidden = h_axes & w_axes
     rows = set(index.axes)
-    if not hidden or vocab in h_axes or w_axes != hidden | {vocab} or h_axes != rows | hidden \
+    if not hidden or hidden & rows or vocab in h_axes or w_axes != hidden | {vocab} or h_axes != rows | hidden \
             or set(inner.output.axes) != rows | {vocab}:
         return None
     return CrossEntropy(tuple(index.axes), vocab, tuple(a for a in inner.operands[h].axes if a in hidden), h, w)
