@@ -3,8 +3,8 @@
     python benchmarks/bench_indexing.py --rounds 3 --markdown benchmarks/RESULTS.md
 
 CPU float32, one thread; each contender is checked against float64 torch first.
-Gathers (``--quick``: smaller): token logits ``gather(b t [v], b t -> b t)`` at (8, 512,
-8192) against ``torch.gather``; the batch gather ``gather(b [n] d, b k -> b k d)`` at
+Gathers (``--quick``: smaller): token logits ``gather(b t [v], b t -> b t)`` at (64,
+1024, 1024) against ``torch.gather``; the batch gather ``gather(b [n] d, b k -> b k d)`` at
 (16, 4096, 64) with k = 1024 against ``torch.gather`` of an expanded index; the
 embedding lookup ``gather([v] d, b t -> b t d)`` at v = 32768, d = 1024, (8, 512)
 tokens against ``W[ids]`` and ``F.embedding``.
@@ -38,7 +38,7 @@ LOSS = "mean(gather(log_softmax(n d, v d -> n [v]), n -> n) -> )"
 
 
 def _token_case(quick: bool) -> Case:
-    b, t, v = (4, 128, 1024) if quick else (8, 512, 8192)
+    b, t, v = (4, 128, 1024) if quick else (64, 1024, 1024)
     g = torch.Generator().manual_seed(0)
     x, ids = torch.randn(b, t, v, generator=g), torch.randint(0, v, (b, t), generator=g)
     f = einc.compile("gather(b t [v], b t -> b t)")

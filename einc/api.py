@@ -41,7 +41,7 @@ from .reference import compare, reference
 from .reference import widen as to_wide
 from .report import Plan, describe
 from .rewrite import fusions, refusal
-from .sizes import check_keyword_axes, check_new_axes, check_sizes, merge_ellipsis
+from .sizes import check_keyword_axes, check_new_axes, check_sizes, merge_ellipsis, show_axis
 
 __all__ = ["Expression", "compile", "compile_ir", "configure", "einsum"]
 
@@ -275,7 +275,7 @@ class Expression:
         """The dtype a call computes in: torch's promotion over its operands but the
         ``bias``/``mask`` tensors (a bias is added in the logits' dtype) and a gather's
         indices."""
-        side = self._modifying | self._kept
+        side = self._modifying | frozenset(self._indices)
         return dtypes.promoted([t for i, t in enumerate(types) if i not in side] or list(types))
 
     def _dtypes(self, given: Sequence[torch.dtype], shapes: Sequence[tuple[int, ...]]) -> list[torch.dtype]:
@@ -301,32 +301,34 @@ class Expression:
         # process); on CPU torch's kernels (and einc's checks) refuse them, and the error
         # says which operand holds which index.
         shapes = tuple(tuple(shape) for shape, _ in key[0])
-        positions = tuple(self._indices)
+        sizes = self._index_sizes(shapes, [dtype for _, dtype in key[0]])
+        # (Not under torch.func transforms or torch.compile: no branch on data there.)
+        checked = () if key[1] else tuple(sizes)
 
         def guarded(*tensors: torch.Tensor) -> torch.Tensor:
-            if any(tensors[p].is_cuda for p in positions):
-                self._check_indices(shapes, tensors)
+            if any([tensors[p].is_cuda for p in checked]) and not torch.compiler.is_compiling():
+                self._check_indices(sizes, tensors)
             try:
                 return entry.fn(*tensors)
             except (IndexError, RuntimeError, torch.jit.Error):
                 try:
-                    self._check_indices(shapes, tensors)
+                    self._check_indices(sizes, tensors)
                 except (RuntimeError, TypeError):  # (vmap's tensors take no bool())
                     pass
                 raise
 
         return _Compiled(guarded, entry.folded)
 
-    def _check_indices(self, shapes: tuple[tuple[int, ...], ...], tensors: Sequence[torch.Tensor]) -> None:
+    def _check_indices(self, sizes: Mapping[int, int], tensors: Sequence[torch.Tensor]) -> None:
         """:class:`EincError` where a gather's index is outside its axis: which operand,
         axis and value (indices are in ``[0, n)``; negative ones do not count from the end)."""
-        for position, n in self._index_sizes(shapes, [t.dtype for t in tensors]).items():
+        for position, n in sizes.items():
             index, axis = tensors[position], self._indices[position][0]
             wrong = (index < 0) | (index >= n)
             if bool(wrong.any()):
-                raise EincError(f"pattern {self.pattern!r}: operand {position} indexes axis {axis!r} of size {n} "
-                                f"but holds the index {int(index[wrong].flatten()[0])} (indices are in [0, {n}); "
-                                "negative ones are not counted from the end)") from None
+                raise EincError(f"pattern {self.pattern!r}: operand {position} indexes {show_axis(axis, noun=True)} "
+                                f"of size {n} but holds the index {int(index[wrong].flatten()[0])} (indices are in "
+                                f"[0, {n}); negative ones are not counted from the end)") from None
 
     def _index_sizes(self, shapes: tuple[tuple[int, ...], ...], given: Sequence[torch.dtype]) -> dict[int, int]:
         """The size of the axis each index operand indexes, for a call of ``shapes``."""

@@ -184,8 +184,9 @@ def _promotion(unit: Unit, program: Program, values: list[str], lines: list[str]
     indices = {position: axis for position, axis, _ in program.ir.index_leaves()}
     for position, axis in indices.items():
         value = values[position]
-        unit.check(lines, f"{value}.dtype == torch.bool or {value}.is_floating_point() or {value}.is_complex()",
-                   f"operand {position} indexes axis {axis!r} of gather(...): it must be an integer tensor")
+        unit.check(lines, " and ".join(f"{value}.dtype != {dtypes.name(t)}" for t in dtypes.INDEX_DTYPES),
+                   f"operand {position} indexes {show_axis(axis, noun=True)} of gather(...): it must be an integer "
+                   "tensor (int64, int32, int16, int8 or uint8)")
     kept = modifying.keys() | indices.keys()
     promoted = iter(_promote(unit, program, [v for i, v in enumerate(values) if i not in kept], lines))
     return [v if i in kept else next(promoted) for i, v in enumerate(values)]

@@ -588,51 +588,65 @@ def _sdpa_mask(emit: Emitter, query: str, axes: tuple[str, ...], groups: list[Gr
 
 def _gather(unit: Unit, program: Program, values: dict[int, str], types_of: dict[int, torch.dtype | None],
             out: _Output, top: bool) -> tuple[str, torch.dtype | None]:
-    """A ``gather`` level: the data as (batch, indexed, rest), each index as (batch, own),
-    one ``torch.gather`` along the indexed dimension (``index_select`` of rows where no
-    batch axis is shared: embedding lookups).  Several indexed axes merge into one, their
-    indices into one linear index, each checked first (a wrong component could land in
-    range)."""
+    """A ``gather`` level: the data as (batch..., indexed, rest), each index as (batch...,
+    own), one ``torch.gather`` along the indexed dimension, the batch axes kept as they
+    are (no copy where the data is laid out so already: token logits are
+    ``torch.gather(x, 2, ids.reshape(b, t, 1))``), ``index_select`` of rows where no batch
+    axis is shared (embedding lookups).  Several indexed axes merge into one, their
+    indices into one linear index."""
     nested = dict(program.nested)
     data, dtype = _level(unit, nested[0], values, types_of, out) if 0 in nested else \
         (values[program.operands[0]], types_of[program.operands[0]])
     emit = Emitter(program, dtype, unit, out.main, top=top)
     batch, indexed, rest, own = gather_roles(program.ir, program.preps)
     data = emit.prep(0, data, dtype, widen=False, scale=False)
+    # Rows of the data picked whole (index_select, as advanced indexing: about 2x
+    # torch.gather's speed, which reads an index per element), the batch folded into
+    # the rows, where that needs no copy; else torch.gather along the indexed dimension.
+    rowwise = (bool(rest) or not batch) and program.preps[0].axes == batch + indexed + rest
     data = emit.permute(data, program.preps[0].axes, batch + indexed + rest)
+    # Folded or merged, an index out of its range could land in range: it points past
+    # the end instead, where torch's kernel refuses it.
+    poisoned = len(indexed) > 1 or (rowwise and bool(batch))
+    end = emit.group(batch + indexed) if rowwise else emit.group(indexed)
     target = batch + own
+    laid = singles(batch) + [own]
     linear = ""
     for number, axis in enumerate(indexed, start=1):
         index = emit.prep(number, values[program.operands[number]], None, cast=False)
         index = emit.spread(index, program.preps[number].axes, target)
         if tuple(a for a in target if a in program.preps[number].axes) != target:
             index = emit.assign(f"{index}.expand({emit.dims(singles(target))})")
-        index = emit.reshape(index, singles(target), [batch, own])
+        index = emit.reshape(index, singles(target), laid)
         _check_index(emit, index, program.operands[number], axis)
         stride = emit.group(indexed[number:])
-        term = emit.assign(f"{index}.long()" if stride == "1" else f"{index}.long() * {stride}")
-        if len(indexed) > 1:
-            # Merged into one linear index, a component out of its range could land in
-            # range: it points past the end instead, where torch's kernel refuses it.
-            term = emit.assign(f"torch.where(({index} >= 0) & ({index} < {emit.size(axis)}), {term}, "
-                               f"{emit.group(indexed)})")
+        wide = index if types_of[program.operands[number]] == torch.int64 else emit.assign(f"{index}.long()")
+        term = wide if stride == "1" else emit.assign(f"{wide} * {stride}")
+        if poisoned:
+            term = emit.assign(f"torch.where(({index} >= 0) & ({index} < {emit.size(axis)}), {term}, {end})")
         linear = term if not linear else emit.assign(f"{linear} + {term}")
-    if batch:
-        data = emit.reshape(data, singles(batch + indexed + rest), [batch, indexed, rest])
-        spread = f"{linear}.reshape({emit.dims([batch, own, ()])}).expand({emit.dims([batch, own, rest])})"
-        picked = emit.fresh(f"torch.gather({data}, 1, {spread})")
-        unit.kernels.append("gather")
-        groups = [batch, own, rest]
-    else:
-        rows = emit.reshape(data, singles(indexed + rest), [indexed, rest])
+    if rowwise:
+        if batch:  # each batch entry's rows start N rows further
+            first = emit.assign(f"torch.arange({emit.group(batch)}, device={linear}.device)"
+                                f".reshape({emit.dims(singles(batch) + [()])}) * {emit.group(indexed)}")
+            linear = emit.assign(f"{linear} + {first}")
+        rows = emit.reshape(data, singles(batch + indexed + rest), [batch + indexed, rest])
         picked = emit.fresh(f"{rows}.index_select(0, {linear}.reshape([-1]))")
         unit.kernels.append("index_select")
-        groups = [own, rest]
+        groups = [batch + own, rest]
+    else:
+        # The data's other axes stay dimensions of their own: merging them could copy.
+        data = emit.reshape(data, singles(batch + indexed + rest), singles(batch) + [indexed] + singles(rest))
+        groups = laid + singles(rest)
+        spread = emit.reshape(linear, laid, laid + [()] * len(rest))
+        if rest:
+            spread = f"{spread}.expand({emit.dims(groups)})"
+        picked = emit.fresh(f"torch.gather({data}, {len(batch)}, {spread})")
+        unit.kernels.append("gather")
     result = emit.reshape(picked, groups, singles(batch + own + rest))
     result = emit.finish(result, batch + own + rest)
-    result_type = None if dtype is None else dtype
-    values[program.result], types_of[program.result] = result, result_type
-    return result, result_type
+    values[program.result], types_of[program.result] = result, dtype
+    return result, dtype
 
 
 def _check_index(emit: Emitter, index: str, position: int, axis: str) -> None:

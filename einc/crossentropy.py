@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dtypes import HALF
 from .errors import EincError
 
 __all__ = ["DEFAULT_BUDGET", "OP", "register", "token_logprobs"]
@@ -34,8 +35,6 @@ DEFAULT_BUDGET = 2**23
 
 OP = "torch.ops.einc.linear_log_softmax_gather"
 """How generated code calls the kernel."""
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -98,9 +97,7 @@ def register() -> str:
 
     @torch.library.custom_op("einc::linear_log_softmax_gather", mutates_args=())
     def kernel(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bool) -> tuple[Tensor, Tensor, Tensor]:
-        logp, grad_h, grad_w = token_logprobs(h, w, ids, budget, speculate)
-        # (A custom op's outputs may not alias each other or its inputs.)
-        return logp, grad_h, grad_w
+        return token_logprobs(h, w, ids, budget, speculate)
 
     @kernel.register_fake
     def _(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,12 +128,17 @@ def register() -> str:
     def setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
         h, w, ids, budget, _ = inputs
         ctx.budget = budget
+        # The gradients computed ahead take no gradient: autograd must not make zeros
+        # of their size (W's, h's) for backward's arguments.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, w, ids, output[1], output[2])
 
     def backward(ctx: Any, upstream: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         if torch.is_grad_enabled():
             raise EincError("the fused cross-entropy (gather of a log_softmax over a projection) has no double "
                             "backward (create_graph=True); compile with fuse=False for one")
+        if upstream is None:  # (not materialized: no gradient reached the log-probabilities)
+            return None, None, None, None, None
         h, w, ids, grad_h, grad_w = ctx.saved_tensors
         grad_h, grad_w = gradients(h, w, ids, grad_h, grad_w, upstream, ctx.budget)
         return grad_h, grad_w, None, None, None

@@ -21,6 +21,7 @@ import torch
 
 from . import ir
 from .errors import EincError
+from .sizes import show_axis
 
 __all__ = ["HALF", "INTEGRAL", "COMPLEX", "promoted", "dtype_of", "refusals", "refusal", "check", "sums", "computed",
            "result", "name"]
@@ -98,11 +99,16 @@ def check_modifier(modifier: ir.Modifier, position: int, dtype: torch.dtype, com
                         f"not {str(dtype).removeprefix('torch.')}")
 
 
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+"""What a gather's index may be: integers torch compares (not bool: a mask selects, it
+does not index; not uint16/32/64, which torch's CPU kernels do not compare)."""
+
+
 def check_index(axis: str, position: int, dtype: torch.dtype) -> None:
-    """A gather's index is an integer tensor (not bool: a mask selects, it does not index)."""
-    if dtype == torch.bool or dtype.is_floating_point or dtype.is_complex:
-        raise EincError(f"operand {position} indexes axis {axis!r} of gather(...): it must be an integer tensor, "
-                        f"not {str(dtype).removeprefix('torch.')}")
+    """A gather's index is an integer tensor of :data:`INDEX_DTYPES`."""
+    if dtype not in INDEX_DTYPES:
+        raise EincError(f"operand {position} indexes {show_axis(axis, noun=True)} of gather(...): it must be an "
+                        f"integer tensor (int64, int32, int16, int8 or uint8), not {str(dtype).removeprefix('torch.')}")
 
 
 def sums(op: str | None, reduces: bool) -> bool:

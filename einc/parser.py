@@ -456,7 +456,8 @@ class _Builder:
             else:  # bracket
                 if not brackets:
                     raise self.error(term.start, term.end,
-                                     "brackets mark normalized axes, only in the output of softmax/log_softmax")
+                                     "brackets mark normalized axes, only in the output of softmax/log_softmax "
+                                     "(or a gather's indexed axes, in its data)")
                 inner, _, inner_located = self.axis_list(term.items, brackets=False)
                 dims.extend(inner.dims)
                 bracketed.extend(inner.axes)
@@ -493,6 +494,8 @@ class _Builder:
         arrowless = normalizer and body.output is None
         if arrowless and len(body.inputs) != 1:
             raise self.error(*op_span, f"{op} without '->' takes exactly one operand")
+        if op == "gather" and body.output is None:
+            raise self.error(*op_span, "gather(...) needs '->' and its output, e.g. gather(b t [v], b t -> b t)")
         spans = _Spans(whole=op_span if op else (0, len(self.pattern)), op=op_span)
         inputs: list[ir.AxisList | ir.Pattern] = []
         bracketed: list[str] = []
@@ -570,7 +573,7 @@ def parse(pattern: str, notation: Notation = "auto") -> ir.Pattern:
         _check_not_mixed(pattern, lists)
     build = _Builder(pattern, compact)
     (first,) = body.inputs if len(body.inputs) == 1 else (None,)
-    if isinstance(first, _Call) and body.output is None and not body.scale:
+    if isinstance(first, _Call) and body.output is None and not body.scale and not body.modifiers:
         # `softmax(...)` alone: the operation is the whole pattern.
         return build.contraction(first.body, first.op, (first.start, first.end))
     return build.contraction(body, None, (0, len(pattern)))

@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 import einc
 import einc.crossentropy
-from einc.errors import EincError
+from einc.errors import EincError, MemoryLimitError
 from einc.parser import parse
 from einc.rewrite import cross_entropy
 
@@ -803,7 +803,8 @@ def test_random_two_indexed_axes(batch, ni, nj, k, d, seed):
        st.integers(0, 2**31 - 1))
 def test_random_cross_entropy(batch, t, d, v, memory_limit, seed):
     h, w, ids = _projection(seed, b=batch, t=t, d=d, v=v)
-    f = einc.compile(CE, memory_limit=max(memory_limit, batch * t))  # (the output itself must fit)
+    # (the output must fit, and one row of logits: the kernel holds whole rows)
+    f = einc.compile(CE, memory_limit=max(memory_limit, batch * t, v))
     leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
     out = f(*leaves, ids)
     wanted = [h.clone().requires_grad_(), w.clone().requires_grad_()]
@@ -1027,8 +1028,8 @@ def test_an_index_into_an_empty_axis():
         f(torch.randn(2, 0, 3), torch.zeros(2, 1, dtype=torch.long))
 
 
-@pytest.mark.parametrize("index_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.bool, torch.complex64],
-                         ids=str)
+@pytest.mark.parametrize("index_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.bool, torch.complex64,
+                                         torch.uint16, torch.uint32, torch.uint64], ids=str)
 @pytest.mark.parametrize("pattern, position, axis", [
     ("gather(b t [v], b t -> b t)", 1, "v"),
     ("gather(b [i] [j] d, b t, b t -> b t d)", 2, "j"),
@@ -1042,7 +1043,8 @@ def test_non_integer_indices(pattern, position, axis, index_dtype):
     good = [torch.zeros(s, dtype=torch.long) if p in indices else torch.randn(s) for p, s in enumerate(shapes)]
     bad = [torch.zeros(s, dtype=index_dtype) if p == position else t for p, (s, t) in enumerate(zip(shapes, good))]
     name = str(index_dtype).removeprefix("torch.")
-    message = f"operand {position} indexes axis '{axis}' of gather(...): it must be an integer tensor, not {name}"
+    message = (f"operand {position} indexes axis '{axis}' of gather(...): it must be an integer tensor (int64, "
+               f"int32, int16, int8 or uint8), not {name}")
     with pytest.raises(EincError, match=re.escape(message)):
         einc.compile(pattern)(*bad)
     # A scripted module says so too.
@@ -1078,3 +1080,24 @@ def test_out_of_range_on_cuda_is_an_error_not_a_device_assert():
         torch.testing.assert_close(f(*[t.cuda() for t in good]).cpu(), f(*good), rtol=1e-4, atol=1e-4)
         with pytest.raises(EincError, match=re.escape(message)):
             f(*[t.cuda() for t in bad])
+
+
+def test_a_budget_below_one_row_of_logits_is_refused():
+    # The fused kernel holds whole rows of logits: a memory_limit under one row (v = 7)
+    # is a MemoryLimitError, as the unfused plan's would be, not an overrun.
+    h, w, ids = torch.randn(5, 3), torch.randn(7, 3), torch.randint(0, 7, (5,))
+    pattern = "gather(log_softmax(n d, v d -> n [v]), n -> n)"
+    for fuse in (True, False):
+        with pytest.raises(MemoryLimitError, match="memory_limit=6 elements is too small"):
+            einc.compile(pattern, memory_limit=6, fuse=fuse)(h, w, ids)
+    expected = torch.log_softmax(h.double() @ w.double().T, 1).gather(1, ids[:, None])[:, 0]
+    torch.testing.assert_close(einc.compile(pattern, memory_limit=7)(h, w, ids).double(), expected)
+
+
+def test_a_permuted_table_is_not_copied():
+    # gather(d e [v], t -> t d e): the data's other axes stay dimensions of their own, so
+    # torch.gather reads the permuted table in place (no reshape of the whole table).
+    x, ids = torch.randn(2, 3, 10, dtype=torch.float64), torch.tensor([9, 0, 0, 4])
+    f = einc.compile("gather(d e [v], t -> t d e)")
+    assert "reshape([10, 6])" not in f.explain(x, ids).source
+    assert torch.equal(f(x, ids), x.permute(2, 0, 1)[ids])

@@ -184,6 +184,8 @@ def test_compiles_fullgraph_dynamic_with_masks():
     ("softmax(b q d, b k d -> b q [k] causal(q k, 3))", "causal(...) takes axes only (a size is window's)"),
     ("softmax(b q d, b k d -> b q [k] mask(b k, 3))", "mask(...) takes axes only"),
     ("softmax(b q d, b k d -> b q [k] causal(q k) causal_lower_right(q k))", "one causality"),
+    # written after the call, outside its parentheses: it would shape nothing (it was dropped)
+    ("softmax(q d, k d -> q [k]) causal(q k)", "shapes the logits of softmax/log_softmax"),
 ])
 def test_bad_modifiers(pattern, message):
     with pytest.raises(EincError, match=message.replace("(", r"\(").replace(")", r"\)")):
