@@ -4,9 +4,12 @@
 ``log p[r] = h[r]·w[ids[r]] - logsumexp_v h[r]·w[v]`` is computed in chunks of rows,
 each holding its ``rows x V`` logits within a budget (the expression's
 ``memory_limit``, else :data:`DEFAULT_BUDGET` elements), so the ``N x V`` logits never
-exist.  Where gradients are wanted, each chunk also computes its share of the gradients
-for an upstream gradient of ones, in the same pass (as Liger's fused linear
-cross-entropy): ``onehot - softmax`` times ``w`` for ``h`` (``N x D``) and summed into
+exist; where not even one row of ``V`` logits fits, a chunk's rows meet the vocabulary
+in blocks (the log-partition online, as Cut Cross-Entropy does, the chosen logit as a
+dot product with the chosen rows of ``w``, the gradients in a second pass).
+
+Where gradients are wanted, each chunk also computes its share of the gradients for an
+upstream gradient of ones, in the same pass (as Liger's fused linear cross-entropy): ``onehot - softmax`` times ``w`` for ``h`` (``N x D``) and summed into
 ``w``'s (``V x D``).  Backward then scales them: exactly, for ``h`` (its gradient
 separates by row), and for ``w`` where the upstream gradient is the same for every
 row (a sum or mean of the log-probabilities: the loss); otherwise ``w``'s is computed
@@ -20,6 +23,7 @@ registered the first time a pattern lowers to it, not at import.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -41,15 +45,51 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF else dtype
 
 
-def _rows(budget: int, vocabulary: int) -> int:
-    return max(1, budget // max(1, vocabulary))
+def _blocks(budget: int, n: int, vocabulary: int) -> tuple[int, int]:
+    """(rows per chunk, vocabulary entries per block) whose logits fit ``budget``: the whole
+    vocabulary against as many rows as fit; where not even one row does, about
+    sqrt(budget) rows against blocks of the vocabulary."""
+    if vocabulary <= budget:
+        return max(1, min(n, budget // max(1, vocabulary))), vocabulary
+    rows = max(1, min(n, math.isqrt(budget)))
+    return rows, max(1, budget // rows)
 
 
-def _shifted(logits: Tensor, lse: Tensor, ids: Tensor) -> Tensor:
-    """``onehot(ids) - softmax`` of a chunk, in place of its logits: the gradient of each
-    row's log-probability with respect to its logits."""
-    probabilities = logits.sub_(lse[:, None]).exp_().neg_()
-    return probabilities.scatter_add_(1, ids[:, None], torch.ones_like(probabilities[:, :1]))
+def _shifted(logits: Tensor, lse: Tensor, ids: Tensor, first: int) -> Tensor:
+    """``onehot(ids) - softmax`` over vocabulary entries ``first..`` (a block's logits,
+    overwritten): the gradient of each row's log-probability with respect to them."""
+    shifted = logits.sub_(lse[:, None]).exp_().neg_()
+    inside = (ids >= first) & (ids < first + shifted.shape[1])
+    where = (ids - first).clamp(0, max(0, shifted.shape[1] - 1))[:, None]
+    return shifted.scatter_add_(1, where, inside[:, None].to(shifted.dtype))
+
+
+def _log_partition(hidden: Tensor, weights: Tensor, block: int) -> tuple[Tensor, Tensor | None]:
+    """logsumexp over the vocabulary of ``hidden @ weights.T``, and those logits where one
+    block holds the whole vocabulary (they serve the gradients too); else block by
+    block, online."""
+    if block >= weights.shape[0]:
+        logits = hidden @ weights.T
+        return torch.logsumexp(logits, 1), logits
+    lse = torch.full(hidden.shape[:1], float("-inf"), dtype=hidden.dtype, device=hidden.device)
+    for first in range(0, weights.shape[0], block):
+        lse = torch.logaddexp(lse, torch.logsumexp(hidden @ weights[first:first + block].T, 1))
+    return lse, None
+
+
+def _backward_chunk(hidden: Tensor, weights: Tensor, chosen: Tensor, lse: Tensor, logits: Tensor | None, block: int,
+                    upstream: Tensor | None, grad_h: Tensor | None, grad_w: Tensor) -> None:
+    """One chunk of rows' share of the gradients (``upstream`` per row, or ones): into
+    ``grad_h`` (the chunk's rows, zeroed) where given, summed into ``grad_w``; from
+    ``logits`` (the whole vocabulary's, overwritten) where given, else block by block."""
+    for first in range(0, weights.shape[0], block):
+        part = weights[first:first + block]
+        shifted = _shifted(logits if logits is not None else hidden @ part.T, lse, chosen, first)
+        if upstream is not None:
+            shifted.mul_(upstream[:, None])
+        if grad_h is not None:
+            grad_h.addmm_(shifted, part)
+        grad_w[first:first + block].addmm_(shifted.T, hidden)
 
 
 def token_logprobs(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bool
@@ -60,19 +100,20 @@ def token_logprobs(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bo
     weights = w.to(wide)
     n, d = h.shape
     logp = torch.empty(n, dtype=wide, device=h.device)
-    grad_h = torch.empty((n, d) if speculate else (0,), dtype=wide, device=h.device)
+    grad_h = torch.zeros((n, d) if speculate else (0,), dtype=wide, device=h.device)
     grad_w = torch.zeros_like(weights) if speculate else weights.new_empty(0)
-    rows = _rows(budget, w.shape[0])
+    rows, block = _blocks(budget, n, w.shape[0])
     for start in range(0, n, rows):
         hidden = h[start:start + rows].to(wide)
         chosen = ids[start:start + rows]
-        logits = hidden @ weights.T
-        lse = torch.logsumexp(logits, 1)
-        logp[start:start + rows] = logits.gather(1, chosen[:, None])[:, 0] - lse
+        lse, logits = _log_partition(hidden, weights, block)
+        # The chosen logit: read off the logits, or (vocabulary blocks) a dot product
+        # with the chosen rows of w.
+        picked = logits.gather(1, chosen[:, None])[:, 0] if logits is not None else \
+            (hidden * weights.index_select(0, chosen)).sum(1)
+        logp[start:start + rows] = picked - lse
         if speculate:
-            shifted = _shifted(logits, lse, chosen)
-            torch.mm(shifted, weights, out=grad_h[start:start + rows])
-            grad_w.addmm_(shifted.T, hidden)
+            _backward_chunk(hidden, weights, chosen, lse, logits, block, None, grad_h[start:start + rows], grad_w)
     return logp.to(h.dtype), grad_h, grad_w
 
 
@@ -81,13 +122,12 @@ def _weight_gradient(h: Tensor, w: Tensor, ids: Tensor, upstream: Tensor, budget
     wide = _wide(h.dtype)
     weights = w.to(wide)
     grad_w = torch.zeros_like(weights)
-    rows = _rows(budget, w.shape[0])
+    rows, block = _blocks(budget, h.shape[0], w.shape[0])
     for start in range(0, h.shape[0], rows):
         hidden = h[start:start + rows].to(wide)
-        chosen = ids[start:start + rows]
-        logits = hidden @ weights.T
-        shifted = _shifted(logits, torch.logsumexp(logits, 1), chosen)
-        grad_w.addmm_(shifted.mul_(upstream[start:start + rows, None]).T, hidden)
+        lse, logits = _log_partition(hidden, weights, block)
+        _backward_chunk(hidden, weights, ids[start:start + rows], lse, logits, block, upstream[start:start + rows],
+                        None, grad_w)
     return grad_w
 
 

@@ -460,11 +460,6 @@ def _fused(program: Program, roles: Fusion, numbering: _Numbering, budget: int |
     the numbering was rewound past them, for one entry and one value.  ``budget``: the
     memory limit, for a kernel that bounds its own workspace."""
     (position, inner), = program.nested
-    if roles.bounded and budget is not None:
-        least = roles.least_workspace({**dict(inner.sizes), **dict(program.sizes)})
-        if least > budget:
-            raise too_small(budget, f"the fused {type(roles).__name__} kernel holds at least {least:,} elements "
-                                    "(one row of logits)")
     tensors = [v for index, value in enumerate(program.operands)
                for v in (inner.operands if index == position else (value,))]
     entry = numbering.entry(tensors)

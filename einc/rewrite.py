@@ -12,7 +12,7 @@ call with permutes/reshapes around it, and the plain lowering otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import ir
@@ -71,10 +71,6 @@ class CrossEntropy:
     transforms = False
     """A custom op with its own autograd: torch.func's grad cannot run it (the plain
     lowering runs under transforms)."""
-
-    def least_workspace(self, sizes: Mapping[str, int]) -> int:
-        """Elements the kernel needs at least: one row of logits (its chunks hold whole rows)."""
-        return sizes[self.vocab]
 
 
 Fusion = Attention | CrossEntropy

@@ -1082,16 +1082,29 @@ def test_out_of_range_on_cuda_is_an_error_not_a_device_assert():
             f(*[t.cuda() for t in bad])
 
 
-def test_a_budget_below_one_row_of_logits_is_refused():
-    # The fused kernel holds whole rows of logits: a memory_limit under one row (v = 7)
-    # is a MemoryLimitError, as the unfused plan's would be, not an overrun.
-    h, w, ids = torch.randn(5, 3), torch.randn(7, 3), torch.randint(0, 7, (5,))
+@pytest.mark.parametrize("limit", [6, 5, 13])
+def test_a_budget_below_one_row_of_logits_takes_vocabulary_blocks(limit):
+    # The fused kernel holds whole rows of logits where one fits (v = 7); under that, a
+    # chunk's rows meet the vocabulary in blocks (an online log-partition, a second pass
+    # for the gradients), still within the budget; the unfused plan is refused.
+    h = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([6, 0, 3, 3, 1])
     pattern = "gather(log_softmax(n d, v d -> n [v]), n -> n)"
-    for fuse in (True, False):
-        with pytest.raises(MemoryLimitError, match="memory_limit=6 elements is too small"):
-            einc.compile(pattern, memory_limit=6, fuse=fuse)(h, w, ids)
-    expected = torch.log_softmax(h.double() @ w.double().T, 1).gather(1, ids[:, None])[:, 0]
-    torch.testing.assert_close(einc.compile(pattern, memory_limit=7)(h, w, ids).double(), expected)
+    if limit < 7:
+        with pytest.raises(MemoryLimitError, match=f"memory_limit={limit} elements is too small"):
+            einc.compile(pattern, memory_limit=limit, fuse=False)(h, w, ids)
+    rows, block = einc.crossentropy._blocks(limit, 5, 7)
+    assert rows * block <= limit and (block == 7) == (limit >= 7)
+    f = einc.compile(pattern, memory_limit=limit, backend="eager")
+    out = f(h, w, ids)
+    expected = torch.log_softmax(h @ w.T, 1).gather(1, ids[:, None])[:, 0]
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for upstream in (torch.ones(5, dtype=torch.float64), torch.linspace(-1, 2, 5, dtype=torch.float64)):
+        got = torch.autograd.grad(f(h, w, ids), (h, w), upstream)
+        want = torch.autograd.grad(expected, (h, w), upstream, retain_graph=True)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
 def test_a_permuted_table_is_not_copied():
@@ -1101,3 +1114,41 @@ def test_a_permuted_table_is_not_copied():
     f = einc.compile("gather(d e [v], t -> t d e)")
     assert "reshape([10, 6])" not in f.explain(x, ids).source
     assert torch.equal(f(x, ids), x.permute(2, 0, 1)[ids])
+
+
+@given(st.integers(1, 10**7), st.integers(1, 10**5), st.integers(1, 10**6))
+def test_every_chunk_of_logits_fits_the_budget(budget, n, v):
+    # Stage test of the kernel's chunking: rows x block never exceeds the budget; the
+    # whole vocabulary per chunk wherever one row of it fits.
+    rows, block = einc.crossentropy._blocks(budget, n, v)
+    assert 1 <= rows <= n and 1 <= block and rows * min(block, v) <= budget
+    assert (block >= v) == (v <= budget)
+
+
+def test_the_readme_indexing_examples_as_written():
+    # README, "Indexing": every pattern of its example compiles, and each computes what
+    # its comment says on small tensors.
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    source = readme.split("## Indexing", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    names: dict = {}
+    exec(compile(source, "README.md:indexing", "exec"), names)
+    g = torch.Generator().manual_seed(5)
+    logits, ids = torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randint(0, 5, (2, 3), generator=g)
+    assert torch.equal(names["pick"](logits, ids), logits.gather(2, ids[..., None])[..., 0])
+    x, index = torch.randn(4, 6, generator=g), torch.randint(0, 6, (4,), generator=g)
+    assert torch.equal(names["rows"](x, index), x[torch.arange(4), index])
+    data, idx = torch.randn(2, 5, 3, generator=g), torch.randint(0, 5, (2, 4), generator=g)
+    assert torch.equal(names["take"](data, idx), data[torch.arange(2)[:, None], idx])
+    w, tokens = torch.randn(7, 3, generator=g), torch.randint(0, 7, (2, 3), generator=g)
+    assert torch.equal(names["embed"](w, tokens), w[tokens])
+    grid, ii, jj = torch.randn(2, 3, 4, 5, generator=g), torch.randint(0, 3, (2, 6), generator=g), \
+        torch.randint(0, 4, (2, 6), generator=g)
+    assert torch.equal(names["pairs"](grid, ii, jj), grid[torch.arange(2)[:, None], ii, jj])
+    h, weights = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    expected = torch.log_softmax(h @ weights.T, -1).gather(2, ids[..., None])[..., 0]
+    torch.testing.assert_close(names["logp"](h, weights, ids), expected)
+    torch.testing.assert_close(-names["loss"](h, weights, ids),
+                               F.cross_entropy((h @ weights.T).reshape(-1, 5), ids.reshape(-1)))
