@@ -9,8 +9,9 @@ in blocks (the log-partition online, as Cut Cross-Entropy does, the chosen logit
 dot product with the chosen rows of ``w``, the gradients in a second pass).
 
 Where gradients are wanted, each chunk also computes its share of the gradients for an
-upstream gradient of ones, in the same pass (as Liger's fused linear cross-entropy): ``onehot - softmax`` times ``w`` for ``h`` (``N x D``) and summed into
-``w``'s (``V x D``).  Backward then scales them: exactly, for ``h`` (its gradient
+upstream gradient of ones, in the same pass (as Liger's fused linear cross-entropy):
+``onehot - softmax`` times ``w`` for ``h`` (``N x D``) and summed into ``w``'s
+(``V x D``).  Backward then scales them: exactly, for ``h`` (its gradient
 separates by row), and for ``w`` where the upstream gradient is the same for every
 row (a sum or mean of the log-probabilities: the loss); otherwise ``w``'s is computed
 again in chunks.  Half floats compute in float32.
