@@ -562,6 +562,11 @@ class Expression:
         try:
             placed = distributed.placements(tensors)
             key = (tuple(map(_signature, tensors)), placed, device.type, world)
+            if self._indices and placed is None:
+                # The whole (replicated) indices, checked by every rank first: a bad one
+                # in one rank's part would leave the others waiting in a collective.
+                shapes = tuple(tuple(t.shape) for t in tensors)
+                self._check_indices(self._index_sizes(shapes, [t.dtype for t in tensors]), tensors)
             description = self._call_description(tensors, placed, device)
         except (EincError, AttributeError) as err:
             # Not this rank alone: every rank takes part in the check, then raises.

@@ -439,6 +439,36 @@ def uneven_and_empty_parts(rank: int, world: int) -> None:
 
 
 @check
+def gathers(rank: int, world: int) -> None:
+    """Indexing split over ranks: a batch gather along its batch, and the fused
+    cross-entropy along its tokens (each rank's chunks, W's gradient summed once)."""
+    generator = torch.Generator().manual_seed(3)  # the same on every rank
+    cases = [
+        ("gather(b [n] d, b k -> b k d)", [(6, 5, 3)], [((6, 4), 5)],
+         lambda x, idx: x[torch.arange(6)[:, None], idx]),
+        ("gather(log_softmax(b t d, v d -> b t [v]), b t -> b t)", [(6, 2, 4), (9, 4)], [((6, 2), 9)],
+         lambda h, w, ids: torch.log_softmax(h @ w.T, -1).gather(2, ids[..., None])[..., 0]),
+    ]
+    for pattern, shapes, index_shapes, reference in cases:
+        data = [x.requires_grad_() for x in _inputs(shapes)]
+        indices = [torch.randint(0, n, shape, generator=generator) for shape, n in index_shapes]
+        f = einc.compile(pattern, distributed=True)
+        assert f.explain(*data, *indices).distribution.axis == "b"
+        out = f(*data, *indices)
+        want = reference(*data, *indices)
+        _close(out, want.detach(), f"{pattern}: values")
+        weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        for g, e in zip(torch.autograd.grad((out * weights).sum(), data),
+                        torch.autograd.grad((want * weights).sum(), data)):
+            _close(g, e, f"{pattern}: gradient")
+    # A bad index in the last rank's part only: every rank raises (none waits for it).
+    bad = torch.zeros(6, 4, dtype=torch.long)
+    bad[5, 3] = 5
+    _refused(lambda: einc.compile("gather(b [n] d, b k -> b k d)", distributed=True)(*_inputs([(6, 5, 3)]), bad),
+             "operand 1 indexes axis 'n' of size 5 but holds the index 5")
+
+
+@check
 def eager_backend_and_double_backward(rank: int, world: int) -> None:
     """The eager backend computes the parts the same; double backward is refused on every rank."""
     f = einc.compile("logsumexp(b i, i j, j k -> b k)", distributed=True, backend="eager")
