@@ -560,7 +560,8 @@ def _cross_entropy(unit: Unit, program: Program, values: dict[int, str], types_o
     index = outer.reshape(index, singles(rows), [rows])
     _check_index(outer, index, step.inputs[2], roles.vocab)
     budget = crossentropy.DEFAULT_BUDGET if program.budget is None else program.budget
-    wanted = f"torch.is_grad_enabled() and ({h}.requires_grad or {w}.requires_grad)"
+    # The gradients it computes ahead: those autograd will want.
+    wanted = ", ".join(f"torch.is_grad_enabled() and {x}.requires_grad" for x in (h, w))
     out = outer.fresh(f"{crossentropy.register()}({h}, {w}, {index}.long(), {int(budget)}, {wanted})[0]")
     out = outer.reshape(out, [rows], singles(rows))
     unit.kernels.append("linear_cross_entropy")

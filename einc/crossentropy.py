@@ -79,10 +79,10 @@ def _log_partition(hidden: Tensor, weights: Tensor, block: int) -> tuple[Tensor,
 
 
 def _backward_chunk(hidden: Tensor, weights: Tensor, chosen: Tensor, lse: Tensor, logits: Tensor | None, block: int,
-                    upstream: Tensor | None, grad_h: Tensor | None, grad_w: Tensor) -> None:
+                    upstream: Tensor | None, grad_h: Tensor | None, grad_w: Tensor | None) -> None:
     """One chunk of rows' share of the gradients (``upstream`` per row, or ones): into
-    ``grad_h`` (the chunk's rows, zeroed) where given, summed into ``grad_w``; from
-    ``logits`` (the whole vocabulary's, overwritten) where given, else block by block."""
+    ``grad_h`` (the chunk's rows, zeroed) and summed into ``grad_w``, each where given;
+    from ``logits`` (the whole vocabulary's, overwritten) where given, else block by block."""
     for first in range(0, weights.shape[0], block):
         part = weights[first:first + block]
         shifted = _shifted(logits if logits is not None else hidden @ part.T, lse, chosen, first)
@@ -90,19 +90,20 @@ def _backward_chunk(hidden: Tensor, weights: Tensor, chosen: Tensor, lse: Tensor
             shifted.mul_(upstream[:, None])
         if grad_h is not None:
             grad_h.addmm_(shifted, part)
-        grad_w[first:first + block].addmm_(shifted.T, hidden)
+        if grad_w is not None:
+            grad_w[first:first + block].addmm_(shifted.T, hidden)
 
 
-def token_logprobs(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bool
+def token_logprobs(h: Tensor, w: Tensor, ids: Tensor, budget: int, want_h: bool, want_w: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """``(log p, the gradient of sum(log p) for h, ... for w)``: ``h`` (N, D), ``w`` (V, D),
-    ``ids`` (N,) int64; the gradients only with ``speculate`` (else empty)."""
+    ``ids`` (N,) int64; each gradient only where wanted (else empty)."""
     wide = _wide(h.dtype)
     weights = w.to(wide)
     n, d = h.shape
     logp = torch.empty(n, dtype=wide, device=h.device)
-    grad_h = torch.zeros((n, d) if speculate else (0,), dtype=wide, device=h.device)
-    grad_w = torch.zeros_like(weights) if speculate else weights.new_empty(0)
+    grad_h = torch.zeros((n, d) if want_h else (0,), dtype=wide, device=h.device)
+    grad_w = torch.zeros_like(weights) if want_w else weights.new_empty(0)
     rows, block = _blocks(budget, n, w.shape[0])
     for start in range(0, n, rows):
         hidden = h[start:start + rows].to(wide)
@@ -113,8 +114,9 @@ def token_logprobs(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bo
         picked = logits.gather(1, chosen[:, None])[:, 0] if logits is not None else \
             (hidden * weights.index_select(0, chosen)).sum(1)
         logp[start:start + rows] = picked - lse
-        if speculate:
-            _backward_chunk(hidden, weights, chosen, lse, logits, block, None, grad_h[start:start + rows], grad_w)
+        if want_h or want_w:
+            _backward_chunk(hidden, weights, chosen, lse, logits, block, None,
+                            grad_h[start:start + rows] if want_h else None, grad_w if want_w else None)
     return logp.to(h.dtype), grad_h, grad_w
 
 
@@ -137,37 +139,43 @@ def register() -> str:
     """Register the custom op (once); the name generated code calls."""
 
     @torch.library.custom_op("einc::linear_log_softmax_gather", mutates_args=())
-    def kernel(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bool) -> tuple[Tensor, Tensor, Tensor]:
-        return token_logprobs(h, w, ids, budget, speculate)
+    def kernel(h: Tensor, w: Tensor, ids: Tensor, budget: int, want_h: bool, want_w: bool
+               ) -> tuple[Tensor, Tensor, Tensor]:
+        return token_logprobs(h, w, ids, budget, want_h, want_w)
 
     @kernel.register_fake
-    def _(h: Tensor, w: Tensor, ids: Tensor, budget: int, speculate: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _(h: Tensor, w: Tensor, ids: Tensor, budget: int, want_h: bool, want_w: bool
+          ) -> tuple[Tensor, Tensor, Tensor]:
         wide = _wide(h.dtype)
-        return (h.new_empty(h.shape[:1]), h.new_empty(h.shape if speculate else (0,), dtype=wide),
-                w.new_empty(w.shape if speculate else (0,), dtype=wide))
+        return (h.new_empty(h.shape[:1]), h.new_empty(h.shape if want_h else (0,), dtype=wide),
+                w.new_empty(w.shape if want_w else (0,), dtype=wide))
 
     @torch.library.custom_op("einc::linear_log_softmax_gather_backward", mutates_args=())
     def gradients(h: Tensor, w: Tensor, ids: Tensor, grad_h: Tensor, grad_w: Tensor, upstream: Tensor,
-                  budget: int) -> tuple[Tensor, Tensor]:
+                  budget: int, need_h: bool, need_w: bool) -> tuple[Tensor, Tensor]:
         # (An op of its own: its branch on the upstream gradient's values stays out of
         # torch.compile's graph.)
         upstream = upstream.to(_wide(h.dtype))
-        if grad_h.numel() != h.numel():  # computed without gradients in mind: everything again
-            _, grad_h, _ = token_logprobs(h, w, ids, budget, True)
-            grad_w = _weight_gradient(h, w, ids, upstream, budget)
-        elif upstream.numel() and bool((upstream == upstream[0]).all()):
-            grad_w = grad_w * upstream[0]  # the usual loss: one upstream gradient for every row
-        else:
-            grad_w = _weight_gradient(h, w, ids, upstream, budget)
-        return (grad_h * upstream[:, None]).to(h.dtype), grad_w.to(w.dtype)
+        out_h, out_w = h.new_empty(0), w.new_empty(0)
+        if need_h:
+            if grad_h.numel() != h.numel():  # not computed ahead (gradients were not wanted then)
+                grad_h = token_logprobs(h, w, ids, budget, True, False)[1]
+            out_h = (grad_h * upstream[:, None]).to(h.dtype)
+        if need_w:
+            if grad_w.numel() == w.numel() and upstream.numel() and bool((upstream == upstream[0]).all()):
+                grad_w = grad_w * upstream[0]  # the usual loss: one upstream gradient for every row
+            else:
+                grad_w = _weight_gradient(h, w, ids, upstream, budget)
+            out_w = grad_w.to(w.dtype)
+        return out_h, out_w
 
     @gradients.register_fake
     def _(h: Tensor, w: Tensor, ids: Tensor, grad_h: Tensor, grad_w: Tensor, upstream: Tensor,
-          budget: int) -> tuple[Tensor, Tensor]:
-        return h.new_empty(h.shape), w.new_empty(w.shape)
+          budget: int, need_h: bool, need_w: bool) -> tuple[Tensor, Tensor]:
+        return h.new_empty(h.shape if need_h else (0,)), w.new_empty(w.shape if need_w else (0,))
 
     def setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-        h, w, ids, budget, _ = inputs
+        h, w, ids, budget, _, _ = inputs
         ctx.budget = budget
         # The gradients computed ahead take no gradient: autograd must not make zeros
         # of their size (W's, h's) for backward's arguments.
@@ -179,10 +187,11 @@ def register() -> str:
             raise EincError("the fused cross-entropy (gather of a log_softmax over a projection) has no double "
                             "backward (create_graph=True); compile with fuse=False for one")
         if upstream is None:  # (not materialized: no gradient reached the log-probabilities)
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         h, w, ids, grad_h, grad_w = ctx.saved_tensors
-        grad_h, grad_w = gradients(h, w, ids, grad_h, grad_w, upstream, ctx.budget)
-        return grad_h, grad_w, None, None, None
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h, grad_w = gradients(h, w, ids, grad_h, grad_w, upstream, ctx.budget, need_h, need_w)
+        return grad_h if need_h else None, grad_w if need_w else None, None, None, None, None
 
     kernel.register_autograd(backward, setup_context=setup)
     return OP

@@ -1152,3 +1152,25 @@ def test_the_readme_indexing_examples_as_written():
     torch.testing.assert_close(names["logp"](h, weights, ids), expected)
     torch.testing.assert_close(-names["loss"](h, weights, ids),
                                F.cross_entropy((h @ weights.T).reshape(-1, 5), ids.reshape(-1)))
+
+
+@pytest.mark.parametrize("want_h, want_w", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("budget", [1000, 9, 3], ids=["whole-vocabulary", "rows-of-it", "vocabulary-blocks"])
+def test_the_kernel_computes_ahead_only_the_gradients_wanted(want_h, want_w, budget):
+    # Stage test of the custom op: log p, and the gradients of sum(log p) for h and W
+    # (an upstream gradient of ones) against torch autograd; a gradient not wanted (a
+    # frozen W, as in fine-tuning under a frozen head) is not even allocated.
+    einc.crossentropy.register()
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([6, 0, 3, 3, 1])
+    with torch.no_grad():
+        logp, grad_h, grad_w = torch.ops.einc.linear_log_softmax_gather(h, w, ids, budget, want_h, want_w)
+    expected = torch.log_softmax(h @ w.T, 1).gather(1, ids[:, None])[:, 0]
+    torch.testing.assert_close(logp, expected.detach(), rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(expected.sum(), (h, w))
+    assert grad_h.numel() == (h.numel() if want_h else 0) and grad_w.numel() == (w.numel() if want_w else 0)
+    for wanted, got, reference in ((want_h, grad_h, want[0]), (want_w, grad_w, want[1])):
+        if wanted:
+            torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
