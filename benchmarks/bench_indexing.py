@@ -19,7 +19,6 @@ forward+backward in a fresh process (``common.run_memory_probe``).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Case, Result, Target, parse_args, peak_rss_growth, run_memory_probe, script  # noqa: E402
+from common import Case, Result, Target, parse_args, peak_rss_growth, probe_contenders, script  # noqa: E402
 
 import einc  # noqa: E402
 
@@ -134,8 +133,7 @@ def _memory(results: dict[str, Result], args) -> list[str]:
     lines = ["", "Peak memory of one forward+backward of the cross-entropy (growth of the peak RSS over the call, "
              "gradients of h and W included; a fresh process each):", "",
              "| contender | peak growth | / F.cross_entropy |", "|---|---:|---:|"]
-    got = {name: run_memory_probe(__file__, name, "quick" if args.quick else "full")
-           for name in _loss_contenders(True)[0]}
+    got = probe_contenders(__file__, list(_loss_contenders(True)[0]), args.quick)
     torch_peak = got["F.cross_entropy(h @ W.T, ids)"]["peak"]
     for name, found in got.items():
         lines.append(f"| `{name}` | {found['peak'] / 2**20:.1f} MiB | {found['peak'] / torch_peak:.3f} |")
@@ -155,15 +153,10 @@ TARGETS = [
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.memory_probe:
-        name, size = args.memory_probe
-        print(json.dumps(_probe(name, size == "quick")))
-        return 0
-    quick = args.quick
+    quick = parse_args(argv).quick
     makers = [lambda: _token_case(quick), lambda: _batch_case(quick), lambda: _embedding_case(quick),
               lambda: _loss_case(quick, False), lambda: _loss_case(quick, True)]
-    return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()], _memory)
+    return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()], _memory, _probe)
 
 
 if __name__ == "__main__":

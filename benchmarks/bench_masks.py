@@ -20,7 +20,6 @@ memory in a fresh process (``common.run_memory_probe``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ import torch.nn.functional as F  # noqa: N812
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import Case, Result, Target, parse_args, peak_rss_growth, run_memory_probe, script  # noqa: E402
+from common import Case, Result, Target, parse_args, peak_rss_growth, probe_contenders, script  # noqa: E402
 
 import einc  # noqa: E402
 import einc.nn  # noqa: E402
@@ -159,8 +158,7 @@ def _memory(results: dict[str, Result], args) -> list[str]:
         return []
     lines = ["", "Peak memory of one call of `causal-long-sliced` (growth of the peak RSS, fresh process each):", "",
              "| contender | peak growth |", "|---|---:|"]
-    for name in _long_contenders(True)[0]:
-        got = run_memory_probe(__file__, name, "quick" if args.quick else "full")
+    for name, got in probe_contenders(__file__, list(_long_contenders(True)[0]), args.quick).items():
         lines.append(f"| `{name}` | {got['forward'] / 2**20:.1f} MiB |")
         print(lines[-1], flush=True)
     return lines + [f"({got['method']})"]
@@ -175,15 +173,10 @@ TARGETS = [Target("causal", "einc", "hand-written SDPA", 1.05, "causal: einc ≤
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.memory_probe:
-        name, size = args.memory_probe
-        print(json.dumps(_probe(name, size == "quick")))
-        return 0
-    quick = args.quick
+    quick = parse_args(argv).quick
     makers = [lambda: _case(False, quick), lambda: _case(True, quick), lambda: _layer_case(quick),
               lambda: _long_case(quick)]
-    return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()], _memory)
+    return script(argv, __doc__, makers, TARGETS, HEADING, [__doc__.split("\n\n", 2)[2].strip()], _memory, _probe)
 
 
 if __name__ == "__main__":

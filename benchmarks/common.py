@@ -197,10 +197,17 @@ def run_cases(makers: Sequence[Callable[[], Case]], args: argparse.Namespace) ->
 
 def script(argv: Sequence[str] | None, doc: str, makers: Sequence[Callable[[], Case]], targets: Sequence[Target],
            heading: str, intro: Sequence[str],
-           after: Callable[[dict[str, Result], argparse.Namespace], list[str]] | None = None) -> int:
+           after: Callable[[dict[str, Result], argparse.Namespace], list[str]] | None = None,
+           probe: Callable[[str, bool], dict] | None = None) -> int:
     """A benchmark script of plain cases: arguments, one thread, the cases, ``after``
-    (notes on the results, and markdown lines to add to the intro), then :func:`finish`."""
+    (notes on the results, and markdown lines to add to the intro), then :func:`finish`.
+    In a fresh process started by :func:`probe_contenders` (``--memory-probe NAME
+    quick|full``) it prints ``probe(NAME, quick)`` as JSON instead."""
     args = parse_args(argv, description=doc.splitlines()[0])
+    if probe is not None and args.memory_probe:
+        name, size = args.memory_probe
+        print(json.dumps(probe(name, size == "quick")))
+        return 0
     torch.set_num_threads(1)
     started = time.perf_counter()
     results = run_cases(makers, args)
@@ -402,6 +409,12 @@ def peak_rss_growth(call: Callable[[], object]) -> tuple[int, str]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     del out
     return (peak - base) * 1024, method
+
+
+def probe_contenders(script: str, names: Sequence[str], quick: bool) -> dict[str, dict]:
+    """What ``script``'s probe (:func:`script`'s ``probe``) gives for each contender, a fresh
+    process each."""
+    return {name: run_memory_probe(script, name, "quick" if quick else "full") for name in names}
 
 
 def run_memory_probe(script: str, *args: str) -> dict:
