@@ -192,6 +192,7 @@ class Expression:
         self._cache_size = cache_size
         self._lookup = functools.lru_cache(maxsize=cache_size)(self._build)
         self._plan_lookup = functools.lru_cache(maxsize=cache_size)(self._plan)
+        self._index_lookup = functools.lru_cache(maxsize=cache_size)(self._indexed_sizes)
         # Shared shape-generic code (see _shared); torch.compile specializes on shapes
         # anyway, and constants are folded per signature.
         self._shares = options.backend != "compile" and not self._constants
@@ -331,7 +332,11 @@ class Expression:
                                 f"[0, {n}); negative ones are not counted from the end)") from None
 
     def _index_sizes(self, shapes: tuple[tuple[int, ...], ...], given: Sequence[torch.dtype]) -> dict[int, int]:
-        """The size of the axis each index operand indexes, for a call of ``shapes``."""
+        """The size of the axis each index operand indexes, for a call of ``shapes``
+        (worked out once per signature: a distributed call asks on every call)."""
+        return self._index_lookup(shapes, tuple(given))
+
+    def _indexed_sizes(self, shapes: tuple[tuple[int, ...], ...], given: tuple[torch.dtype, ...]) -> dict[int, int]:
         types = self._dtypes(list(given), shapes)
         program = self._plan_lookup(shapes, None, self._common(types).is_floating_point)
         sizes = {level.ir: dict(level.sizes) for level in program.programs()}
@@ -409,8 +414,7 @@ class Expression:
         chunks = {axis.name: axis.chunk for axis in chosen.axes}
         follows = chosen.visible
         if follows is not None:
-            sizes = {a: n for level in full.programs() for a, n in level.sizes}
-            chunks[follows.key] = follows.longest(chunks[follows.query], sizes[follows.query])
+            chunks = follows.follow(chunks)
         part = any(axis.role in ir.NORMALIZERS for axis in chosen.axes)
         if part or follows is not None:
             # A slice of queries and the keys they see: its causality aligned to the lower right.

@@ -99,8 +99,9 @@ class Visible:
 
     query: str
     key: str
+    queries: int
     keys: int
-    """The keys' axis length."""
+    """The queries' and the keys' axis lengths."""
     offset: int
     window: int | None = None
 
@@ -110,9 +111,16 @@ class Visible:
         first = 0 if self.window is None else min(end, max(0, start + self.offset - self.window + 1))
         return first, end - first
 
-    def longest(self, chunk: int, queries: int) -> int:
+    def longest(self, chunk: int) -> int:
         """The most keys any slice of ``chunk`` queries sees."""
-        return max(self.span(start, min(chunk, queries - start))[1] for start in range(0, queries, chunk))
+        return max(self.span(start, min(chunk, self.queries - start))[1] for start in range(0, self.queries, chunk))
+
+    def follow(self, chunks: Mapping[str, int]) -> dict[str, int]:
+        """``chunks`` (axis -> chunk size) with the keys' chunk where the queries are cut:
+        the most keys a slice of them sees (a plan of that slice holds every slice)."""
+        if self.query in chunks and self.key not in chunks:
+            return dict(chunks) | {self.key: self.longest(chunks[self.query])}
+        return dict(chunks)
 
     def to_dict(self) -> dict[str, Any]:
         return {"query": self.query, "key": self.key, "offset": self.offset, "window": self.window}
@@ -176,8 +184,7 @@ def roles(program: Program, keyword: Mapping[str, int], visible: Visible | None 
     for axis in present:
         if axis.startswith(ir.ELLIPSIS) or axis in keyword:
             continue
-        holders = [dims for dims in leaves if any(axis in g for g in dims)]
-        if all((axis,) in dims and sum(axis in g for g in dims) == 1 for dims in holders):
+        if _own_dimension(axis, leaves):
             allowed.add(axis)
     for level in program.programs():
         allowed -= {f.value for f in level.ir.scale if isinstance(f.value, str)}
@@ -194,9 +201,7 @@ def roles(program: Program, keyword: Mapping[str, int], visible: Visible | None 
     scaled = {f.value for level in program.programs() for f in level.ir.scale if isinstance(f.value, str)}
     if normalized is not None:
         axis, _, level = normalized
-        if axis not in keyword and axis not in scaled and all(
-                (axis,) in dims and sum(axis in g for g in dims) == 1
-                for dims in leaves if any(axis in g for g in dims)):
+        if axis not in keyword and axis not in scaled and _own_dimension(axis, leaves):
             found[axis] = str(level.ir.op)  # "softmax" or "log_softmax"
     for axis in sorted(allowed):
         if any(axis in g for g in output):
@@ -205,6 +210,12 @@ def roles(program: Program, keyword: Mapping[str, int], visible: Visible | None 
         elif top.op in ROLE_OF_OP and (top.op in (None, "sum", "mean") or not top.scale):
             found[axis] = ROLE_OF_OP[top.op]
     return found
+
+
+def _own_dimension(axis: str, leaves: Sequence[Sequence[tuple[str, ...]]]) -> bool:
+    """Whether ``axis`` is a dimension of its own in every tensor that has it (not in a
+    composition, not repeated): a slice of it is a ``narrow`` of those tensors."""
+    return all((axis,) in dims and sum(axis in g for g in dims) == 1 for dims in leaves if any(axis in g for g in dims))
 
 
 def warn_if_small(slicing: Slicing, context: str) -> None:
@@ -266,8 +277,7 @@ def visible(program: Program, keyword: Mapping[str, int]) -> Visible | None:
     others = [p for pos, p in program.nested if pos != position for p in p.programs()]
     scaled = {f.value for p in program.programs() for f in p.ir.scale if isinstance(f.value, str)}
     if (key in program.output_axes or key in keyword or key in scaled or any(key in p.ir.all_axes for p in others)
-            or not all((key,) in dims and sum(key in g for g in dims) == 1
-                       for dims in program.leaf_dims() if any(key in g for g in dims))):
+            or not _own_dimension(key, program.leaf_dims())):
         return None
     sizes = dict(level.sizes)
     queries, keys = sizes[query], sizes[key]
@@ -275,7 +285,7 @@ def visible(program: Program, keyword: Mapping[str, int]) -> Visible | None:
     if queries + offset > keys:
         return None
     window = next((m.size for m in modifiers if m.kind == "window"), None)
-    return Visible(query, key, keys, offset, window)
+    return Visible(query, key, queries, keys, offset, window)
 
 
 def lower_right(pattern: ir.Pattern) -> ir.Pattern:
@@ -302,16 +312,8 @@ def choose(program: Program, candidates: Mapping[str, str], plan_at: Callable[[M
     :class:`MemoryLimitError` when nothing fits."""
     sizes = dict(program.sizes) | {a: n for level in program.programs() for a, n in level.sizes}
     if keys is not None:
-        follows = keys
-        queries = sizes[keys.query]
-
-        def follow(chunks: Mapping[str, int]) -> dict[str, int]:
-            if follows.query in chunks and follows.key not in chunks:
-                return dict(chunks) | {follows.key: follows.longest(chunks[follows.query], queries)}
-            return dict(chunks)
-
-        plan_at = (lambda f: lambda chunks: f(follow(chunks)))(plan_at)
-        peak_at = (lambda f: lambda chunks: f(follow(chunks)))(peak_at)
+        plan_at = (lambda f, follow: lambda chunks: f(follow(chunks)))(plan_at, keys.follow)
+        peak_at = (lambda f, follow: lambda chunks: f(follow(chunks)))(peak_at, keys.follow)
 
     def made(found: tuple[tuple[SlicedAxis, ...], int, int]) -> Slicing:
         axes, flops, largest = found

@@ -493,7 +493,7 @@ def test_each_slice_takes_exactly_the_keys_its_queries_see(offset_kind, window, 
         return  # not a Visible slicing (the next test)
     lower_right = offset_kind != "causal(q k)"
     offset = k_len - q_len if lower_right else 0
-    keys = einc.slicing.Visible("q", "k", k_len, offset, window)
+    keys = einc.slicing.Visible("q", "k", q_len, k_len, offset, window)
     i = torch.arange(q_len)[:, None] + offset
     j = torch.arange(k_len)[None, :]
     sees = (j <= i) & ((i - j < window) if window is not None else True)
